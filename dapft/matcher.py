@@ -1,0 +1,107 @@
+"""The AP-cost Hungarian matcher (paper sec. 3.5, Eq. 13-14)."""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+from torchvision.ops import box_convert, box_iou
+
+from dapft.dap import COCO_IOU_THRESHOLDS, ap_matching_cost
+
+MatcherMode = Literal["constant", "momentum", "original"]
+Indices = list[tuple[Tensor, Tensor]]
+
+
+class APCostMatcher(nn.Module):
+    """One-to-one assignment of queries to ground truths by the DAP matching cost.
+
+    Modes: `constant` (MP = 1: the cost reduces to the interpolated IoU term), `momentum` (MP is an
+    exponential moving average of the training batches' interpolated precision curves, Eq. 13, kept
+    in the buffer `precision_ema` so that it is saved and restored with the state dict), and
+    `original` (delegates to the model's own matcher, called as HF matchers are:
+    `original({"logits", "pred_boxes"}, targets)`).
+
+    Returns, like DETR's matcher, one (query_indices, target_indices) pair of int64 tensors per image.
+    """
+
+    def __init__(
+        self,
+        mode: MatcherMode = "constant",
+        *,
+        sigma: float = 0.05,
+        num_bins: int = 256,
+        iou_thresholds=None,
+        momentum: float = 0.99,
+        original: Callable[[dict, list[dict]], Indices] | None = None,
+    ):
+        super().__init__()
+        if mode not in ("constant", "momentum", "original"):
+            raise ValueError(f"matcher mode must be constant, momentum or original, got {mode!r}")
+        if mode == "original" and original is None:
+            raise ValueError("matcher mode 'original' needs the model's own matcher")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
+        self.mode, self.sigma, self.num_bins, self.momentum = mode, sigma, num_bins, momentum
+        self.iou_thresholds = tuple(iou_thresholds or COCO_IOU_THRESHOLDS)
+        self.original = original
+        # Starts at MP = 1 (the constant mode) until batches have been seen.
+        self.register_buffer("precision_ema", torch.ones(len(self.iou_thresholds), num_bins))
+
+    @torch.no_grad()
+    def update(self, precision: Tensor) -> None:
+        """Eq. 13 with a batch's (interpolated) precision curves, (K, N) or per class (C, K, N)."""
+        if self.mode != "momentum":
+            return
+        if precision.ndim == 3:
+            precision = precision.mean(0)
+        p = precision.detach().to(self.precision_ema)
+        self.precision_ema.mul_(self.momentum).add_(p, alpha=1.0 - self.momentum)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        scores: Tensor,
+        pred_boxes: Tensor,
+        targets: list[dict],
+        logits: Tensor | None = None,
+    ) -> Indices:
+        """scores (B, Q, C) as the model ranks detections; pred_boxes (B, Q, 4) normalised cxcywh;
+        targets with `class_labels` (G,) and `boxes` (G, 4) normalised cxcywh, as in transformers."""
+        if self.mode == "original":
+            return self.original({"logits": logits, "pred_boxes": pred_boxes}, targets)
+        batch, queries = scores.shape[:2]
+        sizes = [len(t["boxes"]) for t in targets]
+        device = scores.device
+        empty = torch.empty(0, dtype=torch.int64)
+        if sum(sizes) == 0:
+            return [(empty, empty) for _ in sizes]
+        gt_image = torch.repeat_interleave(torch.arange(batch, device=device), torch.tensor(sizes, device=device))
+        gt_labels = torch.cat([t["class_labels"] for t in targets]).to(device)
+        gt_boxes = torch.cat([t["boxes"] for t in targets]).to(device)
+        ious = box_iou(
+            box_convert(pred_boxes.flatten(0, 1).float(), "cxcywh", "xyxy"),
+            box_convert(gt_boxes.float(), "cxcywh", "xyxy"),
+        ).view(batch, queries, -1)
+        gt_index = torch.arange(len(gt_labels), device=device)
+        # Only each ground truth's own image: (sum G, Q) costs, with no cross-image pairs.
+        iou_gq = ious[gt_image, :, gt_index]
+        score_gq = scores[gt_image, :, gt_labels]
+        precision = self.precision_ema if self.mode == "momentum" else None
+        cost = ap_matching_cost(
+            score_gq, iou_gq, precision, sigma=self.sigma, num_bins=self.num_bins,
+            iou_thresholds=self.iou_thresholds,
+        )
+        indices = []
+        for block in cost.cpu().split(sizes):
+            if block.numel() == 0:
+                indices.append((empty, empty))
+                continue
+            gt_idx, query_idx = linear_sum_assignment(block.numpy())
+            order = query_idx.argsort()  # DETR's convention: sorted by query
+            indices.append(
+                (torch.as_tensor(query_idx[order], dtype=torch.int64), torch.as_tensor(gt_idx[order], dtype=torch.int64))
+            )
+        return indices

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dapft import APCostMatcher, ap_matching_cost, differentiable_ap
+
+
+def _targets(boxes, labels):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32), "class_labels": torch.tensor(labels)}
+
+
+def _obvious_case():
+    # Image 0: two ground truths, three queries; query 2 sits on gt 0, query 0 on gt 1.
+    pred = torch.tensor([
+        [[0.70, 0.70, 0.2, 0.2], [0.10, 0.90, 0.1, 0.1], [0.30, 0.30, 0.2, 0.2]],
+        [[0.50, 0.50, 0.4, 0.4], [0.20, 0.20, 0.1, 0.1], [0.80, 0.20, 0.1, 0.1]],
+    ])
+    scores = torch.full((2, 3, 4), 0.5)
+    targets = [
+        _targets([[0.31, 0.30, 0.2, 0.2], [0.70, 0.69, 0.2, 0.2]], [1, 3]),
+        _targets([[0.21, 0.2, 0.1, 0.1]], [0]),
+    ]
+    return scores, pred, targets
+
+
+@pytest.mark.parametrize("mode", ["constant", "momentum"])
+def test_finds_the_obvious_assignment(mode):
+    scores, pred, targets = _obvious_case()
+    indices = APCostMatcher(mode)(scores, pred, targets)
+    assert [q.tolist() for q, _ in indices] == [[0, 2], [1]]
+    assert [g.tolist() for _, g in indices] == [[1, 0], [0]]
+
+
+def test_zero_ground_truth_and_more_ground_truths_than_queries():
+    scores, pred, _ = _obvious_case()
+    many = _targets([[0.1 * k + 0.05, 0.5, 0.05, 0.05] for k in range(5)], [0, 1, 2, 3, 0])
+    empty = {"boxes": torch.zeros(0, 4), "class_labels": torch.zeros(0, dtype=torch.long)}
+    indices = APCostMatcher("constant")(scores, pred, [many, empty])
+    assert len(indices[0][0]) == 3 and len(set(indices[0][1].tolist())) == 3  # every query used once
+    assert indices[1][0].numel() == 0
+
+
+def test_momentum_mode_prefers_the_score_that_precision_rewards():
+    # Two queries on the same ground truth with equal IoU: constant mode cannot tell them apart
+    # (the bin masses sum to one); with an estimated precision that rises with the score, momentum
+    # mode must pick the higher-scored one.
+    ious = torch.tensor([[0.8], [0.8]])
+    scores = torch.tensor([[0.9], [0.3]])
+    const = ap_matching_cost(scores, ious)
+    assert torch.allclose(const[0], const[1])
+    rising = torch.linspace(0.2, 1.0, 256).expand(10, 256)
+    mom = ap_matching_cost(scores, ious, rising)
+    assert mom[0, 0] < mom[1, 0]
+
+
+def test_momentum_state_round_trips_through_the_state_dict():
+    m = APCostMatcher("momentum", momentum=0.9)
+    _, _, precision = differentiable_ap(torch.rand(50), torch.rand(50) < 0.5, torch.rand(50), 30,
+                                         return_curves=True)
+    m.update(precision)
+    assert not torch.allclose(m.precision_ema, torch.ones_like(m.precision_ema))
+    restored = APCostMatcher("momentum", momentum=0.9)
+    restored.load_state_dict(m.state_dict())
+    torch.testing.assert_close(restored.precision_ema, m.precision_ema)
+    # and it is the EMA of Eq. 13
+    torch.testing.assert_close(m.precision_ema, 0.9 + 0.1 * precision[0])
+
+
+def test_original_mode_delegates():
+    calls = []
+
+    def original(outputs, targets):
+        calls.append(outputs["logits"].shape)
+        return [(torch.tensor([0]), torch.tensor([0]))]
+
+    scores, pred, targets = _obvious_case()
+    out = APCostMatcher("original", original=original)(scores, pred, targets, logits=torch.zeros(2, 3, 5))
+    assert calls == [torch.Size([2, 3, 5])] and out[0][0].tolist() == [0]
+    with pytest.raises(ValueError, match="original"):
+        APCostMatcher("original")
