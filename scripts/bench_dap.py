@@ -74,6 +74,15 @@ def run_point(method: str, m: int, device: str, repeats: int) -> dict | None:
     return queue.get() if proc.exitcode == 0 and not queue.empty() else None
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return f"{names[0]}, {len(names)} cores"
+    except (OSError, IndexError):
+        return platform.processor() or "cpu"
+
+
 def fit_exponent(points: list[tuple[int, float]]) -> float:
     xs = [math.log(m) for m, _ in points]
     ys = [math.log(t) for _, t in points]
@@ -92,7 +101,7 @@ def main() -> None:
     args = ap.parse_args()
     sizes = [int(float(s)) for s in args.sizes.split(",")]
 
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
     print(f"device: {args.device} ({device_name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
     print("sigma=0.05, N=256 bins, 10 IoU thresholds; time = median of forward+backward; peak = memory beyond the inputs\n")
     print("| M | DAP ms | DAP peak MiB | Smooth-AP ms | Smooth-AP peak MiB |")

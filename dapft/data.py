@@ -1,0 +1,318 @@
+"""COCO-format data: locating splits, validating them before any long work, mapping the dataset's
+categories to a model's labels, augmentation with boxes, and batching through the checkpoint's own
+image processor (so resize, normalisation, padding and pixel mask are those it was trained with)."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the item and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the data is
+
+
+@dataclass(frozen=True)
+class SplitSource:
+    images: Path
+    annotations: Path
+
+
+def resolve_split(data: str | Path | None, split: str, images: str | Path | None = None,
+                  annotations: str | Path | None = None) -> SplitSource:
+    """`data` is a COCO 2017 root (ROOT/{split}2017/, ROOT/annotations/instances_{split}2017.json);
+    explicit `images` + `annotations` override it for any COCO-format dataset."""
+    if images is not None or annotations is not None:
+        if images is None or annotations is None:
+            raise DataError(f"the {split} split needs both an image folder and an annotation JSON")
+        src = SplitSource(Path(images), Path(annotations))
+    elif data is None:
+        raise DataError("no data given: pass --data ROOT (COCO layout) or explicit images and annotations")
+    else:
+        root = Path(data)
+        src = SplitSource(root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json")
+        if not src.annotations.exists() and (root / "annotations" / f"instances_{split}.json").exists():
+            src = SplitSource(root / split, root / "annotations" / f"instances_{split}.json")
+    if not src.annotations.is_file():
+        raise DataError(f"{src.annotations}: annotation file not found (expected the COCO layout "
+                        f"ROOT/annotations/instances_{split}2017.json, or pass the file explicitly)")
+    if not src.images.is_dir():
+        raise DataError(f"{src.images}: image folder not found for the {split} split")
+    return src
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and checking a split
+
+
+@dataclass
+class CocoSplit:
+    """A validated split. `annotations[image_id]` holds the annotations kept for training (boxes
+    clipped to the image, degenerate ones dropped); evaluation uses the original JSON file."""
+
+    source: SplitSource
+    images: list[dict]
+    annotations: dict[int, list[dict]]
+    categories: list[dict]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def category_names(self) -> dict[int, str]:
+        return {c["id"]: c["name"] for c in self.categories}
+
+
+def _check_image(path: Path) -> tuple[Path, str | None, tuple[int, int] | None]:
+    if not path.is_file():
+        return path, "missing", None
+    try:
+        with Image.open(path) as im:  # reads the header only
+            return path, None, im.size
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means unreadable
+        return path, f"unreadable ({exc.__class__.__name__}: {exc})", None
+
+
+def load_split(source: SplitSource, *, check_images: bool = True, max_images: int | None = None) -> CocoSplit:
+    """Read a COCO annotation file and check everything that would otherwise fail mid-run."""
+    ann_file = source.annotations
+    try:
+        data = json.loads(ann_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{ann_file}: not valid JSON ({exc})") from exc
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(f"{ann_file}: missing the '{key}' list required by the COCO format")
+    images = data["images"]
+    if not images:
+        raise DataError(f"{ann_file}: the split is empty ('images' has no entries)")
+    if not data["categories"]:
+        raise DataError(f"{ann_file}: 'categories' is empty; list the classes with their ids and names")
+    cat_ids = {c["id"] for c in data["categories"]}
+    image_by_id = {}
+    for im in images:
+        for key in ("id", "file_name", "width", "height"):
+            if key not in im:
+                raise DataError(f"{ann_file}: image entry {im.get('id', im)} lacks '{key}'")
+        image_by_id[im["id"]] = im
+    if max_images is not None:
+        images = sorted(images, key=lambda im: im["id"])[:max_images]
+    kept_ids = {im["id"] for im in images}
+
+    skipped = {"degenerate_boxes": 0, "boxes_outside_image": 0, "clipped_boxes": 0, "crowd_annotations": 0}
+    per_image: dict[int, list[dict]] = {im["id"]: [] for im in images}
+    for ann in data["annotations"]:
+        where = f"{ann_file}: annotation id {ann.get('id')} (image_id {ann.get('image_id')})"
+        if ann.get("category_id") not in cat_ids:
+            raise DataError(f"{where} has category_id {ann.get('category_id')}, which is not in 'categories' "
+                            f"(ids {sorted(cat_ids)}); fix the annotation or add the category")
+        if ann.get("image_id") not in image_by_id:
+            raise DataError(f"{where} refers to an image that is not in 'images'; remove it or add the image")
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            raise DataError(f"{where} has bbox {bbox!r}; COCO boxes are [x, y, width, height] in pixels")
+        if ann["image_id"] not in kept_ids:
+            continue
+        if ann.get("iscrowd", 0):
+            skipped["crowd_annotations"] += 1  # COCO ignores crowd regions in matching: kept for eval only
+            continue
+        x, y, w, h = bbox
+        if w <= 0 or h <= 0:
+            skipped["degenerate_boxes"] += 1
+            continue
+        im = image_by_id[ann["image_id"]]
+        x0, y0 = max(x, 0.0), max(y, 0.0)
+        x1, y1 = min(x + w, im["width"]), min(y + h, im["height"])
+        if x1 <= x0 or y1 <= y0:
+            skipped["boxes_outside_image"] += 1
+            continue
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            skipped["clipped_boxes"] += 1
+        per_image[ann["image_id"]].append({**ann, "bbox": [x0, y0, x1 - x0, y1 - y0]})
+
+    if check_images:
+        paths = [source.images / im["file_name"] for im in images]
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(_check_image, paths))
+        bad = [(p, why) for p, why, _ in results if why]
+        if bad:
+            listing = "; ".join(f"{p} ({why})" for p, why in bad[:5])
+            raise DataError(f"{ann_file}: {len(bad)} of {len(paths)} images cannot be read: {listing}"
+                            f"{' ...' if len(bad) > 5 else ''}. Fix or remove them from 'images'")
+        for (path, _, size), im in zip(results, images):
+            if size != (im["width"], im["height"]):
+                raise DataError(f"{path}: the image is {size[0]}x{size[1]} but {ann_file} says "
+                                f"{im['width']}x{im['height']}; fix 'width'/'height' of image id {im['id']}")
+    return CocoSplit(source, images, per_image, data["categories"], {k: v for k, v in skipped.items() if v})
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset categories <-> model labels
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", str(name).strip().lower())
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """dataset category id <-> model label index."""
+
+    to_model: dict[int, int]
+
+    @property
+    def to_dataset(self) -> dict[int, int]:
+        return {v: k for k, v in self.to_model.items()}
+
+    @classmethod
+    def build(cls, categories: list[dict], id2label: dict, mapping_file: str | Path | None = None,
+              *, where: str = "the dataset") -> "LabelMap":
+        """By name (DETR's 91-slot COCO ids and RT-DETR's 80 contiguous classes both map), or from an
+        explicit JSON file {"dataset category id": model label index}."""
+        id2label = {int(k): v for k, v in id2label.items()}
+        if mapping_file is not None:
+            raw = json.loads(Path(mapping_file).read_text())
+            mapping = {int(k): int(v) for k, v in raw.items()}
+            unknown = [v for v in mapping.values() if v not in id2label]
+            if unknown:
+                raise DataError(f"{mapping_file}: model label indices {unknown} do not exist in the model "
+                                f"(it has {len(id2label)} labels)")
+            missing = [c["id"] for c in categories if c["id"] not in mapping]
+            if missing:
+                raise DataError(f"{mapping_file}: no entry for dataset category ids {missing}")
+            return cls(mapping)
+        by_name = {}
+        for idx, name in id2label.items():
+            by_name.setdefault(_norm(name), idx)
+        mapping, missing = {}, []
+        for c in categories:
+            if _norm(c["name"]) in by_name:
+                mapping[c["id"]] = by_name[_norm(c["name"])]
+            else:
+                missing.append(c["name"])
+        if missing:
+            raise DataError(
+                f"{where}: categories {missing[:10]}{' ...' if len(missing) > 10 else ''} are not among the "
+                f"model's labels (e.g. {list(id2label.values())[:5]}). Pass a label-map JSON "
+                "{dataset_category_id: model_label_index}, or fine-tune, which resizes the classifier")
+        return cls(mapping)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset, augmentation, batching
+
+
+class RandomSizeCrop(v2.Transform):
+    """DETR's random crop: a crop of random size within [min_size, max_size] (clamped to the image)."""
+
+    def __init__(self, min_size: int, max_size: int):
+        super().__init__()
+        self.min_size, self.max_size = min_size, max_size
+
+    def make_params(self, flat_inputs):
+        h, w = v2.query_size(flat_inputs)
+        ch = random.randint(min(self.min_size, h), min(h, self.max_size))
+        cw = random.randint(min(self.min_size, w), min(w, self.max_size))
+        return {"top": random.randint(0, h - ch), "left": random.randint(0, w - cw), "height": ch, "width": cw}
+
+    def transform(self, inpt, params):
+        return TF.crop(inpt, **params)
+
+
+def train_augmentation(image_size: int) -> v2.Transform:
+    """The DETR family's training augmentation, scaled to the image size: horizontal flip, and half of
+    the time a random crop of 0.48-0.75 of the image (DETR: 384-600 px of ~800). Resizing, including
+    multi-scale, is left to the batch collator, which uses the checkpoint's processor."""
+    lo, hi = max(8, int(0.48 * image_size)), max(8, int(0.75 * image_size))
+    return v2.Compose([
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([RandomSizeCrop(lo, hi)], p=0.5),
+        v2.ClampBoundingBoxes(),
+        v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=lambda inputs: inputs[1]["labels"]),
+    ])
+
+
+class CocoDetection(Dataset):
+    """Images of a validated split with their annotations in model label space."""
+
+    def __init__(self, split: CocoSplit, label_map: LabelMap, augment: v2.Transform | None = None):
+        self.split, self.label_map, self.augment = split, label_map, augment
+
+    def __len__(self) -> int:
+        return len(self.split.images)
+
+    def __getitem__(self, index: int) -> dict:
+        info = self.split.images[index]
+        path = self.split.source.images / info["file_name"]
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(f"{path}: cannot read image ({exc})") from exc
+        anns = self.split.annotations[info["id"]]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor([self.label_map.to_model[a["category_id"]] for a in anns], dtype=torch.int64)
+        if self.augment is not None:
+            img_t = tv_tensors.Image(TF.pil_to_tensor(image))
+            bb = tv_tensors.BoundingBoxes(boxes, format="XYWH", canvas_size=(image.height, image.width))
+            img_t, target = self.augment(img_t, {"boxes": bb, "labels": labels})
+            image, boxes, labels = TF.to_pil_image(img_t), target["boxes"].as_subclass(torch.Tensor), target["labels"]
+        coco_anns = [{"bbox": b.tolist(), "category_id": int(c), "area": float(b[2] * b[3]), "iscrowd": 0}
+                     for b, c in zip(boxes, labels)]
+        return {"image": image, "image_id": info["id"], "annotations": coco_anns,
+                "orig_size": (info["height"], info["width"])}
+
+
+class Collator:
+    """Batches through the checkpoint's image processor. In training, processors with a
+    shortest-edge size get DETR's multi-scale resize: one of 11 shortest edges from 0.6x to 1x of
+    the checkpoint's, chosen per batch (DETR chooses per image; per batch keeps padding small)."""
+
+    def __init__(self, processor, train: bool = False):
+        self.processor, self.train = processor, train
+        size = getattr(processor, "size", None) or {}
+        size = dict(size) if not isinstance(size, dict) else size
+        self.scales = None
+        if train and size.get("shortest_edge"):
+            base = size["shortest_edge"]
+            self.scales = [{"shortest_edge": int(round(base * (0.6 + 0.04 * k) / 2) * 2),
+                            "longest_edge": size.get("longest_edge")} for k in range(11)]
+
+    def __call__(self, batch: list[dict]) -> dict:
+        kwargs = {}
+        if self.scales:
+            kwargs["size"] = random.choice(self.scales)
+        enc = self.processor(
+            images=[b["image"] for b in batch],
+            annotations=[{"image_id": b["image_id"], "annotations": b["annotations"]} for b in batch],
+            return_tensors="pt", **kwargs,
+        )
+        out = {"pixel_values": enc["pixel_values"], "labels": list(enc["labels"]),
+               "image_ids": [b["image_id"] for b in batch],
+               "orig_sizes": torch.tensor([b["orig_size"] for b in batch])}
+        if "pixel_mask" in enc:
+            out["pixel_mask"] = enc["pixel_mask"]
+        return out
+
+
+def make_loader(dataset: Dataset, processor, *, batch_size: int, train: bool, num_workers: int = 2,
+                sampler=None, generator: torch.Generator | None = None) -> DataLoader:
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+        collate_fn=Collator(processor, train=train), num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(), persistent_workers=False, generator=generator,
+        drop_last=False,
+    )

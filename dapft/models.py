@@ -1,0 +1,214 @@
+"""Model families: loading any supported Hugging Face DETR-family detector, and the small adapters
+that hold everything that differs between families.
+
+A family adapter answers four questions, and the engine asks nothing else of a model:
+  * how the model scores a (query, class) candidate (softmax over real classes, or sigmoid);
+  * which of the model's own loss terms are matched detection terms of its decoder layers (what
+    DAP replaces) and which stay (denoising groups, encoder / two-stage proposals);
+  * how to list the decoder layers' outputs the model's own loss supervises;
+  * the model's own Hungarian matcher (for matcher mode 'original') and query groups (Group DETR).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+SUPPORTED = ("detr", "conditional_detr", "dab-detr", "deformable_detr", "rt_detr", "rt_detr_v2", "d_fine",
+             "lw_detr", "rf_detr")
+
+# Model types that AutoModelForObjectDetection loads but DAP cannot train, and why.
+UNSUPPORTED_WHY = {
+    "yolos": "YOLOS has no decoder: its loss is DETR's, but dapft's adapters cover encoder-decoder DETRs only",
+    "owlvit": "OWL-ViT is an open-vocabulary detector trained with text queries, not a one-to-one set predictor",
+    "owlv2": "OWLv2 is an open-vocabulary detector trained with text queries, not a one-to-one set predictor",
+    "grounding-dino": "Grounding DINO's classes come from a text prompt; DAP needs a fixed label set",
+    "mm-grounding-dino": "MM Grounding DINO's classes come from a text prompt; DAP needs a fixed label set",
+    "omdet-turbo": "OmDet-Turbo is an open-vocabulary detector with no fixed label set",
+    "table-transformer": "Table Transformer is DETR-shaped but untested here; convert it to a DETR checkpoint",
+    "deimv2": "DEIMv2 trains with one-to-many auxiliary matching (dense O2M), outside DAP's one-to-one scope",
+}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    score: Literal["softmax", "sigmoid"]
+    processor: str  # image processor class when a checkpoint ships none
+    weights: Callable[[object], dict[str, float]]  # weight of each base loss term in the model's sum
+    encoder_in_aux: bool = False  # the RT-DETR family appends the encoder proposals to its aux list
+    denoising: bool = False
+    grouped: bool = False  # Group DETR: several independent query groups in training
+    keep: tuple[str, ...] = field(default=())  # regexes of loss keys kept as the model computes them
+
+    def scores(self, logits: Tensor) -> Tensor:
+        """The model's own ranking score of every (query, class) pair, real classes only."""
+        if self.score == "softmax":
+            return logits.float().softmax(-1)[..., :-1]
+        return logits.float().sigmoid()
+
+    def num_groups(self, config, training: bool) -> int:
+        return int(getattr(config, "group_detr", 1)) if (self.grouped and training) else 1
+
+    def decoder_outputs(self, logits, pred_boxes, auxiliary_outputs, kwargs) -> list[dict]:
+        """The decoder layers the model's own loss supervises, last layer last; denoising queries
+        removed. `auxiliary_outputs` is the list the model's loss function returned."""
+        meta = kwargs.get("denoising_meta_values")
+        if self.denoising and meta is not None:
+            logits = logits.split(meta["dn_num_split"], dim=1)[1]
+            pred_boxes = pred_boxes.split(meta["dn_num_split"], dim=1)[1]
+        aux = list(auxiliary_outputs or [])
+        if self.encoder_in_aux and aux:
+            aux = aux[:-1]
+        if self.name == "d_fine":
+            pred_boxes = pred_boxes.clamp(0, 1)  # D-FINE's own loss clamps
+        return [{"logits": a["logits"], "pred_boxes": a["pred_boxes"]} for a in aux] + [
+            {"logits": logits, "pred_boxes": pred_boxes}
+        ]
+
+    def is_kept(self, key: str, num_aux: int) -> bool:
+        patterns = [p.replace("{enc}", str(num_aux)) for p in self.keep]
+        return any(re.search(p, key) for p in patterns)
+
+    def original_matcher(self, config) -> Callable[[dict, list[dict]], list]:
+        from transformers.loss import loss_deformable_detr, loss_for_object_detection, loss_lw_detr, loss_rt_detr
+
+        if self.name in ("rt_detr", "rt_detr_v2", "d_fine"):
+            return loss_rt_detr.RTDetrHungarianMatcher(config)
+        costs = dict(class_cost=config.class_cost, bbox_cost=config.bbox_cost, giou_cost=config.giou_cost)
+        if self.name == "detr":
+            return loss_for_object_detection.HungarianMatcher(**costs)
+        if self.grouped:
+            matcher = loss_lw_detr.LwDetrHungarianMatcher(**costs)
+            return lambda outputs, targets: matcher(outputs, targets, 1)  # called per group
+        return loss_deformable_detr.DeformableDetrHungarianMatcher(**costs)
+
+
+def _detr_weights(config) -> dict[str, float]:
+    return {"loss_ce": 1.0, "loss_bbox": config.bbox_loss_coefficient, "loss_giou": config.giou_loss_coefficient}
+
+
+def _lw_weights(config) -> dict[str, float]:
+    return {"loss_ce": config.class_loss_coefficient, "loss_bbox": config.bbox_loss_coefficient,
+            "loss_giou": config.giou_loss_coefficient}
+
+
+def _preweighted(config) -> dict[str, float]:
+    # RT-DETR and D-FINE weight their terms inside the criterion already.
+    return {"loss_vfl": 1.0, "loss_bbox": 1.0, "loss_giou": 1.0, "loss_fgl": 1.0, "loss_ddf": 1.0}
+
+
+_RT_KEEP = (r"_dn_\d+$", r"_aux_{enc}$")  # denoising groups, and the encoder top-k proposals
+FAMILIES: dict[str, Family] = {
+    "detr": Family("detr", "softmax", "DetrImageProcessor", _detr_weights),
+    "conditional_detr": Family("conditional_detr", "sigmoid", "ConditionalDetrImageProcessor", _detr_weights),
+    "dab-detr": Family("dab-detr", "sigmoid", "ConditionalDetrImageProcessor", _detr_weights),
+    "deformable_detr": Family("deformable_detr", "sigmoid", "DeformableDetrImageProcessor", _detr_weights),
+    "rt_detr": Family("rt_detr", "sigmoid", "RTDetrImageProcessor", _preweighted, True, True, keep=_RT_KEEP),
+    "rt_detr_v2": Family("rt_detr_v2", "sigmoid", "RTDetrImageProcessor", _preweighted, True, True, keep=_RT_KEEP),
+    "d_fine": Family("d_fine", "sigmoid", "RTDetrImageProcessor", _preweighted, True, True, keep=_RT_KEEP),
+    "lw_detr": Family("lw_detr", "sigmoid", "DeformableDetrImageProcessor", _lw_weights, grouped=True,
+                      keep=(r"_enc$",)),
+    "rf_detr": Family("rf_detr", "sigmoid", "RfDetrImageProcessor", _lw_weights, grouped=True, keep=(r"_enc$",)),
+}
+
+
+def family_of(config) -> Family:
+    model_type = getattr(config, "model_type", None)
+    if model_type in FAMILIES:
+        if model_type == "deformable_detr" and getattr(config, "two_stage", False):
+            pass  # two-stage proposals: HF's Deformable DETR loss computes no encoder term to keep
+        return FAMILIES[model_type]
+    why = UNSUPPORTED_WHY.get(model_type, "it is not a DETR-family one-to-one detector dapft has an adapter for")
+    raise UnsupportedModelError(
+        f"model type '{model_type}' is not supported: {why}. Supported: {', '.join(SUPPORTED)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+BUNDLED_DIR = Path(__file__).parent / "checkpoints"
+
+
+def resolve_model(name: str | Path) -> str:
+    """A local directory, a bundled short name such as 'dapft/tiny-detr-shapes', or a Hub id."""
+    p = Path(name)
+    if p.is_dir():
+        return str(p)
+    short = str(name)
+    if short.startswith("dapft/") and (BUNDLED_DIR / short.split("/", 1)[1]).is_dir():
+        return str(BUNDLED_DIR / short.split("/", 1)[1])
+    return short
+
+
+def load_processor(path: str, family: Family):
+    import transformers
+
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError, KeyError):
+        # A checkpoint without preprocessor_config.json: the family's processor with its defaults.
+        return getattr(transformers, family.processor)()
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", str(name).strip().lower())
+
+
+def _class_rows(old_labels: dict[int, str], new_labels: dict[int, str]) -> dict[int, int]:
+    """new class index -> old class index, for classes present in both by name."""
+    old_by_name = {}
+    for i, n in old_labels.items():
+        old_by_name.setdefault(_norm(n), i)
+    return {i: old_by_name[_norm(n)] for i, n in new_labels.items() if _norm(n) in old_by_name}
+
+
+def load_detector(model: str | Path, *, id2label: dict[int, str] | None = None, log: Callable[[str], None] = print):
+    """Load a detector, its image processor and its family adapter.
+
+    With `id2label` different from the checkpoint's, the classifier is resized and re-initialised
+    (and the user told so); classes present in both label sets (same name) keep their trained rows.
+    """
+    from transformers import AutoConfig, AutoModelForObjectDetection
+
+    path = resolve_model(model)
+    config = AutoConfig.from_pretrained(path)
+    family = family_of(config)
+    original = AutoModelForObjectDetection.from_pretrained(path)
+    old_labels = {int(k): v for k, v in config.id2label.items()}
+    if id2label is None or {int(k): _norm(v) for k, v in id2label.items()} == {k: _norm(v) for k, v in old_labels.items()}:
+        return original, load_processor(path, family), family
+    new_labels = {int(k): v for k, v in id2label.items()}
+    detector = AutoModelForObjectDetection.from_pretrained(
+        path, id2label=new_labels, label2id={v: k for k, v in new_labels.items()}, ignore_mismatched_sizes=True)
+    rows = _class_rows(old_labels, new_labels)
+    old_state = original.state_dict()
+    n_old, n_new = len(old_labels), len(new_labels)
+    copied = 0
+    with torch.no_grad():
+        for name, param in detector.state_dict().items():
+            old = old_state.get(name)
+            if old is None or old.shape == param.shape or old.ndim == 0 or old.shape[1:] != param.shape[1:]:
+                continue
+            extra = old.shape[0] - n_old  # DETR's no-object row, RT-DETR's denoising padding row
+            if extra < 0 or param.shape[0] - n_new != extra:
+                continue
+            for new_i, old_i in rows.items():
+                param[new_i] = old[old_i]
+            for k in range(extra):
+                param[n_new + k] = old[n_old + k]
+            copied += 1
+    kept = ", ".join(new_labels[i] for i in sorted(rows)) or "none"
+    log(f"label set changed ({n_old} -> {n_new} classes): the classifier was resized and re-initialised; "
+        f"classes kept from the checkpoint by name: {kept} ({copied} class-indexed tensors carried over)")
+    return detector, load_processor(path, family), family
