@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from transformers import (
     AutoConfig,
+    ConvNextConfig,
     ConditionalDetrConfig,
     DabDetrConfig,
     DeformableDetrConfig,
@@ -16,7 +17,6 @@ from transformers import (
     HGNetV2Config,
     LwDetrConfig,
     LwDetrViTConfig,
-    ResNetConfig,
     RfDetrConfig,
     RfDetrDinov2Config,
     RTDetrConfig,
@@ -31,8 +31,9 @@ TINY_FAMILIES = (
 
 
 def _resnet(out_features):
-    return ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 48], depths=[1, 1, 1, 1],
-                        layer_type="basic", out_features=out_features)
+    # ConvNeXt rather than ResNet: transformers freezes a non-timm ResNet backbone entirely (its
+    # name filter expects 'stage.N' where the modules are 'stages.N'), and a tiny model should train.
+    return ConvNextConfig(hidden_sizes=[8, 16, 32, 48], depths=[1, 1, 1, 1], out_features=out_features)
 
 
 def tiny_config(family: str, id2label: dict[int, str], *, num_queries: int = 20, d_model: int = 32,
@@ -41,7 +42,7 @@ def tiny_config(family: str, id2label: dict[int, str], *, num_queries: int = 20,
     labels = dict(id2label=dict(id2label), label2id={v: k for k, v in id2label.items()})
     detr_like = dict(d_model=d_model, encoder_layers=1, decoder_layers=decoder_layers, encoder_attention_heads=2,
                      decoder_attention_heads=2, encoder_ffn_dim=2 * d_model, decoder_ffn_dim=2 * d_model,
-                     num_queries=num_queries, auxiliary_loss=True, **labels)
+                     num_queries=num_queries, auxiliary_loss=True, dropout=0.0, **labels)
     rt_like = dict(d_model=d_model, encoder_hidden_dim=d_model, encoder_layers=1, encoder_ffn_dim=2 * d_model,
                    encoder_attention_heads=2, decoder_layers=decoder_layers, decoder_attention_heads=2,
                    decoder_ffn_dim=2 * d_model, num_queries=num_queries, decoder_in_channels=[d_model] * 3,
