@@ -1,0 +1,172 @@
+"""COCO evaluation: inference, the family's own post-processing, the results JSON (written before
+any metric is computed), and COCO metrics from faster-coco-eval or pycocotools."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from dapft.data import CocoSplit, LabelMap
+from dapft.runtime import atomic_write_text
+
+Evaluator = Literal["faster-coco-eval", "pycocotools"]
+STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR1", "AR10", "AR100",
+              "AR_small", "AR_medium", "AR_large")
+
+
+def to_coco_results(detections: list[dict], image_ids: list[int], label_map: LabelMap) -> list[dict]:
+    """Post-processed detections (boxes xyxy in original pixels, model labels) -> COCO results.
+    Detections of model classes the dataset does not have (DETR's 'N/A' slots, say) are dropped."""
+    to_dataset = label_map.to_dataset
+    results = []
+    for det, image_id in zip(detections, image_ids):
+        boxes = det["boxes"].float().cpu().numpy()
+        for score, label, (x0, y0, x1, y1) in zip(det["scores"].tolist(), det["labels"].tolist(), boxes):
+            if int(label) not in to_dataset:
+                continue
+            results.append({"image_id": int(image_id), "category_id": to_dataset[int(label)],
+                            "bbox": [round(float(x0), 3), round(float(y0), 3), round(float(x1 - x0), 3),
+                                     round(float(y1 - y0), 3)], "score": round(float(score), 6)})
+    return results
+
+
+@torch.no_grad()
+def predict(model, processor, loader, label_map: LabelMap, *, device: torch.device, amp_dtype=None,
+            progress=None, max_detections: int = 100) -> list[dict]:
+    """Run the model over `loader` and return COCO results, post-processed as the family does."""
+    model.eval()
+    results: list[dict] = []
+    task = progress.add_task("evaluating", total=len(loader.dataset), info="") if progress else None
+    t0, seen = time.perf_counter(), 0
+    for batch in loader:
+        inputs = {"pixel_values": batch["pixel_values"].to(device, non_blocking=True)}
+        if "pixel_mask" in batch:
+            inputs["pixel_mask"] = batch["pixel_mask"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            outputs = model(**inputs)
+        outputs.logits, outputs.pred_boxes = outputs.logits.float(), outputs.pred_boxes.float()
+        detections = processor.post_process_object_detection(outputs, threshold=0.0,
+                                                              target_sizes=batch["orig_sizes"].to(device))
+        detections = [_top(d, max_detections) for d in detections]
+        results.extend(to_coco_results(detections, batch["image_ids"], label_map))
+        seen += len(batch["image_ids"])
+        if progress:
+            progress.update(task, advance=len(batch["image_ids"]),
+                            info=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f} img/s")
+    return results
+
+
+def _top(det: dict, k: int) -> dict:
+    # COCO scores at most 100 detections per image: keep the best, as maxDets would.
+    if det["scores"].numel() <= k:
+        return det
+    idx = det["scores"].topk(k).indices
+    return {key: det[key][idx] for key in ("scores", "labels", "boxes")}
+
+
+@dataclass
+class CocoMetrics:
+    stats: dict[str, float]  # COCO's 12 summary numbers, AP in [0, 1]
+    per_class: dict[str, float]  # AP@[.5:.95] by category name (NaN-free: classes without GT left out)
+    precision: np.ndarray  # COCOeval.eval['precision'] [T, R, K, A, M]
+    category_names: list[str]
+    evaluator: str
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"stats": self.stats, "per_class_AP": self.per_class, "evaluator": self.evaluator,
+                "eval_seconds": round(self.seconds, 3)}
+
+
+def coco_evaluate(ann_file: str | Path, results: list[dict], image_ids: list[int],
+                  evaluator: Evaluator = "faster-coco-eval") -> CocoMetrics:
+    """Score `results` against the annotation file on exactly `image_ids` (so --max-images is fair)."""
+    t0 = time.perf_counter()
+    if evaluator == "faster-coco-eval":
+        from faster_coco_eval import COCO, COCOeval_faster as COCOeval
+    elif evaluator == "pycocotools":
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    else:
+        raise ValueError(f"evaluator must be faster-coco-eval or pycocotools, got {evaluator!r}")
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(ann_file))
+        cat_ids = sorted(gt.getCatIds())
+        names = [gt.loadCats(c)[0]["name"] for c in cat_ids]
+        if results:
+            dt = gt.loadRes(results)
+        else:  # no detections at all: every AP is 0, which COCOeval cannot express from an empty list
+            zeros = {k: 0.0 for k in STAT_NAMES}
+            return CocoMetrics(zeros, {n: 0.0 for n in names}, np.zeros((10, 101, len(cat_ids), 4, 3)),
+                               names, evaluator, time.perf_counter() - t0)
+        ev = COCOeval(gt, dt, "bbox")
+        ev.params.imgIds = sorted(image_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    stats = {k: float(v) for k, v in zip(STAT_NAMES, ev.stats)}
+    precision = np.asarray(ev.eval["precision"])
+    per_class = {}
+    for k, name in enumerate(names):
+        p = precision[:, :, k, 0, -1]
+        if (p > -1).any():
+            per_class[name] = float(p[p > -1].mean())
+    return CocoMetrics(stats, per_class, precision, names, evaluator, time.perf_counter() - t0)
+
+
+def write_results(path: Path, results: list[dict]) -> None:
+    atomic_write_text(path, json.dumps(results))
+
+
+def evaluate_split(model, processor, split: CocoSplit, label_map: LabelMap, loader, *, device, output: Path,
+                   evaluator: Evaluator = "faster-coco-eval", amp_dtype=None, progress=None) -> CocoMetrics:
+    """Predict, write `predictions.json`, then score it. The predictions are on disk before the
+    evaluator runs, so a failure in evaluation loses no inference work."""
+    output.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    results = predict(model, processor, loader, label_map, device=device, amp_dtype=amp_dtype, progress=progress)
+    infer_s = time.perf_counter() - t0
+    write_results(output / "predictions.json", results)
+    image_ids = [im["id"] for im in split.images]
+    metrics = coco_evaluate(split.source.annotations, results, image_ids, evaluator)
+    payload = {**metrics.to_json(), "images": len(image_ids), "detections": len(results),
+               "inference_seconds": round(infer_s, 3), "images_per_second": round(len(image_ids) / max(infer_s, 1e-9), 2),
+               "skipped": split.skipped}
+    atomic_write_text(output / "metrics.json", json.dumps(payload, indent=2))
+    return metrics
+
+
+def evaluate_model(model: str, data: str | None = None, *, split: str = "val", images: str | None = None,
+                   annotations: str | None = None, output: str | Path = "runs/eval", batch_size: int = 8,
+                   evaluator: Evaluator = "faster-coco-eval", max_images: int | None = None,
+                   label_map: str | None = None, device: str | None = None, precision: str = "auto",
+                   num_workers: int = 2, progress: bool = True) -> dict:
+    """`dapft eval`: everything checked first, then inference, predictions.json, metrics, report."""
+    from dapft.data import CocoDetection, load_split, make_loader, resolve_split
+    from dapft.models import load_detector
+    from dapft.report import write_eval_report
+    from dapft.runtime import amp_dtype, console, make_progress, pick_device
+
+    dev = pick_device(device)
+    source = resolve_split(data, split, images, annotations)
+    coco = load_split(source, max_images=max_images)
+    detector, processor, _family = load_detector(model, log=console.print)
+    mapping = LabelMap.build(coco.categories, detector.config.id2label, label_map, where=str(source.annotations))
+    detector.to(dev)
+    loader = make_loader(CocoDetection(coco, mapping), processor, batch_size=batch_size, train=False,
+                         num_workers=num_workers)
+    out = Path(output)
+    with make_progress(disable=not progress) as bar:
+        metrics = evaluate_split(detector, processor, coco, mapping, loader, device=dev, output=out,
+                                 evaluator=evaluator, amp_dtype=amp_dtype(precision, dev), progress=bar)
+    write_eval_report(out, metrics, {"model": model, "annotations": source.annotations, "images": len(coco.images),
+                                     "skipped": coco.skipped})
+    return json.loads((out / "metrics.json").read_text())

@@ -1,0 +1,84 @@
+"""Markdown reports and PNG plots for evaluations, fine-tuning runs and sweeps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: plots are files
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dapft.evaluate import CocoMetrics  # noqa: E402
+
+HEADLINE = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
+
+
+def _mean_valid(p: np.ndarray, axis) -> np.ndarray:
+    masked = np.where(p > -1, p, np.nan)
+    with np.errstate(invalid="ignore"):
+        out = np.nanmean(masked, axis=axis)
+    return np.nan_to_num(out, nan=0.0)
+
+
+def plot_pr_curves(metrics: CocoMetrics, path: Path) -> None:
+    """Precision-recall over COCO's 101 recall points, averaged over classes (area all, 100 dets)."""
+    p = metrics.precision[:, :, :, 0, -1]  # [T, R, K]
+    recall = np.linspace(0, 1, p.shape[1])
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for label, curve in (("IoU 0.50", _mean_valid(p[0], 1)), ("IoU 0.75", _mean_valid(p[5], 1)),
+                         ("IoU 0.50:0.95", _mean_valid(p, (0, 2)))):
+        ax.plot(recall, curve, label=label)
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
+           title=f"Precision-recall (AP {100 * metrics.stats['AP']:.1f})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_per_class_ap(metrics: CocoMetrics, path: Path, top: int = 40) -> None:
+    items = sorted(metrics.per_class.items(), key=lambda kv: kv[1], reverse=True)[:top]
+    fig, ax = plt.subplots(figsize=(6, 0.28 * len(items) + 1.2))
+    ax.barh([k for k, _ in items][::-1], [100 * v for _, v in items][::-1], color="tab:blue")
+    ax.set(xlabel="AP@[.50:.95]", title="AP per class" + (f" (best {top})" if len(metrics.per_class) > top else ""))
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def metrics_table(rows: dict[str, dict[str, float]], keys=HEADLINE, deltas_from: str | None = None) -> str:
+    """Markdown table, values in AP points (x100); optionally a delta row against one row."""
+    lines = ["| | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for name, stats in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * stats[k]:.1f}" for k in keys) + " |")
+    if deltas_from is not None and len(rows) > 1:
+        base = rows[deltas_from]
+        last_name, last = list(rows.items())[-1]
+        lines.append("| delta | " + " | ".join(f"{100 * (last[k] - base[k]):+.1f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def write_eval_report(output: Path, metrics: CocoMetrics, info: dict) -> Path:
+    plot_pr_curves(metrics, output / "pr_curves.png")
+    plot_per_class_ap(metrics, output / "per_class_ap.png")
+    s = metrics.stats
+    lines = [
+        f"# Evaluation of `{info.get('model')}`", "",
+        f"Data: `{info.get('annotations')}` ({info.get('images')} images); evaluator: {metrics.evaluator}.", "",
+        metrics_table({"this model": s}), "",
+        f"AR@1 {100 * s['AR1']:.1f} · AR@10 {100 * s['AR10']:.1f} · AR@100 {100 * s['AR100']:.1f}", "",
+        "![precision-recall](pr_curves.png)", "", "## AP per class", "",
+        "| class | AP |", "|---|---:|",
+        *[f"| {k} | {100 * v:.1f} |" for k, v in sorted(metrics.per_class.items(), key=lambda kv: -kv[1])],
+        "", "![per-class AP](per_class_ap.png)", "",
+    ]
+    if info.get("skipped"):
+        lines += ["Annotations skipped or changed as COCO/DETR training would: "
+                  + ", ".join(f"{k} {v}" for k, v in info["skipped"].items()), ""]
+    path = output / "report.md"
+    path.write_text("\n".join(lines))
+    return path

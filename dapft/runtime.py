@@ -1,0 +1,60 @@
+"""Where and how things run: device, mixed precision, seeding, progress bars, atomic files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def amp_dtype(precision: str, device: torch.device):
+    """bf16/fp16 autocast on GPU; float32 on CPU whatever is asked (CPU autocast is slow and inexact)."""
+    if device.type != "cuda" or precision in ("fp32", "float32", "no"):
+        return None
+    if precision in ("auto", "bf16"):
+        return torch.bfloat16 if (precision == "bf16" or torch.cuda.is_bf16_supported()) else torch.float16
+    if precision == "fp16":
+        return torch.float16
+    raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_progress(disable: bool = False) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        console=console, disable=disable, transient=False,
+    )
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, payload) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str))

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import pytest
+
+from dapft.shapes import make_shapes_dataset
+
+warnings.filterwarnings("ignore", message=".*TypedStorage.*")
+
+# COCO names with COCO's original (gapped) ids, so both label conventions can be exercised.
+COCO_SUBSET = {1: "person", 18: "dog", 44: "bottle", 90: "toothbrush", 13: "stop sign", 85: "clock"}
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory):
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), train_images=24, val_images=12, seed=3)
+
+
+@pytest.fixture(scope="session")
+def coco_named_root(tmp_path_factory, shapes_root):
+    """The shapes images relabelled with COCO category ids and names."""
+    root = tmp_path_factory.mktemp("coco_named")
+    ids = list(COCO_SUBSET)
+    for split in ("train", "val"):
+        shutil.copytree(shapes_root / f"{split}2017", root / f"{split}2017")
+        data = json.loads((shapes_root / "annotations" / f"instances_{split}2017.json").read_text())
+        data["categories"] = [{"id": ids[c["id"] - 1], "name": COCO_SUBSET[ids[c["id"] - 1]]} for c in data["categories"]]
+        for a in data["annotations"]:
+            a["category_id"] = ids[a["category_id"] - 1]
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(data))
+    return root

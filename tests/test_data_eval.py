@@ -1,0 +1,243 @@
+"""The COCO data path and evaluation, end to end on generated data with real pycocotools."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as TF
+from transformers import DetrImageProcessor, RTDetrImageProcessor
+
+from dapft.coco_names import contiguous_id2label, detr_id2label
+from dapft.data import CocoDetection, DataError, LabelMap, load_split, make_loader, resolve_split, train_augmentation
+from dapft.evaluate import coco_evaluate, to_coco_results
+from dapft.shapes import CLASSES, make_shapes_dataset
+
+CONVENTIONS = {
+    "detr-91-slots": (detr_id2label(), DetrImageProcessor(size={"shortest_edge": 160, "longest_edge": 256}), "softmax"),
+    "rtdetr-80-contiguous": (contiguous_id2label(), RTDetrImageProcessor(size={"height": 160, "width": 160}), "sigmoid"),
+}
+
+
+def _ground_truth_as_outputs(batch, num_labels: int, kind: str, queries: int = 30):
+    """Model outputs that predict exactly the (processed) ground truth of a batch."""
+    n = len(batch["labels"])
+    width = num_labels + 1 if kind == "softmax" else num_labels
+    logits = torch.full((n, queries, width), -20.0)
+    boxes = torch.full((n, queries, 4), 0.5)
+    boxes[..., 2:] = 0.01
+    if kind == "softmax":
+        logits[..., -1] = 20.0  # no-object
+    for i, lab in enumerate(batch["labels"]):
+        g = len(lab["class_labels"])
+        boxes[i, :g] = lab["boxes"]
+        logits[i, :g, :] = -20.0
+        logits[i, torch.arange(g), lab["class_labels"]] = 20.0 - 0.01 * torch.arange(g)  # distinct scores
+    return SimpleNamespace(logits=logits, pred_boxes=boxes)
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("evaluator", ["pycocotools", "faster-coco-eval"])
+def test_ground_truth_as_predictions_scores_ap_one(coco_named_root, convention, evaluator):
+    id2label, processor, kind = CONVENTIONS[convention]
+    split = load_split(resolve_split(coco_named_root, "val"))
+    mapping = LabelMap.build(split.categories, id2label)
+    loader = make_loader(CocoDetection(split, mapping), processor, batch_size=4, train=False, num_workers=0)
+    results = []
+    for batch in loader:
+        outputs = _ground_truth_as_outputs(batch, len(id2label), kind)
+        dets = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=batch["orig_sizes"])
+        results += to_coco_results(dets, batch["image_ids"], mapping)
+    metrics = coco_evaluate(split.source.annotations, results, [im["id"] for im in split.images], evaluator)
+    assert metrics.stats["AP"] == pytest.approx(1.0, abs=1e-6)
+    assert all(v == pytest.approx(1.0, abs=1e-6) for v in metrics.per_class.values())
+
+
+def test_label_maps_by_name_for_both_conventions_and_round_trip(coco_named_root):
+    split = load_split(resolve_split(coco_named_root, "val"))
+    detr = LabelMap.build(split.categories, detr_id2label())
+    rt = LabelMap.build(split.categories, contiguous_id2label())
+    assert detr.to_model[18] == 18 and detr.to_model[90] == 90  # DETR keeps COCO's ids
+    assert rt.to_model[18] == 16 and rt.to_model[90] == 79  # RT-DETR's contiguous indices
+    for m in (detr, rt):
+        assert {m.to_dataset[m.to_model[c]] for c in m.to_model} == set(m.to_model)
+
+
+def test_explicit_label_map_file(shapes_root, tmp_path):
+    split = load_split(resolve_split(shapes_root, "val"))
+    f = tmp_path / "map.json"
+    f.write_text(json.dumps({str(k + 1): k for k in range(len(CLASSES))}))
+    m = LabelMap.build(split.categories, {i: f"x{i}" for i in range(6)}, f)
+    assert m.to_model == {k + 1: k for k in range(6)}
+    with pytest.raises(DataError, match="not among the model's labels"):
+        LabelMap.build(split.categories, {i: f"x{i}" for i in range(6)})
+
+
+def test_both_evaluators_agree_on_imperfect_predictions(shapes_root):
+    split = load_split(resolve_split(shapes_root, "val"))
+    rng = np.random.default_rng(0)
+    results = []
+    for im in split.images:
+        for a in split.annotations[im["id"]]:
+            x, y, w, h = a["bbox"]
+            if rng.random() < 0.8:
+                j = rng.normal(0, 0.1 * max(w, h), 4)
+                results.append({"image_id": im["id"], "category_id": a["category_id"] if rng.random() < 0.9 else 1,
+                                "bbox": [x + j[0], y + j[1], max(1, w + j[2]), max(1, h + j[3])],
+                                "score": float(rng.random())})
+        for _ in range(5):
+            results.append({"image_id": im["id"], "category_id": int(rng.integers(1, 7)),
+                            "bbox": list(rng.uniform(0, 100, 2)) + list(rng.uniform(5, 60, 2)), "score": float(rng.random())})
+    ids = [im["id"] for im in split.images]
+    a = coco_evaluate(split.source.annotations, results, ids, "pycocotools")
+    b = coco_evaluate(split.source.annotations, results, ids, "faster-coco-eval")
+    assert 0.1 < a.stats["AP"] < 0.9
+    for k in a.stats:
+        assert a.stats[k] == pytest.approx(b.stats[k], abs=1e-4), k
+    for k in a.per_class:
+        assert a.per_class[k] == pytest.approx(b.per_class[k], abs=1e-4), k
+
+
+def test_shapes_dataset_is_deterministic_by_seed(tmp_path):
+    def digest(root):
+        h = hashlib.sha256()
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                h.update(p.name.encode() + p.read_bytes())
+        return h.hexdigest()
+
+    a = make_shapes_dataset(tmp_path / "a", train_images=3, val_images=2, seed=7)
+    b = make_shapes_dataset(tmp_path / "b", train_images=3, val_images=2, seed=7)
+    c = make_shapes_dataset(tmp_path / "c", train_images=3, val_images=2, seed=8)
+    assert digest(a) == digest(b) != digest(c)
+
+
+def test_shapes_dataset_covers_coco_size_ranges(tmp_path):
+    root = make_shapes_dataset(tmp_path, train_images=0, val_images=60, seed=0)
+    anns = json.loads((root / "annotations" / "instances_val2017.json").read_text())["annotations"]
+    areas = np.array([a["area"] for a in anns])
+    assert (areas < 32**2).sum() > 10 and ((areas >= 32**2) & (areas < 96**2)).sum() > 10 and (areas >= 96**2).sum() >= 1
+    assert {a["category_id"] for a in anns} == set(range(1, len(CLASSES) + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: each named, with the file and the item, before any long work
+
+
+def _copy(shapes_root, tmp_path):
+    root = tmp_path / "d"
+    shutil.copytree(shapes_root, root)
+    ann = root / "annotations" / "instances_val2017.json"
+    return root, ann, json.loads(ann.read_text())
+
+
+def test_missing_image_is_named(shapes_root, tmp_path):
+    root, _, data = _copy(shapes_root, tmp_path)
+    (root / "val2017" / data["images"][2]["file_name"]).unlink()
+    with pytest.raises(DataError, match=rf"{data['images'][2]['file_name']} \(missing\)"):
+        load_split(resolve_split(root, "val"))
+
+
+def test_unreadable_image_is_named(shapes_root, tmp_path):
+    root, _, data = _copy(shapes_root, tmp_path)
+    (root / "val2017" / data["images"][1]["file_name"]).write_bytes(b"not a png")
+    with pytest.raises(DataError, match=rf"{data['images'][1]['file_name']} \(unreadable"):
+        load_split(resolve_split(root, "val"))
+
+
+def test_unknown_category_is_named(shapes_root, tmp_path):
+    root, ann, data = _copy(shapes_root, tmp_path)
+    data["annotations"][4]["category_id"] = 99
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=rf"annotation id {data['annotations'][4]['id']} .*category_id 99"):
+        load_split(resolve_split(root, "val"))
+
+
+def test_empty_split_and_missing_files_are_named(shapes_root, tmp_path):
+    root, ann, data = _copy(shapes_root, tmp_path)
+    data["images"], data["annotations"] = [], []
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DataError, match="empty"):
+        load_split(resolve_split(root, "val"))
+    with pytest.raises(DataError, match="instances_test2017.json: annotation file not found"):
+        resolve_split(root, "test")
+
+
+def test_degenerate_and_outside_boxes_are_skipped_and_counted(shapes_root, tmp_path):
+    root, ann, data = _copy(shapes_root, tmp_path)
+    data["annotations"][0]["bbox"][2] = 0  # zero width
+    data["annotations"][1]["bbox"] = [500, 500, 10, 10]  # outside the 192 px image
+    data["annotations"][2]["bbox"] = [-5, 3, 20, 20]  # partly outside: clipped
+    ann.write_text(json.dumps(data))
+    split = load_split(resolve_split(root, "val"))
+    assert split.skipped == {"degenerate_boxes": 1, "boxes_outside_image": 1, "clipped_boxes": 1}
+    kept = [a for anns in split.annotations.values() for a in anns]
+    assert len(kept) == len(data["annotations"]) - 2
+    clipped = next(a for a in kept if a["id"] == data["annotations"][2]["id"])
+    assert clipped["bbox"] == [0.0, 3, 15, 20]
+
+
+def test_image_size_mismatch_is_named(shapes_root, tmp_path):
+    root, ann, data = _copy(shapes_root, tmp_path)
+    data["images"][0]["width"] = 999
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DataError, match="999"):
+        load_split(resolve_split(root, "val"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation keeps boxes on the objects they frame
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_augmentation_keeps_boxes_on_their_objects(seed):
+    rng = np.random.default_rng(seed)
+    h, w = 120, 160
+    img = np.zeros((h, w, 3), dtype=np.uint8)
+    boxes, colours = [], [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    for c in colours:
+        bw, bh = rng.integers(10, 40, 2)
+        x, y = rng.integers(0, w - bw), rng.integers(0, h - bh)
+        img[y:y + bh, x:x + bw] = c
+        boxes.append([x, y, bw, bh])
+    # disjoint colours; later rectangles may overlap earlier ones, so check only fully visible pixels' extent
+    torch.manual_seed(seed)
+    import random
+
+    random.seed(seed)
+    image = tv_tensors.Image(torch.from_numpy(img).permute(2, 0, 1))
+    bb = tv_tensors.BoundingBoxes(torch.tensor(boxes, dtype=torch.float32), format="XYWH", canvas_size=(h, w))
+    out_img, target = train_augmentation(w)(image, {"boxes": bb, "labels": torch.arange(3)})
+    arr = out_img.permute(1, 2, 0).numpy()
+    for box, label in zip(target["boxes"], target["labels"]):
+        ys, xs = np.nonzero((arr == np.array(colours[int(label)])).all(-1))
+        if len(xs) == 0:
+            continue  # fully covered by a later rectangle
+        x, y, bw, bh = box.tolist()
+        # every visible pixel of the object lies inside its transformed box
+        assert xs.min() >= x - 1e-3 and ys.min() >= y - 1e-3
+        assert xs.max() + 1 <= x + bw + 1e-3 and ys.max() + 1 <= y + bh + 1e-3
+        if int(label) == 2:  # drawn last, never occluded: the box is exactly its pixels' extent
+            assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == pytest.approx([x, y, x + bw, y + bh], abs=1e-3)
+
+
+def test_collated_boxes_frame_the_objects_after_processing(shapes_root):
+    # The processor's normalised cxcywh boxes, mapped back to the resized image, frame the same pixels.
+    split = load_split(resolve_split(shapes_root, "val"))
+    mapping = LabelMap.build(split.categories, {i: n for i, n in enumerate(CLASSES)})
+    proc = DetrImageProcessor(size={"shortest_edge": 160, "longest_edge": 256})
+    batch = next(iter(make_loader(CocoDetection(split, mapping), proc, batch_size=2, train=False, num_workers=0)))
+    lab = batch["labels"][0]
+    hh, ww = lab["size"].tolist()
+    orig = split.annotations[batch["image_ids"][0]]
+    scale = ww / Image.open(split.source.images / split.images[0]["file_name"]).width
+    got = TF.convert_bounding_box_format(lab["boxes"] * torch.tensor([ww, hh, ww, hh]), "CXCYWH", "XYWH")
+    want = torch.tensor([a["bbox"] for a in orig]) * scale
+    torch.testing.assert_close(got, want, atol=1.0, rtol=0)
