@@ -254,7 +254,13 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.split.images)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        # Training samplers pass (index, seed): the sample's augmentation then depends on that seed
+        # alone, not on worker count or on where a resumed run restarted.
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is not None:
+            random.seed(seed)
+            torch.manual_seed(seed)
         info = self.split.images[index]
         path = self.split.source.images / info["file_name"]
         try:
@@ -273,7 +279,7 @@ class CocoDetection(Dataset):
         coco_anns = [{"bbox": b.tolist(), "category_id": int(c), "area": float(b[2] * b[3]), "iscrowd": 0}
                      for b, c in zip(boxes, labels)]
         return {"image": image, "image_id": info["id"], "annotations": coco_anns,
-                "orig_size": (info["height"], info["width"])}
+                "orig_size": (info["height"], info["width"]), "seed": seed}
 
 
 class Collator:
@@ -294,7 +300,9 @@ class Collator:
     def __call__(self, batch: list[dict]) -> dict:
         kwargs = {}
         if self.scales:
-            kwargs["size"] = random.choice(self.scales)
+            seed = batch[0].get("seed")
+            rng = random.Random(seed) if seed is not None else random
+            kwargs["size"] = rng.choice(self.scales)
         enc = self.processor(
             images=[b["image"] for b in batch],
             annotations=[{"image_id": b["image_id"], "annotations": b["annotations"]} for b in batch],
@@ -308,11 +316,44 @@ class Collator:
         return out
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """Deterministic data order for (seed, epoch), sharded over processes, resumable mid-epoch.
+
+    Yields (index, sample_seed). With K processes, process r takes every K-th sample of the epoch's
+    permutation, so K processes of batch B see exactly the batches one process of batch K*B sees.
+    """
+
+    def __init__(self, size: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        self.size, self.seed, self.shuffle, self.rank, self.world = size, seed, shuffle, rank, world_size
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip_samples: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip_samples
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=g).tolist()
+        pad = (-len(order)) % self.world  # equal shards, as DistributedSampler does
+        return order + order[:pad]
+
+    def __iter__(self):
+        mine = self._order()[self.rank :: self.world][self.skip :]
+        for i in mine:
+            yield (i, (self.seed * 7_919 + self.epoch) * 1_000_003 + i)
+
+    def __len__(self) -> int:
+        return len(self._order()[self.rank :: self.world]) - self.skip
+
+
 def make_loader(dataset: Dataset, processor, *, batch_size: int, train: bool, num_workers: int = 2,
                 sampler=None, generator: torch.Generator | None = None) -> DataLoader:
+    # An explicit generator keeps DataLoader from drawing on the global RNG (which a resumed run
+    # must find exactly as the interrupted one left it).
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
         collate_fn=Collator(processor, train=train), num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(), persistent_workers=False, generator=generator,
-        drop_last=False,
+        pin_memory=torch.cuda.is_available(), persistent_workers=False,
+        generator=generator if generator is not None else torch.Generator().manual_seed(0), drop_last=False,
     )

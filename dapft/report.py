@@ -53,12 +53,16 @@ def plot_per_class_ap(metrics: CocoMetrics, path: Path, top: int = 40) -> None:
 def metrics_table(rows: dict[str, dict[str, float]], keys=HEADLINE, deltas_from: str | None = None) -> str:
     """Markdown table, values in AP points (x100); optionally a delta row against one row."""
     lines = ["| | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    def cell(v):  # COCO reports -1 where a size range has no ground truth
+        return "—" if v < 0 else f"{100 * v:.1f}"
+
     for name, stats in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * stats[k]:.1f}" for k in keys) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(stats[k]) for k in keys) + " |")
     if deltas_from is not None and len(rows) > 1:
         base = rows[deltas_from]
-        last_name, last = list(rows.items())[-1]
-        lines.append("| delta | " + " | ".join(f"{100 * (last[k] - base[k]):+.1f}" for k in keys) + " |")
+        last = list(rows.values())[-1]
+        lines.append("| delta | " + " | ".join("—" if min(last[k], base[k]) < 0 else f"{100 * (last[k] - base[k]):+.1f}"
+                                                for k in keys) + " |")
     return "\n".join(lines)
 
 
@@ -82,3 +86,73 @@ def write_eval_report(output: Path, metrics: CocoMetrics, info: dict) -> Path:
     path = output / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _read_log(run_dir: Path) -> list[dict]:
+    import json
+
+    log = run_dir / "log.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def plot_training_curves(run_dir: Path, path: Path) -> None:
+    records = _read_log(run_dir)
+    steps = [r for r in records if r["type"] == "step"]
+    evals = [r for r in records if r["type"] == "eval"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if steps:
+        a.plot([r["global_step"] for r in steps], [r["loss"] for r in steps], lw=1, label="loss")
+        if "dap" in steps[0]:
+            a.plot([r["global_step"] for r in steps], [1 - r["dap"] for r in steps], lw=1, label="1 - DAP (last layer)")
+    a.set(xlabel="optimizer step", ylabel="loss", title="Training loss")
+    a.grid(alpha=0.3)
+    a.legend()
+    if evals:
+        x = [r["global_step"] for r in evals]
+        for key in ("AP", "AP50", "AP75"):
+            b.plot(x, [100 * r[key] for r in evals], marker="o", label=key)
+    b.set(xlabel="optimizer step", ylabel="COCO AP (val)", title="Validation AP (step 0 = before)")
+    b.grid(alpha=0.3)
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_run_report(run_dir: Path, cfg, family: str, state: dict) -> dict:
+    """report.md + report.json + curves.png of a fine-tuning run."""
+    import dataclasses
+    import json
+
+    from dapft.evaluate import STAT_NAMES
+    from dapft.runtime import atomic_write_text
+
+    history = state["history"]
+    after = {k: history[-1][k] for k in STAT_NAMES} if history else None
+    best = max(history, key=lambda h: h["AP"]) if history else None
+    before = {k: state["before"][k] for k in STAT_NAMES} if state.get("before") else None
+    plot_training_curves(run_dir, run_dir / "curves.png")
+    rows = {}
+    if before:
+        rows["before (r_o)"] = before
+    if after:
+        rows[f"after ({cfg.loss})"] = after
+    payload = {"model": cfg.model, "family": family, "before": before, "after": after,
+               "best": {k: best[k] for k in ("epoch", "global_step", *STAT_NAMES)} if best else None,
+               "delta_AP": (after["AP"] - before["AP"]) if (before and after) else None,
+               "history": history, "train_seconds": round(state["elapsed"], 1),
+               "global_steps": state["global_step"], "config": dataclasses.asdict(cfg)}
+    atomic_write_text(run_dir / "report.json", json.dumps(payload, indent=2, default=str))
+    lines = [f"# Fine-tuning `{cfg.model}` ({family}) with `{cfg.loss}`", "",
+             f"Matcher {cfg.matcher}, sigma {cfg.sigma}, {cfg.bins} bins, {cfg.epochs} epochs "
+             f"({state['global_step']} optimizer steps), batch {cfg.batch_size}, lr {cfg.lr:g} "
+             f"(x{cfg.backbone_lr_multiplier:g} backbone, /10 in the last epoch), seed {cfg.seed}.", "",
+             "## COCO AP on the validation split", "",
+             metrics_table(rows, deltas_from="before (r_o)" if before else None) if rows else "(no evaluation)", ""]
+    if best:
+        lines += [f"Best: AP {100 * best['AP']:.2f} after epoch {best['epoch']} (`checkpoint-best/`); "
+                  f"last: `checkpoint-last/`. Both load with `AutoModelForObjectDetection.from_pretrained`.", ""]
+    lines += [f"Training time: {state['elapsed']:.0f} s.", "", "![curves](curves.png)", "",
+              "## Configuration", "", "```json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str), "```", ""]
+    atomic_write_text(run_dir / "report.md", "\n".join(lines))
+    return payload

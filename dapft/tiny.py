@@ -30,14 +30,15 @@ TINY_FAMILIES = (
 )
 
 
-def _resnet(out_features):
+def _convnext(out_features, width: int = 8):
     # ConvNeXt rather than ResNet: transformers freezes a non-timm ResNet backbone entirely (its
     # name filter expects 'stage.N' where the modules are 'stages.N'), and a tiny model should train.
-    return ConvNextConfig(hidden_sizes=[8, 16, 32, 48], depths=[1, 1, 1, 1], out_features=out_features)
+    return ConvNextConfig(hidden_sizes=[width, 2 * width, 4 * width, 6 * width], depths=[1, 1, 1, 1],
+                          out_features=out_features)
 
 
 def tiny_config(family: str, id2label: dict[int, str], *, num_queries: int = 20, d_model: int = 32,
-                decoder_layers: int = 2):
+                decoder_layers: int = 2, width: int = 8):
     """A small config of `family` (one of TINY_FAMILIES) for the given labels."""
     labels = dict(id2label=dict(id2label), label2id={v: k for k, v in id2label.items()})
     detr_like = dict(d_model=d_model, encoder_layers=1, decoder_layers=decoder_layers, encoder_attention_heads=2,
@@ -46,22 +47,23 @@ def tiny_config(family: str, id2label: dict[int, str], *, num_queries: int = 20,
     rt_like = dict(d_model=d_model, encoder_hidden_dim=d_model, encoder_layers=1, encoder_ffn_dim=2 * d_model,
                    encoder_attention_heads=2, decoder_layers=decoder_layers, decoder_attention_heads=2,
                    decoder_ffn_dim=2 * d_model, num_queries=num_queries, decoder_in_channels=[d_model] * 3,
-                   num_denoising=10, encoder_in_channels=[16, 32, 48], feat_strides=[8, 16, 32], **labels)
+                   num_denoising=10, encoder_in_channels=[2 * width, 4 * width, 6 * width], feat_strides=[8, 16, 32],
+                   **labels)
     if family == "detr":
-        return DetrConfig(backbone_config=_resnet(["stage4"]), **detr_like)
+        return DetrConfig(backbone_config=_convnext(["stage4"], width), **detr_like)
     if family == "conditional_detr":
-        return ConditionalDetrConfig(backbone_config=_resnet(["stage4"]), **detr_like)
+        return ConditionalDetrConfig(backbone_config=_convnext(["stage4"], width), **detr_like)
     if family == "dab_detr":
         cfg = {k: v for k, v in detr_like.items() if k != "d_model"}
-        return DabDetrConfig(backbone_config=_resnet(["stage4"]), hidden_size=d_model, **cfg)
+        return DabDetrConfig(backbone_config=_convnext(["stage4"], width), hidden_size=d_model, **cfg)
     if family.startswith("deformable_detr"):
         return DeformableDetrConfig(
-            backbone_config=_resnet(["stage2", "stage3", "stage4"]), num_feature_levels=3, encoder_n_points=2,
+            backbone_config=_convnext(["stage2", "stage3", "stage4"], width), num_feature_levels=3, encoder_n_points=2,
             decoder_n_points=2, with_box_refine=family != "deformable_detr",
             two_stage=family == "deformable_detr_two_stage", two_stage_num_proposals=num_queries, **detr_like)
     if family in ("rt_detr", "rt_detr_v2"):
-        backbone = RTDetrResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 48], depths=[1, 1, 1, 1],
-                                      layer_type="basic", out_features=["stage2", "stage3", "stage4"])
+        backbone = RTDetrResNetConfig(embedding_size=width, hidden_sizes=[width, 2 * width, 4 * width, 6 * width],
+                                      depths=[1, 1, 1, 1], layer_type="basic", out_features=["stage2", "stage3", "stage4"])
         cls = RTDetrConfig if family == "rt_detr" else RTDetrV2Config
         return cls(backbone_config=backbone, **rt_like)
     if family == "d_fine":
@@ -98,3 +100,28 @@ def tiny_model(family: str, id2label: dict[int, str], **kwargs):
 
 
 __all__ = ["TINY_FAMILIES", "tiny_config", "tiny_model", "AutoConfig"]
+
+
+def tiny_processor(family: str, image_size: int = 128):
+    """The family's image processor, resizing to `image_size` (DETR-style: shortest edge)."""
+    import transformers
+
+    from dapft.models import FAMILIES
+
+    key = family.replace("_box_refine", "").replace("_two_stage", "").replace("dab_detr", "dab-detr")
+    cls = getattr(transformers, FAMILIES[key].processor)
+    if "RTDetr" in cls.__name__ or "RfDetr" in cls.__name__:
+        return cls(size={"height": image_size, "width": image_size})
+    return cls(size={"shortest_edge": image_size, "longest_edge": int(image_size * 5 / 3)})
+
+
+def save_tiny_checkpoint(family: str, path, id2label: dict[int, str], *, image_size: int = 128, seed: int = 0,
+                         **kwargs):
+    """A randomly initialised tiny detector and its processor, as a `from_pretrained` directory."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = tiny_model(family, id2label, **kwargs)
+    model.save_pretrained(path)
+    tiny_processor(family, image_size).save_pretrained(path)
+    return path

@@ -1,0 +1,5 @@
+"""`python -m dapft` (what `torchrun ... -m dapft finetune ...` runs)."""
+
+from dapft.cli import run
+
+run()

@@ -1,0 +1,209 @@
+"""The `dapft` command line: a thin layer over the library (dapft.engine, dapft.evaluate, ...)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dapft.runtime import console
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+    help="Fine-tune DETR-family detectors with the Differentiable Average Precision (DAP) loss.",
+)
+_debug = {"on": False}
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors.")):
+    from dapft.runtime import quiet_transformers
+
+    _debug["on"] = debug
+    quiet_transformers()
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+DATA = typer.Option(None, "--data", help="COCO root: ROOT/{train,val}2017/ and ROOT/annotations/instances_*2017.json.")
+
+
+def _finetune_config(**kw):
+    from dapft.engine import FinetuneConfig
+
+    return FinetuneConfig(**kw)
+
+
+@app.command()
+def finetune(
+    model: str = typer.Option(..., "--model", help="Hub id, save_pretrained directory, or bundled name (dapft/...)."),
+    data: Optional[str] = DATA,
+    train_images: Optional[str] = typer.Option(None, help="Training image folder (instead of --data)."),
+    train_annotations: Optional[str] = typer.Option(None, help="Training COCO JSON (instead of --data)."),
+    val_images: Optional[str] = typer.Option(None, help="Validation image folder (instead of --data)."),
+    val_annotations: Optional[str] = typer.Option(None, help="Validation COCO JSON (instead of --data)."),
+    output: str = typer.Option("runs/finetune", "--output", "-o", help="Run directory."),
+    loss: str = typer.Option("dap", help="dap | original | dap+original | dap+box."),
+    matcher: str = typer.Option("constant", help="AP-cost matcher: constant | momentum | original."),
+    sigma: float = typer.Option(0.05, help="Std of the Gaussian smoothing each score."),
+    bins: int = typer.Option(256, help="Number of score thresholds N."),
+    average: str = typer.Option("pooled", help="pooled (the paper) | per_class (COCO's class mean)."),
+    epochs: Optional[int] = typer.Option(None, help="Default: the recipe's (10% of pre-training, at most 12)."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (smoke runs)."),
+    batch_size: Optional[int] = typer.Option(None, help="Global batch size (default: the recipe's)."),
+    grad_accum: int = typer.Option(1, help="Gradient accumulation steps."),
+    lr: Optional[float] = typer.Option(None, help="Fine-tuning learning rate (default: recipe's / 10)."),
+    weight_decay: Optional[float] = typer.Option(None, help="Default: the recipe's."),
+    clip_grad_norm: Optional[float] = typer.Option(None, help="Default: the recipe's (0 disables)."),
+    recipe: Optional[str] = typer.Option(None, help="A recipe YAML instead of recipes/<family>.yaml."),
+    seed: int = typer.Option(0, help="Seed of data order, augmentation and dropout."),
+    device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if available)."),
+    precision: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32 (CPU always fp32)."),
+    num_workers: int = typer.Option(2, help="Data loading workers per process."),
+    augment: bool = typer.Option(True, help="Flip, random crop and multi-scale resize in training."),
+    eval_before: bool = typer.Option(True, help="Evaluate before training (the paper's r_o)."),
+    max_eval_images: Optional[int] = typer.Option(None, help="Evaluate on the first N validation images."),
+    max_train_images: Optional[int] = typer.Option(None, help="Train on the first N training images."),
+    evaluator: str = typer.Option("faster-coco-eval", help="faster-coco-eval | pycocotools."),
+    save_every: Optional[int] = typer.Option(None, help="Also checkpoint every N steps within an epoch."),
+    label_map: Optional[str] = typer.Option(None, help="JSON {dataset_category_id: model_label_index}."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from checkpoint-last."),
+    progress: bool = typer.Option(True, help="Rich progress bars."),
+):
+    """Fine-tune a detector with DAP (or another loss configuration) and report COCO AP before/after."""
+    from dapft.engine import finetune as run
+
+    cfg = _finetune_config(**{k: v for k, v in locals().items() if k != "run"})
+    report = run(cfg)
+    if report.get("after"):
+        _print_delta(report)
+
+
+def _print_delta(report: dict) -> None:
+    before, after = report.get("before"), report["after"]
+    line = f"AP {100 * after['AP']:.2f}"
+    if before:
+        line = f"AP {100 * before['AP']:.2f} -> {100 * after['AP']:.2f} ({100 * (after['AP'] - before['AP']):+.2f})"
+    console.print(f"[bold green]done[/]: {line}; report: {Path(report['config']['output']) / 'report.md'}")
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Option(..., "--model", help="Hub id, save_pretrained directory, or bundled name."),
+    data: Optional[str] = DATA,
+    split: str = typer.Option("val", help="Split of --data to evaluate."),
+    images: Optional[str] = typer.Option(None, help="Image folder (instead of --data)."),
+    annotations: Optional[str] = typer.Option(None, help="COCO JSON (instead of --data)."),
+    output: str = typer.Option("runs/eval", "--output", "-o", help="Where predictions, metrics and the report go."),
+    batch_size: int = typer.Option(8, help="Images per batch."),
+    evaluator: str = typer.Option("faster-coco-eval", help="faster-coco-eval | pycocotools."),
+    max_images: Optional[int] = typer.Option(None, help="Evaluate on the first N images (quick checks)."),
+    label_map: Optional[str] = typer.Option(None, help="JSON {dataset_category_id: model_label_index}."),
+    device: Optional[str] = typer.Option(None, help="cuda, cpu (default: cuda if available)."),
+    precision: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32."),
+    num_workers: int = typer.Option(2, help="Data loading workers."),
+    progress: bool = typer.Option(True, help="Rich progress bar."),
+):
+    """Evaluate a detector: COCO results JSON, metrics.json, report.md and plots."""
+    from dapft.evaluate import evaluate_model
+
+    m = evaluate_model(model, data, split=split, images=images, annotations=annotations, output=output,
+                       batch_size=batch_size, evaluator=evaluator, max_images=max_images, label_map=label_map,
+                       device=device, precision=precision, num_workers=num_workers, progress=progress)
+    s = m["stats"]
+    console.print(f"AP {100 * s['AP']:.2f} · AP50 {100 * s['AP50']:.2f} · AP75 {100 * s['AP75']:.2f} · "
+                  f"S/M/L {100 * s['AP_small']:.1f}/{100 * s['AP_medium']:.1f}/{100 * s['AP_large']:.1f} · "
+                  f"AR@100 {100 * s['AR100']:.2f}  ({m['images']} images, {m['images_per_second']} img/s; "
+                  f"{Path(output) / 'report.md'})")
+
+
+@app.command()
+def sweep(
+    model: str = typer.Option(..., "--model"),
+    data: Optional[str] = DATA,
+    output: str = typer.Option("runs/sweep", "--output", "-o", help="One run directory per setting under it."),
+    sigma: Optional[str] = typer.Option(None, help="Comma-separated sigmas, e.g. 0.01,0.02,0.05,0.1."),
+    bins: Optional[str] = typer.Option(None, help="Comma-separated bin counts, e.g. 32,64,256."),
+    batch_size: Optional[str] = typer.Option(None, help="Comma-separated batch sizes."),
+    loss: str = typer.Option("dap"),
+    matcher: str = typer.Option("constant"),
+    epochs: Optional[int] = typer.Option(None),
+    max_steps: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    seed: int = typer.Option(0),
+    device: Optional[str] = typer.Option(None),
+    num_workers: int = typer.Option(2),
+    max_eval_images: Optional[int] = typer.Option(None),
+    max_train_images: Optional[int] = typer.Option(None),
+    augment: bool = typer.Option(True),
+    progress: bool = typer.Option(True),
+):
+    """Fine-tune once per setting (resumable: finished runs are skipped), then plot AP against it."""
+    from dapft.engine import FinetuneConfig
+    from dapft.sweep import sweep as run
+
+    grid = {}
+    if sigma:
+        grid["sigma"] = _floats(sigma)
+    if bins:
+        grid["bins"] = _ints(bins)
+    if batch_size:
+        grid["batch_size"] = _ints(batch_size)
+    if not grid:
+        raise typer.BadParameter("give at least one of --sigma, --bins, --batch-size to sweep")
+    base = FinetuneConfig(model=model, data=data, output=output, loss=loss, matcher=matcher, epochs=epochs,
+                          max_steps=max_steps, lr=lr, seed=seed, device=device, num_workers=num_workers,
+                          max_eval_images=max_eval_images, max_train_images=max_train_images, augment=augment,
+                          progress=progress)
+    rows = run(base, grid)
+    console.print(f"[bold green]sweep done[/]: {len(rows)} runs; table: {Path(output) / 'sweep.md'}")
+
+
+@app.command("make-dataset")
+def make_dataset(
+    kind: str = typer.Argument("shapes", help="Only 'shapes' for now."),
+    output: str = typer.Option(..., "--output", "-o", help="Dataset root (COCO 2017 layout)."),
+    train_images: int = typer.Option(800, help="Training images."),
+    val_images: int = typer.Option(200, help="Validation images."),
+    image_size: int = typer.Option(192, help="Square image side in pixels."),
+    seed: int = typer.Option(0, help="Same seed, same dataset."),
+):
+    """Write a generated COCO-format detection dataset (deterministic by seed)."""
+    if kind != "shapes":
+        raise typer.BadParameter(f"unknown dataset kind {kind!r}; available: shapes")
+    from dapft.shapes import make_shapes_dataset
+
+    root = make_shapes_dataset(output, train_images=train_images, val_images=val_images, image_size=image_size,
+                               seed=seed)
+    console.print(f"wrote {train_images} train and {val_images} val images to {root}")
+
+
+def run() -> None:
+    """Console entry point: one clear line per error unless --debug."""
+    try:
+        app(standalone_mode=False)
+    except SystemExit as exc:
+        raise
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]; resume with --resume")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        if _debug["on"] or "--debug" in sys.argv:
+            raise
+        console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(1)

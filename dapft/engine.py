@@ -1,0 +1,409 @@
+"""The fine-tuning engine behind `dapft finetune`: the paper's schedule (sec. 4.1) from a recipe,
+evaluation before training and after every epoch, atomic resumable checkpoints, logs and report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from dapft import distributed as dist_utils
+from dapft.checkpoint import CheckpointError, find_resumable, load_trainer_state, save_checkpoint, verify_checkpoint
+from dapft.criterion import LOSS_CONFIGS, DAPCriterion, install_loss
+from dapft.data import CocoDetection, EpochSampler, LabelMap, load_split, make_loader, resolve_split
+from dapft.evaluate import STAT_NAMES, coco_evaluate, predict, write_results
+from dapft.models import load_detector
+from dapft.runtime import amp_dtype, atomic_write_text, console, make_progress, pick_device, seed_everything, write_json
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class FinetuneConfig:
+    """Every setting of a run. None means: taken from the family's recipe (recipes/<family>.yaml)."""
+
+    model: str
+    data: str | None = None
+    train_images: str | None = None
+    train_annotations: str | None = None
+    val_images: str | None = None
+    val_annotations: str | None = None
+    output: str = "runs/finetune"
+    loss: str = "dap"
+    matcher: str = "constant"
+    sigma: float = 0.05
+    bins: int = 256
+    average: str = "pooled"
+    momentum: float = 0.99
+    epochs: int | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    grad_accum: int = 1
+    lr: float | None = None  # the fine-tuning rate; default pretrain_lr / 10
+    backbone_lr_multiplier: float | None = None
+    weight_decay: float | None = None
+    clip_grad_norm: float | None = None
+    seed: int = 0
+    device: str | None = None
+    precision: str = "auto"
+    num_workers: int = 2
+    augment: bool = True
+    eval_before: bool = True
+    max_eval_images: int | None = None
+    max_train_images: int | None = None
+    evaluator: str = "faster-coco-eval"
+    save_every: int | None = None  # also checkpoint every N optimizer steps (mid-epoch)
+    label_map: str | None = None
+    recipe: str | None = None
+    resume: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def load_recipe(family: str, recipe: str | None = None) -> dict:
+    path = Path(recipe) if recipe else RECIPES_DIR / f"{family}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: recipe not found" + ("" if recipe else f" for family {family}"))
+    data = yaml.safe_load(path.read_text()) or {}
+    required = ("pretrain_lr", "epochs", "batch_size")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ValueError(f"{path}: recipe lacks {missing}; see recipes/detr.yaml for the fields")
+    return data
+
+
+def resolve(cfg: FinetuneConfig, family: str) -> FinetuneConfig:
+    """Fill what the user left unset from the recipe, following the paper's schedule."""
+    recipe = load_recipe(family, cfg.recipe)
+    if cfg.loss not in LOSS_CONFIGS:
+        raise ValueError(f"--loss must be one of {', '.join(LOSS_CONFIGS)}, got {cfg.loss!r}")
+    if cfg.matcher not in ("constant", "momentum", "original"):
+        raise ValueError(f"--matcher must be constant, momentum or original, got {cfg.matcher!r}")
+    out = dataclasses.replace(cfg)
+    out.epochs = cfg.epochs or min(12, recipe["epochs"])
+    out.batch_size = cfg.batch_size or recipe["batch_size"]
+    out.lr = cfg.lr if cfg.lr is not None else recipe["pretrain_lr"] / 10
+    out.backbone_lr_multiplier = (cfg.backbone_lr_multiplier if cfg.backbone_lr_multiplier is not None
+                                  else recipe.get("backbone_lr_multiplier", 0.1))
+    out.weight_decay = cfg.weight_decay if cfg.weight_decay is not None else recipe.get("weight_decay", 1e-4)
+    out.clip_grad_norm = cfg.clip_grad_norm if cfg.clip_grad_norm is not None else recipe.get("clip_grad_norm", 0.1)
+    out.extra = {**recipe, **cfg.extra}
+    return out
+
+
+def lr_factor(epoch: int, epochs: int) -> float:
+    """One tenth of the original rate throughout (in cfg.lr), one hundredth in the last epoch."""
+    return 0.1 if epochs >= 2 and epoch == epochs - 1 else 1.0
+
+
+def _optimizer(model, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    backbone, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (backbone if "backbone" in name else rest).append(p)
+    groups = [{"params": rest, "lr": cfg.lr, "base_lr": cfg.lr}]
+    if backbone:
+        lr = cfg.lr * cfg.backbone_lr_multiplier
+        groups.append({"params": backbone, "lr": lr, "base_lr": lr})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: FinetuneConfig):
+        self.requested = cfg
+        self.out = Path(cfg.output)
+
+    # ------------------------------------------------------------------ set-up (all checks first)
+    def setup(self) -> None:
+        cfg = self.requested
+        self.device = pick_device(cfg.device)
+        self.dist = dist_utils.init_distributed(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.log = console.print if self.dist.is_main else (lambda *a, **k: None)
+        if self.out.exists() and any(self.out.iterdir()) and not cfg.resume and (self.out / "config.json").exists():
+            raise FileExistsError(f"{self.out}: a run already exists here; pass --resume to continue it, "
+                                  "or choose another --output")
+        # Data first: bad input must fail before a model is downloaded or loaded.
+        train_src = resolve_split(cfg.data, "train", cfg.train_images, cfg.train_annotations)
+        val_src = resolve_split(cfg.data, "val", cfg.val_images, cfg.val_annotations)
+        self.train_split = load_split(train_src, max_images=cfg.max_train_images)
+        self.val_split = load_split(val_src, max_images=cfg.max_eval_images)
+
+        seed_everything(cfg.seed)
+        id2label = {i: c["name"] for i, c in enumerate(sorted(self.train_split.categories, key=lambda c: c["id"]))}
+        from transformers import AutoConfig
+
+        from dapft.models import family_of, resolve_model
+
+        model_cfg = AutoConfig.from_pretrained(resolve_model(cfg.model))
+        family = family_of(model_cfg)
+        self.cfg = resolve(cfg, family.name)
+        # Keep the checkpoint's label set when the dataset's classes are all in it (COCO fine-tuning);
+        # otherwise resize the classifier to the dataset's classes.
+        try:
+            LabelMap.build(self.train_split.categories, model_cfg.id2label, cfg.label_map)
+            new_labels = None
+        except ValueError:
+            new_labels = id2label
+        self.model, self.processor, self.family = load_detector(cfg.model, id2label=new_labels, log=self.log)
+        if self.cfg.extra.get("auxiliary_loss", True):
+            self.model.config.auxiliary_loss = True  # DETR's recipe supervises every decoder layer
+        self.label_map = LabelMap.build(self.train_split.categories, self.model.config.id2label, cfg.label_map)
+        self.model.to(self.device)
+
+        scale = float(self.dist.world_size)
+        self.criterion = None
+        if self.cfg.loss != "original":
+            self.criterion = DAPCriterion(
+                self.family, self.model.config, matcher=self.cfg.matcher, sigma=self.cfg.sigma,
+                num_bins=self.cfg.bins, average=self.cfg.average, momentum=self.cfg.momentum,
+                reduce_stats=dist_utils.all_reduce_statistics, dap_scale=scale).to(self.device)
+        install_loss(self.model, self.family, self.cfg.loss, self.criterion)
+        self.ddp_model = self.model
+        if self.dist.enabled:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+        self.optimizer = _optimizer(self.model, self.cfg)
+        self.amp = amp_dtype(self.cfg.precision, self.device)
+        self.scaler = torch.amp.GradScaler(enabled=self.amp == torch.float16)
+
+        per_process = self.cfg.batch_size // self.dist.world_size
+        if per_process * self.dist.world_size != self.cfg.batch_size:
+            raise ValueError(f"--batch-size {self.cfg.batch_size} is not divisible by {self.dist.world_size} processes")
+        self.sampler = EpochSampler(len(self.train_split.images), seed=self.cfg.seed,
+                                    rank=self.dist.rank, world_size=self.dist.world_size)
+        self.train_loader = make_loader(CocoDetection(self.train_split, self.label_map, self._augment()),
+                                        self.processor, batch_size=per_process, train=self.cfg.augment,
+                                        num_workers=self.cfg.num_workers, sampler=self.sampler)
+        val_sampler = list(range(len(self.val_split.images)))[self.dist.rank :: self.dist.world_size]
+        self.val_loader = make_loader(CocoDetection(self.val_split, self.label_map), self.processor,
+                                      batch_size=per_process, train=False, num_workers=self.cfg.num_workers,
+                                      sampler=val_sampler)
+        self.batches_per_epoch = math.ceil(len(self.sampler) / per_process)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.cfg.grad_accum)
+
+        self.state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "best_ap": -1.0, "history": [],
+                      "before": None, "elapsed": 0.0}
+        if cfg.resume:
+            self._resume()
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / "config.json", {**dataclasses.asdict(self.cfg), "family": self.family.name,
+                                                  "world_size": self.dist.world_size,
+                                                  "num_labels": len(self.model.config.id2label)})
+
+    def _augment(self):
+        if not self.cfg.augment:
+            return None
+        from dapft.data import train_augmentation
+
+        size = max(self.train_split.images[0]["width"], self.train_split.images[0]["height"])
+        return train_augmentation(size)
+
+    def _resume(self) -> None:
+        ckpt = find_resumable(self.out)
+        if ckpt is None:
+            raise CheckpointError(f"{self.out}: --resume given but there is no checkpoint-last to resume from")
+        manifest = verify_checkpoint(ckpt)
+        trainer_state = load_trainer_state(ckpt)
+        from transformers import AutoModelForObjectDetection
+
+        saved = AutoModelForObjectDetection.from_pretrained(ckpt)
+        self.model.load_state_dict(saved.state_dict())
+        self.optimizer.load_state_dict(trainer_state["optimizer"])
+        self.scaler.load_state_dict(trainer_state["scaler"])
+        if self.criterion is not None and trainer_state.get("criterion") is not None:
+            self.criterion.load_state_dict(trainer_state["criterion"])
+        self.state = trainer_state["state"]
+        _set_rng_state(trainer_state["rng"])
+        self.log(f"resuming from {ckpt} (epoch {self.state['epoch'] + 1}, step {self.state['global_step']}, "
+                 f"saved {manifest.get('saved_at', '?')})")
+        # Forget log lines the interrupted run wrote after this checkpoint.
+        log = self.out / "log.jsonl"
+        if log.exists() and self.dist.is_main:
+            keep = [line for line in log.read_text().splitlines()
+                    if json.loads(line).get("global_step", 0) <= self.state["global_step"]]
+            atomic_write_text(log, "".join(line + "\n" for line in keep))
+
+    # ------------------------------------------------------------------ the loop
+    def evaluate(self, tag: str) -> dict:
+        t0 = time.perf_counter()
+        eval_dir = self.out / "eval" / tag
+        with make_progress(disable=not (self.cfg.progress and self.dist.is_main)) as bar:
+            results = predict(self.model, self.processor, self.val_loader, self.label_map, device=self.device,
+                              amp_dtype=self.amp, progress=bar)
+        gathered = dist_utils.gather_objects(results, self.dist)
+        stats = None
+        if self.dist.is_main:
+            merged = [r for part in gathered for r in part]
+            eval_dir.mkdir(parents=True, exist_ok=True)
+            write_results(eval_dir / "predictions.json", merged)  # before any metric is computed
+            metrics = coco_evaluate(self.val_split.source.annotations, merged,
+                                    [im["id"] for im in self.val_split.images], self.cfg.evaluator)
+            stats = {**metrics.stats, "per_class_AP": metrics.per_class, "seconds": time.perf_counter() - t0}
+            write_json(eval_dir / "metrics.json", stats)
+        stats = dist_utils.broadcast_object(stats, self.dist)
+        self.model.train()
+        return stats
+
+    def _log(self, record: dict) -> None:
+        if self.dist.is_main:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.tb is not None:
+                for k, v in record.items():
+                    if isinstance(v, (int, float)) and k not in ("global_step", "epoch"):
+                        self.tb.add_scalar(f"{record['type']}/{k}", v, record.get("global_step", 0))
+
+    def _save(self, best: bool = False) -> None:
+        if not self.dist.is_main:
+            return
+        trainer_state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                         "criterion": self.criterion.state_dict() if self.criterion is not None else None,
+                         "state": self.state, "rng": _rng_state()}
+        info = {"saved_at": time.strftime("%Y-%m-%d %H:%M:%S"), "epoch": self.state["epoch"],
+                "global_step": self.state["global_step"]}
+        save_checkpoint(self.out / "checkpoint-last", self.model, self.processor, trainer_state, info)
+        if best:
+            save_checkpoint(self.out / "checkpoint-best", self.model, self.processor, None,
+                            {**info, "AP": self.state["best_ap"]})
+
+    def train(self) -> dict:
+        self.setup()
+        cfg, st = self.cfg, self.state
+        self.tb = None
+        if self.dist.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                pass
+        self.log(f"[bold]dapft finetune[/] {cfg.model} ({self.family.name}) · loss {cfg.loss} · matcher {cfg.matcher} · "
+                 f"sigma {cfg.sigma} · bins {cfg.bins} · {cfg.epochs} epochs · batch {cfg.batch_size} · lr {cfg.lr:g} "
+                 f"· {self.device} x{self.dist.world_size}")
+        if cfg.eval_before and st["before"] is None:
+            st["before"] = self.evaluate("before")
+            self._log({"type": "eval", "tag": "before", "epoch": 0, "global_step": 0,
+                       **{k: st["before"][k] for k in STAT_NAMES}})
+            self.log(f"before fine-tuning: AP {100 * st['before']['AP']:.2f}")
+        self.model.train()
+        t_start = time.perf_counter() - st["elapsed"]
+        stop = False
+        with make_progress(disable=not (cfg.progress and self.dist.is_main)) as bar:
+            epoch_task = bar.add_task("epochs", total=cfg.epochs, completed=st["epoch"], info="")
+            step_task = bar.add_task("steps", total=self.steps_per_epoch, info="")
+            while st["epoch"] < cfg.epochs and not stop:
+                if cfg.max_steps and st["global_step"] >= cfg.max_steps:
+                    break  # a resumed run that had already reached --max-steps
+                epoch = st["epoch"]
+                for group in self.optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * lr_factor(epoch, cfg.epochs)
+                per_process = cfg.batch_size // self.dist.world_size
+                self.sampler.set_epoch(epoch, skip_samples=st["batch_in_epoch"] * per_process)
+                bar.update(step_task, completed=st["batch_in_epoch"] // cfg.grad_accum, total=self.steps_per_epoch)
+                t_window, n_window = time.perf_counter(), 0
+                self.optimizer.zero_grad(set_to_none=True)
+                for batch in self.train_loader:
+                    terms = self._forward_backward(batch)
+                    st["batch_in_epoch"] += 1
+                    n_window += len(batch["image_ids"]) * self.dist.world_size
+                    if st["batch_in_epoch"] % cfg.grad_accum and st["batch_in_epoch"] < self.batches_per_epoch:
+                        continue  # accumulating
+                    grad_norm = self._optimizer_step()
+                    st["global_step"] += 1
+                    ips = n_window / max(time.perf_counter() - t_window, 1e-9)
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    record = {"type": "step", "epoch": epoch + 1, "global_step": st["global_step"], "lr": lr,
+                              "grad_norm": grad_norm, "images_per_second": round(ips, 2), **terms}
+                    self._log(record)
+                    bar.update(step_task, advance=1, info=f"loss {terms['loss']:.4f} · lr {lr:.2e} · {ips:.1f} img/s"
+                               + (f" · DAP {terms['dap']:.3f}" if "dap" in terms else ""))
+                    if cfg.save_every and st["global_step"] % cfg.save_every == 0:
+                        st["elapsed"] = time.perf_counter() - t_start
+                        self._save()
+                    if cfg.max_steps and st["global_step"] >= cfg.max_steps:
+                        stop = True
+                        break
+                if not stop:
+                    st["epoch"] += 1
+                    st["batch_in_epoch"] = 0
+                metrics = self.evaluate(f"epoch{st['epoch']:03d}" if not stop else f"step{st['global_step']}")
+                st["history"].append({"epoch": st["epoch"], "global_step": st["global_step"],
+                                      **{k: metrics[k] for k in STAT_NAMES}})
+                self._log({"type": "eval", "tag": "epoch", "epoch": st["epoch"], "global_step": st["global_step"],
+                           **{k: metrics[k] for k in STAT_NAMES}})
+                improved = metrics["AP"] > st["best_ap"]
+                if improved:
+                    st["best_ap"] = metrics["AP"]
+                st["elapsed"] = time.perf_counter() - t_start
+                self._save(best=improved)
+                bar.update(epoch_task, completed=st["epoch"])
+                where = f"epoch {st['epoch']}" if not stop else f"step {st['global_step']} (--max-steps)"
+                self.log(f"{where}: AP {100 * metrics['AP']:.2f}"
+                         + (f" (best {100 * st['best_ap']:.2f})" if not improved else " (best so far)"))
+        st["elapsed"] = time.perf_counter() - t_start
+        report = {}
+        if self.dist.is_main:
+            from dapft.report import write_run_report
+
+            report = write_run_report(self.out, self.cfg, self.family.name, st)
+        dist_utils.barrier(self.dist)
+        dist_utils.shutdown(self.dist)
+        if self.tb is not None:
+            self.tb.close()
+        return report
+
+    def _forward_backward(self, batch: dict) -> dict:
+        inputs = {"pixel_values": batch["pixel_values"].to(self.device, non_blocking=True),
+                  "labels": [{k: v.to(self.device) for k, v in t.items()} for t in batch["labels"]]}
+        if "pixel_mask" in batch:
+            inputs["pixel_mask"] = batch["pixel_mask"].to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            out = self.ddp_model(**inputs)
+        loss = out.loss / self.cfg.grad_accum
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {self.state['global_step'] + 1}: {out.loss_dict}")
+        self.scaler.scale(loss).backward()
+        terms = {k: float(v.detach()) for k, v in (out.loss_dict or {}).items() if torch.is_tensor(v) and v.numel() == 1}
+        terms["loss"] = float(out.loss.detach())
+        return terms
+
+    def _optimizer_step(self) -> float:
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                              self.cfg.clip_grad_norm if self.cfg.clip_grad_norm > 0 else float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Library entry point of `dapft finetune`: returns the report (before/after metrics, config)."""
+    return Trainer(cfg).train()

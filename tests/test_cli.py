@@ -1,0 +1,155 @@
+"""The command line, run for real in subprocesses on tiny models and generated data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dapft.shapes import CLASSES
+from dapft.tiny import save_tiny_checkpoint
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+COMMON = ["--num-workers", "0", "--no-progress", "--batch-size", "4", "--device", "cpu"]
+
+
+def dapft(*args, check=True, timeout=300, **kw):
+    proc = subprocess.run([sys.executable, "-m", "dapft", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dapft {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_detr(tmp_path_factory):
+    return save_tiny_checkpoint("detr", tmp_path_factory.mktemp("tiny") / "detr", dict(enumerate(CLASSES)),
+                                image_size=128)
+
+
+def _weights(run_dir: Path, name="checkpoint-last") -> dict[str, torch.Tensor]:
+    return load_file(run_dir / name / "model.safetensors")
+
+
+def _assert_same_weights(a: dict, b: dict, atol=0.0):
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst <= atol, f"weights differ by {worst}"
+
+
+def test_help_reads_well():
+    out = dapft("--help").stdout
+    for cmd in ("finetune", "eval", "sweep", "make-dataset"):
+        assert cmd in out
+    for cmd, opts in {"finetune": ["--loss", "--matcher", "--sigma", "--resume", "--max-steps"],
+                      "eval": ["--evaluator", "--max-images"], "sweep": ["--sigma", "--bins"],
+                      "make-dataset": ["--train-images", "--seed"]}.items():
+        text = dapft(cmd, "--help").stdout
+        assert all(o in text for o in opts), cmd
+
+
+def test_errors_are_one_clear_line(tmp_path, tiny_detr):
+    proc = dapft("eval", "--model", tiny_detr, "--data", tmp_path / "nowhere", "--no-progress", check=False)
+    assert proc.returncode == 1
+    assert "annotation file not found" in proc.stderr and "Traceback" not in proc.stderr
+    proc = dapft("--debug", "eval", "--model", tiny_detr, "--data", tmp_path / "nowhere", check=False)
+    assert "Traceback" in proc.stderr
+
+
+def test_finetune_then_eval_of_the_checkpoint_matches_the_report(tmp_path, tiny_detr, shapes_root):
+    run = tmp_path / "run"
+    dapft("finetune", "--model", tiny_detr, "--data", shapes_root, "--output", run, "--loss", "dap+box",
+          "--epochs", "1", *COMMON)
+    report = json.loads((run / "report.json").read_text())
+    assert report["before"] is not None and report["after"] is not None
+    for f in ("report.md", "curves.png", "config.json", "log.jsonl", "checkpoint-best/config.json"):
+        assert (run / f).exists(), f
+    ev = tmp_path / "eval"
+    dapft("eval", "--model", run / "checkpoint-last", "--data", shapes_root, "--output", ev, "--num-workers", "0",
+          "--no-progress", "--batch-size", "3", "--evaluator", "pycocotools")
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert metrics["stats"]["AP"] == pytest.approx(report["after"]["AP"], abs=1e-6)
+    for f in ("predictions.json", "report.md", "pr_curves.png", "per_class_ap.png"):
+        assert (ev / f).exists(), f
+    from transformers import AutoModelForObjectDetection
+
+    AutoModelForObjectDetection.from_pretrained(run / "checkpoint-best")  # loads as any HF checkpoint
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_detr, shapes_root):
+    args = ["finetune", "--model", tiny_detr, "--data", shapes_root, "--loss", "dap+box", "--epochs", "3",
+            "--save-every", "2", "--no-eval-before", "--max-eval-images", "4", "--seed", "5", *COMMON]
+    full = tmp_path / "full"
+    dapft(*args, "--output", full)
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "dapft", *map(str, args), "--output", str(cut)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    log = cut / "log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill it mid-epoch 2 (6 steps an epoch), after a mid-epoch save
+        steps = [json.loads(x)["global_step"] for x in log.read_text().splitlines()] if log.exists() else []
+        if steps and max(steps) >= 9:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "report.json").exists(), "the run finished before it could be interrupted"
+    state = json.loads((cut / "checkpoint-last" / "dapft_checkpoint.json").read_text())
+    assert 6 < state["global_step"] < 18
+    dapft(*args, "--output", cut, "--resume")
+    _assert_same_weights(_weights(full), _weights(cut))
+    steps = [json.loads(x) for x in (cut / "log.jsonl").read_text().splitlines() if '"step"' in x]
+    assert [s["global_step"] for s in steps if s["type"] == "step"] == list(range(1, 19))
+
+
+def test_a_second_run_in_the_same_directory_needs_resume(tmp_path, tiny_detr, shapes_root):
+    run = tmp_path / "run"
+    base = ["finetune", "--model", tiny_detr, "--data", shapes_root, "--output", run, "--max-steps", "1",
+            "--no-eval-before", "--max-eval-images", "2", *COMMON]
+    dapft(*base)
+    proc = dapft(*base, check=False)
+    assert proc.returncode == 1 and "--resume" in proc.stderr
+
+
+def test_corrupt_or_partial_checkpoints_are_refused(tmp_path, tiny_detr, shapes_root):
+    run = tmp_path / "run"
+    base = ["finetune", "--model", tiny_detr, "--data", shapes_root, "--output", run, "--max-steps", "1",
+            "--no-eval-before", "--max-eval-images", "2", *COMMON]
+    dapft(*base)
+    weights = run / "checkpoint-last" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    proc = dapft(*base, "--resume", check=False)
+    assert proc.returncode == 1 and "do not match the manifest" in proc.stderr and "model.safetensors" in proc.stderr
+    (run / "checkpoint-last" / "dapft_checkpoint.json").unlink()
+    proc = dapft(*base, "--resume", check=False)
+    assert proc.returncode == 1 and "not a complete dapft checkpoint" in proc.stderr
+
+
+def test_sweep_skips_finished_settings(tmp_path, tiny_detr, shapes_root):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--model", tiny_detr, "--data", shapes_root, "--output", out, "--sigma", "0.02,0.1",
+            "--max-steps", "1", "--max-eval-images", "2", "--num-workers", "0", "--no-progress", "--device", "cpu"]
+    dapft(*args)
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["sigma"] for r in rows] == [0.02, 0.1]
+    assert (out / "sweep.png").exists() and (out / "sweep.md").exists()
+    first = (out / "sigma=0.02" / "report.json").stat().st_mtime_ns
+    shutil.rmtree(out / "sigma=0.1" / "checkpoint-best")
+    (out / "sigma=0.1" / "report.json").unlink()  # as if that run had been interrupted after its last save
+    proc = dapft(*args)
+    assert "sigma=0.02: finished earlier, skipped" in proc.stderr
+    assert "sigma=0.1 (resuming)" in proc.stderr
+    assert (out / "sigma=0.02" / "report.json").stat().st_mtime_ns == first
+    assert (out / "sigma=0.1" / "report.json").exists()
