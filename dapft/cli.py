@@ -190,7 +190,7 @@ def run() -> None:
     """Console entry point: one clear line per error unless --debug."""
     try:
         app(standalone_mode=False)
-    except SystemExit as exc:
+    except SystemExit:
         raise
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]; resume with --resume")

@@ -184,6 +184,16 @@ class DAPStatistics:
     hist: Tensor
     num_gt: Tensor
 
+    @property
+    def tp(self) -> Tensor:
+        """Soft true-positive count TP_alpha(i), (C, K, N)."""
+        return self.tp_tail
+
+    @property
+    def fp(self) -> Tensor:
+        """Soft false-positive count FP_alpha(i), (C, K, N)."""
+        return (self.all_tail[:, None, :] - self.tp_tail).clamp_min(0.0)
+
     def map(self, fn: Callable[[Tensor], Tensor]) -> "DAPStatistics":
         return DAPStatistics(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
 
@@ -250,8 +260,7 @@ def precision_curves(stats: DAPStatistics, *, interpolate: bool = True) -> Tenso
     Interpolated precision is the running max from the lowest score threshold upwards, i.e. the best
     precision at any higher recall, as COCO does (READING-NOTES 3).
     """
-    tp = stats.tp_tail
-    fp = (stats.all_tail[:, None, :] - tp).clamp_min(0.0)
+    tp, fp = stats.tp, stats.fp
     total = tp + fp
     precision = torch.where(total > 0, tp / total.clamp_min(torch.finfo(tp.dtype).tiny), 0.0)
     if interpolate:

@@ -164,11 +164,12 @@ class Trainer:
         self.cfg = resolve(cfg, family.name)
         # Keep the checkpoint's label set when the dataset's classes are all in it (COCO fine-tuning);
         # otherwise resize the classifier to the dataset's classes.
-        try:
-            LabelMap.build(self.train_split.categories, model_cfg.id2label, cfg.label_map)
-            new_labels = None
-        except ValueError:
-            new_labels = id2label
+        new_labels = None
+        if cfg.label_map is None:
+            try:
+                LabelMap.build(self.train_split.categories, model_cfg.id2label)
+            except ValueError:
+                new_labels = id2label
         self.model, self.processor, self.family = load_detector(cfg.model, id2label=new_labels, log=self.log)
         if self.cfg.extra.get("auxiliary_loss", True):
             self.model.config.auxiliary_loss = True  # DETR's recipe supervises every decoder layer

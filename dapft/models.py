@@ -137,18 +137,9 @@ def family_of(config) -> Family:
 # Loading
 
 
-BUNDLED_DIR = Path(__file__).parent / "checkpoints"
-
-
 def resolve_model(name: str | Path) -> str:
-    """A local directory, a bundled short name such as 'dapft/tiny-detr-shapes', or a Hub id."""
-    p = Path(name)
-    if p.is_dir():
-        return str(p)
-    short = str(name)
-    if short.startswith("dapft/") and (BUNDLED_DIR / short.split("/", 1)[1]).is_dir():
-        return str(BUNDLED_DIR / short.split("/", 1)[1])
-    return short
+    """A local `save_pretrained` directory, else a Hub id (as transformers resolves it)."""
+    return str(Path(name)) if Path(name).is_dir() else str(name)
 
 
 def load_processor(path: str, family: Family):

@@ -57,8 +57,9 @@ def test_gradient_reaches_ious_and_is_non_negative(seed):
     assert (ious.grad[~positive] == 0).all()
 
 
+@pytest.mark.parametrize("interpolate", [False, True])
 @pytest.mark.parametrize("average", ["pooled", "per_class"])
-def test_gradcheck_float64(average):
+def test_gradcheck_float64(average, interpolate):
     g = torch.Generator().manual_seed(0)
     m = 30
     scores = (torch.rand(m, generator=g, dtype=torch.float64) * 0.8 + 0.1).requires_grad_(True)
@@ -70,7 +71,7 @@ def test_gradcheck_float64(average):
 
     def fn(s, i):
         return differentiable_ap(s, positive, i, num_gt, labels=labels, sigma=0.1, num_bins=32,
-                                 average=average, interpolate=False)
+                                 average=average, interpolate=interpolate)
 
     assert torch.autograd.gradcheck(fn, (scores, ious))
 
