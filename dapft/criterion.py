@@ -102,7 +102,15 @@ class DetectionLoss:
         self.family, self.original, self.criterion, self.loss = family, original, criterion, loss
 
     def __call__(self, logits, labels, device, pred_boxes, config, *args, **kwargs):
-        total, loss_dict, aux = self.original(logits, labels, device, pred_boxes, config, *args, **kwargs)
+        if self.loss == "dap" and not self.family.keep:
+            # Nothing of the model's own loss is kept (DETR-like families): skip computing it, and
+            # its Hungarian matching, and list the auxiliary layers as its loss would.
+            outputs_class, outputs_coord = (list(args) + [kwargs.get("outputs_class"), kwargs.get("outputs_coord")])[:2]
+            aux = [] if outputs_class is None else [
+                {"logits": c, "pred_boxes": b} for c, b in zip(outputs_class[:-1], outputs_coord[:-1])]
+            loss_dict = {}
+        else:
+            total, loss_dict, aux = self.original(logits, labels, device, pred_boxes, config, *args, **kwargs)
         if self.loss == "original":
             return total, loss_dict, aux
         layers = self.family.decoder_outputs(logits, pred_boxes, aux, kwargs)

@@ -153,3 +153,11 @@ def test_sweep_skips_finished_settings(tmp_path, tiny_detr, shapes_root):
     assert "sigma=0.1 (resuming)" in proc.stderr
     assert (out / "sigma=0.02" / "report.json").stat().st_mtime_ns == first
     assert (out / "sigma=0.1" / "report.json").exists()
+
+
+def test_gradient_accumulation_steps_once_per_accumulated_batches(tmp_path, tiny_detr, shapes_root):
+    run = tmp_path / "run"
+    dapft("finetune", "--model", tiny_detr, "--data", shapes_root, "--output", run, "--grad-accum", "2",
+          "--epochs", "1", "--no-eval-before", "--max-eval-images", "2", "--loss", "dap+box", *COMMON)
+    steps = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if '"step"' in x]
+    assert [s["global_step"] for s in steps] == [1, 2, 3]  # 24 images, batches of 4, two per step

@@ -157,3 +157,29 @@ def test_unsupported_family_is_refused_with_the_reason():
 
     with pytest.raises(UnsupportedModelError, match="yolos.*not supported"):
         family_of(YolosConfig())
+
+
+@pytest.mark.parametrize("family", ["detr", "conditional_detr", "dab_detr", "deformable_detr",
+                                    "deformable_detr_two_stage"])
+def test_dap_without_the_models_loss_sees_the_same_layers(family):
+    # For families whose own loss keeps nothing under `dap`, dapft skips computing that loss; the
+    # decoder layers it then lists must be exactly those the model's loss would have supervised.
+    from dapft.criterion import DetectionLoss
+
+    class Always(DetectionLoss):
+        def __call__(self, *a, **k):
+            self.loss = "dap+original"  # forces the model's own loss to run
+            total, terms, aux = super().__call__(*a, **k)
+            return total, {k: v for k, v in terms.items() if "dap" in k}, aux
+
+    x, _ = _batch()
+    model, crit = _model(family, "dap")
+    targets = _self_targets(model, x)
+    fast = model(pixel_values=x, labels=targets).loss_dict
+    fam = family_of(model.config)
+    del model._loss_function
+    model.loss_function = Always(fam, model.loss_function, crit, "dap")
+    slow = model(pixel_values=x, labels=targets).loss_dict
+    assert fast.keys() == slow.keys() and len([k for k in fast if k.startswith("loss_dap")]) == 2
+    for k in fast:
+        torch.testing.assert_close(fast[k], slow[k])
