@@ -80,13 +80,23 @@ def load_recipe(family: str, recipe: str | None = None) -> dict:
     return data
 
 
-def resolve(cfg: FinetuneConfig, family: str) -> FinetuneConfig:
-    """Fill what the user left unset from the recipe, following the paper's schedule."""
-    recipe = load_recipe(family, cfg.recipe)
+def check_choices(cfg: FinetuneConfig) -> None:
     if cfg.loss not in LOSS_CONFIGS:
         raise ValueError(f"--loss must be one of {', '.join(LOSS_CONFIGS)}, got {cfg.loss!r}")
     if cfg.matcher not in ("constant", "momentum", "original"):
         raise ValueError(f"--matcher must be constant, momentum or original, got {cfg.matcher!r}")
+    if cfg.average not in ("pooled", "per_class"):
+        raise ValueError(f"--average must be pooled or per_class, got {cfg.average!r}")
+    if cfg.evaluator not in ("faster-coco-eval", "pycocotools"):
+        raise ValueError(f"--evaluator must be faster-coco-eval or pycocotools, got {cfg.evaluator!r}")
+    if cfg.sigma <= 0 or cfg.bins < 2 or cfg.grad_accum < 1:
+        raise ValueError("need --sigma > 0, --bins >= 2 and --grad-accum >= 1")
+
+
+def resolve(cfg: FinetuneConfig, family: str) -> FinetuneConfig:
+    """Fill what the user left unset from the recipe, following the paper's schedule."""
+    check_choices(cfg)
+    recipe = load_recipe(family, cfg.recipe)
     out = dataclasses.replace(cfg)
     out.epochs = cfg.epochs or min(12, recipe["epochs"])
     out.batch_size = cfg.batch_size or recipe["batch_size"]
@@ -139,6 +149,7 @@ class Trainer:
     # ------------------------------------------------------------------ set-up (all checks first)
     def setup(self) -> None:
         cfg = self.requested
+        check_choices(cfg)  # instant mistakes first
         self.device = pick_device(cfg.device)
         self.dist = dist_utils.init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
@@ -209,7 +220,8 @@ class Trainer:
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.cfg.grad_accum)
 
         self.state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "best_ap": -1.0, "history": [],
-                      "before": None, "elapsed": 0.0}
+                      "before": None, "elapsed": 0.0,
+                      "skipped": {"train": self.train_split.skipped, "val": self.val_split.skipped}}
         if cfg.resume:
             self._resume()
         if self.dist.is_main:

@@ -141,7 +141,8 @@ def write_run_report(run_dir: Path, cfg, family: str, state: dict) -> dict:
                "best": {k: best[k] for k in ("epoch", "global_step", *STAT_NAMES)} if best else None,
                "delta_AP": (after["AP"] - before["AP"]) if (before and after) else None,
                "history": history, "train_seconds": round(state["elapsed"], 1),
-               "global_steps": state["global_step"], "config": dataclasses.asdict(cfg)}
+               "global_steps": state["global_step"], "skipped": state.get("skipped"),
+               "config": dataclasses.asdict(cfg)}
     atomic_write_text(run_dir / "report.json", json.dumps(payload, indent=2, default=str))
     lines = [f"# Fine-tuning `{cfg.model}` ({family}) with `{cfg.loss}`", "",
              f"Matcher {cfg.matcher}, sigma {cfg.sigma}, {cfg.bins} bins, {cfg.epochs} epochs "
@@ -152,6 +153,10 @@ def write_run_report(run_dir: Path, cfg, family: str, state: dict) -> dict:
     if best:
         lines += [f"Best: AP {100 * best['AP']:.2f} after epoch {best['epoch']} (`checkpoint-best/`); "
                   f"last: `checkpoint-last/`. Both load with `AutoModelForObjectDetection.from_pretrained`.", ""]
+    skipped = {split: counts for split, counts in state.get("skipped", {}).items() if counts}
+    if skipped:
+        lines += ["Annotations skipped or changed (as COCO / DETR training would): " + "; ".join(
+            f"{split}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) for split, counts in skipped.items()), ""]
     lines += [f"Training time: {state['elapsed']:.0f} s.", "", "![curves](curves.png)", "",
               "## Configuration", "", "```json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str), "```", ""]
     atomic_write_text(run_dir / "report.md", "\n".join(lines))
