@@ -34,7 +34,7 @@ def to_coco_results(detections: list[dict], image_ids: list[int], label_map: Lab
                 continue
             results.append({"image_id": int(image_id), "category_id": to_dataset[int(label)],
                             "bbox": [round(float(x0), 3), round(float(y0), 3), round(float(x1 - x0), 3),
-                                     round(float(y1 - y0), 3)], "score": round(float(score), 6)})
+                                     round(float(y1 - y0), 3)], "score": float(score)})
     return results
 
 
@@ -44,7 +44,7 @@ def predict(model, processor, loader, label_map: LabelMap, *, device: torch.devi
     """Run the model over `loader` and return COCO results, post-processed as the family does."""
     model.eval()
     results: list[dict] = []
-    task = progress.add_task("evaluating", total=len(loader.dataset), info="") if progress else None
+    task = progress.add_task("evaluating", total=len(loader.sampler), info="") if progress else None
     t0, seen = time.perf_counter(), 0
     for batch in loader:
         inputs = {"pixel_values": batch["pixel_values"].to(device, non_blocking=True)}

@@ -49,6 +49,7 @@ class Family:
     denoising: bool = False
     grouped: bool = False  # Group DETR: several independent query groups in training
     keep: tuple[str, ...] = field(default=())  # regexes of loss keys kept as the model computes them
+    clamp_boxes: bool = False  # the model's own loss clamps predicted boxes to [0, 1] (D-FINE)
 
     def scores(self, logits: Tensor) -> Tensor:
         """The model's own ranking score of every (query, class) pair, real classes only."""
@@ -69,8 +70,9 @@ class Family:
         aux = list(auxiliary_outputs or [])
         if self.encoder_in_aux and aux:
             aux = aux[:-1]
-        if self.name == "d_fine":
-            pred_boxes = pred_boxes.clamp(0, 1)  # D-FINE's own loss clamps
+        if self.clamp_boxes:
+            pred_boxes = pred_boxes.clamp(0, 1)
+            aux = [{**a, "pred_boxes": a["pred_boxes"].clamp(0, 1)} for a in aux]
         return [{"logits": a["logits"], "pred_boxes": a["pred_boxes"]} for a in aux] + [
             {"logits": logits, "pred_boxes": pred_boxes}
         ]
@@ -115,7 +117,8 @@ FAMILIES: dict[str, Family] = {
     "deformable_detr": Family("deformable_detr", "sigmoid", "DeformableDetrImageProcessor", _detr_weights),
     "rt_detr": Family("rt_detr", "sigmoid", "RTDetrImageProcessor", _preweighted, True, True, keep=_RT_KEEP),
     "rt_detr_v2": Family("rt_detr_v2", "sigmoid", "RTDetrImageProcessor", _preweighted, True, True, keep=_RT_KEEP),
-    "d_fine": Family("d_fine", "sigmoid", "RTDetrImageProcessor", _preweighted, True, True, keep=_RT_KEEP),
+    "d_fine": Family("d_fine", "sigmoid", "RTDetrImageProcessor", _preweighted, True, True, keep=_RT_KEEP,
+                     clamp_boxes=True),
     "lw_detr": Family("lw_detr", "sigmoid", "DeformableDetrImageProcessor", _lw_weights, grouped=True,
                       keep=(r"_enc$",)),
     "rf_detr": Family("rf_detr", "sigmoid", "RfDetrImageProcessor", _lw_weights, grouped=True, keep=(r"_enc$",)),
@@ -125,8 +128,6 @@ FAMILIES: dict[str, Family] = {
 def family_of(config) -> Family:
     model_type = getattr(config, "model_type", None)
     if model_type in FAMILIES:
-        if model_type == "deformable_detr" and getattr(config, "two_stage", False):
-            pass  # two-stage proposals: HF's Deformable DETR loss computes no encoder term to keep
         return FAMILIES[model_type]
     why = UNSUPPORTED_WHY.get(model_type, "it is not a DETR-family one-to-one detector dapft has an adapter for")
     raise UnsupportedModelError(
