@@ -169,6 +169,26 @@ def sweep(
     console.print(f"[bold green]sweep done[/]: {len(rows)} runs; table: {Path(output) / 'sweep.md'}")
 
 
+@app.command()
+def demo(
+    output: str = typer.Option("runs/demo", "--output", "-o", help="Data and run directory."),
+    model: str = typer.Option("dapft/tiny-rtdetr-shapes", help="A detector trained on shapes (bundled ones: dapft/...)."),
+    epochs: Optional[int] = typer.Option(None, help="Fine-tuning epochs (default: the model's recipe)."),
+    train_images: int = typer.Option(400, help="Generated training images."),
+    val_images: int = typer.Option(200, help="Generated validation images."),
+    num_workers: int = typer.Option(2, help="Data loading workers."),
+    progress: bool = typer.Option(True, help="Rich progress bars."),
+):
+    """Offline demo on CPU: generate data, evaluate a bundled detector, fine-tune it with DAP, compare."""
+    from dapft.demo import demo as run
+    from dapft.report import metrics_table
+
+    report = run(output, model=model, train_images=train_images, val_images=val_images, epochs=epochs,
+                 num_workers=num_workers, progress=progress)
+    console.print(metrics_table({"before": report["before"], "after DAP": report["after"]}, deltas_from="before"))
+    _print_delta(report)
+
+
 @app.command("make-dataset")
 def make_dataset(
     kind: str = typer.Argument("shapes", help="Only 'shapes' for now."),

@@ -68,8 +68,15 @@ class FinetuneConfig:
     extra: dict = field(default_factory=dict)
 
 
-def load_recipe(family: str, recipe: str | None = None) -> dict:
-    path = Path(recipe) if recipe else RECIPES_DIR / f"{family}.yaml"
+MODEL_RECIPE = "dapft_recipe.yaml"  # a checkpoint may carry its own recipe (the bundled ones do)
+
+
+def load_recipe(family: str, recipe: str | None = None, model: str | None = None) -> dict:
+    """--recipe FILE, else the checkpoint's own dapft_recipe.yaml, else recipes/<family>.yaml."""
+    from dapft.models import resolve_model
+
+    own = Path(resolve_model(model)) / MODEL_RECIPE if model else None
+    path = Path(recipe) if recipe else (own if own is not None and own.is_file() else RECIPES_DIR / f"{family}.yaml")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: recipe not found" + ("" if recipe else f" for family {family}"))
     data = yaml.safe_load(path.read_text()) or {}
@@ -96,7 +103,7 @@ def check_choices(cfg: FinetuneConfig) -> None:
 def resolve(cfg: FinetuneConfig, family: str) -> FinetuneConfig:
     """Fill what the user left unset from the recipe, following the paper's schedule."""
     check_choices(cfg)
-    recipe = load_recipe(family, cfg.recipe)
+    recipe = load_recipe(family, cfg.recipe, cfg.model)
     out = dataclasses.replace(cfg)
     out.epochs = cfg.epochs or min(12, recipe["epochs"])
     out.batch_size = cfg.batch_size or recipe["batch_size"]

@@ -138,9 +138,25 @@ def family_of(config) -> Family:
 # Loading
 
 
+BUNDLED_DIR = Path(__file__).parent / "checkpoints"
+
+
 def resolve_model(name: str | Path) -> str:
-    """A local `save_pretrained` directory, else a Hub id (as transformers resolves it)."""
-    return str(Path(name)) if Path(name).is_dir() else str(name)
+    """A local `save_pretrained` directory, a bundled short name ('dapft/tiny-rtdetr-shapes'), or a
+    Hub id (as transformers resolves it)."""
+    if Path(name).is_dir():
+        return str(Path(name))
+    short = str(name)
+    if short.startswith("dapft/") and (BUNDLED_DIR / short.split("/", 1)[1]).is_dir():
+        return str(BUNDLED_DIR / short.split("/", 1)[1])
+    return short
+
+
+def bundled_models() -> list[str]:
+    """Short names of the tiny detectors shipped in the package (see scripts/train_tiny_detectors.py)."""
+    if not BUNDLED_DIR.is_dir():
+        return []
+    return sorted(f"dapft/{p.name}" for p in BUNDLED_DIR.iterdir() if (p / "bundled.json").is_file())
 
 
 def load_processor(path: str, family: Family):

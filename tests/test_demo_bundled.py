@@ -1,0 +1,47 @@
+"""The bundled tiny detectors and the offline demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dapft.models import BUNDLED_DIR, bundled_models, resolve_model
+from dapft.shapes import make_shapes_dataset
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def test_the_demo_detector_is_bundled():
+    assert "dapft/tiny-rtdetr-shapes" in bundled_models()
+
+
+@pytest.mark.parametrize("name", bundled_models())
+def test_bundled_checkpoint_reproduces_its_recorded_validation_ap(name, tmp_path):
+    from dapft.evaluate import evaluate_model
+
+    folder = BUNDLED_DIR / name.split("/", 1)[1]
+    meta = json.loads((folder / "bundled.json").read_text())
+    data = meta["data"]
+    # Validation images depend only on (seed, index): the training split need not be rendered.
+    root = make_shapes_dataset(tmp_path / "shapes", train_images=0, val_images=data["val_images"],
+                               image_size=data["image_size"], seed=data["seed"])
+    assert resolve_model(name) == str(folder)
+    metrics = evaluate_model(name, str(root), output=tmp_path / "eval", num_workers=0, progress=False, device="cpu")
+    assert metrics["stats"]["AP"] == pytest.approx(meta["val"]["AP"], abs=1e-4)
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 10 * 2**20  # a few MB
+
+
+def test_demo_runs_and_reports_before_and_after(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dapft", "demo", "--output", str(tmp_path / "demo"), "--train-images",
+                           "40", "--val-images", "20", "--epochs", "1", "--num-workers", "0", "--no-progress"],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (tmp_path / "demo" / "run" / "report.md").read_text()
+    assert "| before (r_o) |" in report and "| after (dap) |" in report and "| delta |" in report
+    data = json.loads((tmp_path / "demo" / "run" / "report.json").read_text())
+    assert data["before"]["AP"] > 0.01 and data["after"]["AP"] > 0.01
+    assert "after DAP" in proc.stderr
