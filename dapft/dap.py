@@ -86,6 +86,11 @@ def _tail(scores: Tensor, num_bins: int, sigma: float) -> Tensor:
     return torch.cat([torch.ones_like(tail[:, :1]), tail[:, 1:]], 1)
 
 
+def _bin_mass(tail: Tensor) -> Tensor:
+    """F(i/N, s) of Eq. 11 from the tails: the mass between consecutive thresholds (last bin open)."""
+    return tail - torch.cat([tail[:, 1:], torch.zeros_like(tail[:, :1])], 1)
+
+
 def _tail_grad(scores: Tensor, num_bins: int, sigma: float) -> Tensor:
     """d tail_b(i) / d s_b: the Gaussian density at i/N (zero for bin 0, whose tail is constant)."""
     z = (_bin_edges(num_bins, scores)[None, :] - scores[:, None]) / sigma
@@ -243,7 +248,7 @@ def dap_statistics(
     # Matched candidates only: at most one per ground truth, so these M_pos x N terms are small.
     pos_s, pos_iou, pos_cls = s[positive], iou[positive], cls[positive]
     tail = _tail(pos_s, num_bins, sigma)
-    mass = tail - torch.cat([tail[:, 1:], torch.zeros_like(tail[:, :1])], 1)  # Eq. 11
+    mass = _bin_mass(tail)
     reached = (pos_iou.detach()[:, None] >= thresholds[None, :]).to(dtype)  # (P, K)
     weights = interpolation_weights(pos_iou, thresholds, localization)  # (P, K+2)
     # Per-class sums as one matmul each: rows (class, threshold) x columns (bin).
@@ -357,7 +362,7 @@ def ap_matching_cost(
     anchors = _anchor_values(precision.to(device=s.device, dtype=dtype))  # (K+2, N)
     q, g = s.shape
     tail = _tail(s.reshape(-1), num_bins, sigma)
-    mass = tail - torch.cat([tail[:, 1:], torch.zeros_like(tail[:, :1])], 1)
+    mass = _bin_mass(tail)
     per_anchor = mass @ anchors.T  # (Q*G, K+2): sum_i y_k(i) F(i)
     weights = interpolation_weights(iou.reshape(-1), thresholds, "interp")
     return -(weights * per_anchor).sum(1).reshape(q, g)

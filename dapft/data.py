@@ -163,8 +163,18 @@ def load_split(source: SplitSource, *, check_images: bool = True, max_images: in
 # Dataset categories <-> model labels
 
 
-def _norm(name: str) -> str:
+def normalize_name(name: str) -> str:
+    """Class names compare case-, space-, '_'- and '-'-insensitively ('traffic_light' = 'Traffic light')."""
     return re.sub(r"[\s_\-]+", " ", str(name).strip().lower())
+
+
+def match_names(names: dict[int, str], candidates: dict[int, str]) -> dict[int, int]:
+    """id in `names` -> id in `candidates` with the same (normalised) name; the first such candidate
+    wins, and names without a match are left out."""
+    by_name: dict[str, int] = {}
+    for idx, name in candidates.items():
+        by_name.setdefault(normalize_name(name), idx)
+    return {i: by_name[normalize_name(n)] for i, n in names.items() if normalize_name(n) in by_name}
 
 
 @dataclass(frozen=True)
@@ -194,15 +204,8 @@ class LabelMap:
             if missing:
                 raise DataError(f"{mapping_file}: no entry for dataset category ids {missing}")
             return cls(mapping)
-        by_name = {}
-        for idx, name in id2label.items():
-            by_name.setdefault(_norm(name), idx)
-        mapping, missing = {}, []
-        for c in categories:
-            if _norm(c["name"]) in by_name:
-                mapping[c["id"]] = by_name[_norm(c["name"])]
-            else:
-                missing.append(c["name"])
+        mapping = match_names({c["id"]: c["name"] for c in categories}, id2label)
+        missing = [c["name"] for c in categories if c["id"] not in mapping]
         if missing:
             raise DataError(
                 f"{where}: categories {missing[:10]}{' ...' if len(missing) > 10 else ''} are not among the "

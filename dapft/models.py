@@ -70,9 +70,8 @@ class Family:
         aux = list(auxiliary_outputs or [])
         if self.encoder_in_aux and aux:
             aux = aux[:-1]
-        if self.clamp_boxes:
+        if self.clamp_boxes:  # the auxiliary boxes come from the model's loss, already clamped
             pred_boxes = pred_boxes.clamp(0, 1)
-            aux = [{**a, "pred_boxes": a["pred_boxes"].clamp(0, 1)} for a in aux]
         return [{"logits": a["logits"], "pred_boxes": a["pred_boxes"]} for a in aux] + [
             {"logits": logits, "pred_boxes": pred_boxes}
         ]
@@ -169,18 +168,6 @@ def load_processor(path: str, family: Family):
         return getattr(transformers, family.processor)()
 
 
-def _norm(name: str) -> str:
-    return re.sub(r"[\s_\-]+", " ", str(name).strip().lower())
-
-
-def _class_rows(old_labels: dict[int, str], new_labels: dict[int, str]) -> dict[int, int]:
-    """new class index -> old class index, for classes present in both by name."""
-    old_by_name = {}
-    for i, n in old_labels.items():
-        old_by_name.setdefault(_norm(n), i)
-    return {i: old_by_name[_norm(n)] for i, n in new_labels.items() if _norm(n) in old_by_name}
-
-
 def load_detector(model: str | Path, *, id2label: dict[int, str] | None = None, log: Callable[[str], None] = print):
     """Load a detector, its image processor and its family adapter.
 
@@ -189,17 +176,21 @@ def load_detector(model: str | Path, *, id2label: dict[int, str] | None = None, 
     """
     from transformers import AutoConfig, AutoModelForObjectDetection
 
+    from dapft.data import match_names, normalize_name
+
     path = resolve_model(model)
     config = AutoConfig.from_pretrained(path)
     family = family_of(config)
     original = AutoModelForObjectDetection.from_pretrained(path)
     old_labels = {int(k): v for k, v in config.id2label.items()}
-    if id2label is None or {int(k): _norm(v) for k, v in id2label.items()} == {k: _norm(v) for k, v in old_labels.items()}:
+    same = id2label is not None and {int(k): normalize_name(v) for k, v in id2label.items()} == {
+        k: normalize_name(v) for k, v in old_labels.items()}
+    if id2label is None or same:
         return original, load_processor(path, family), family
     new_labels = {int(k): v for k, v in id2label.items()}
     detector = AutoModelForObjectDetection.from_pretrained(
         path, id2label=new_labels, label2id={v: k for k, v in new_labels.items()}, ignore_mismatched_sizes=True)
-    rows = _class_rows(old_labels, new_labels)
+    rows = match_names(new_labels, old_labels)  # new class index -> old one, by name
     old_state = original.state_dict()
     n_old, n_new = len(old_labels), len(new_labels)
     copied = 0

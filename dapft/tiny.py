@@ -7,7 +7,6 @@ transformers architectures, with small backbones (no pretrained weights) and one
 from __future__ import annotations
 
 from transformers import (
-    AutoConfig,
     ConvNextConfig,
     ConditionalDetrConfig,
     DabDetrConfig,
@@ -99,7 +98,7 @@ def tiny_model(family: str, id2label: dict[int, str], **kwargs):
     return AutoModelForObjectDetection.from_config(tiny_config(family, id2label, **kwargs))
 
 
-__all__ = ["TINY_FAMILIES", "tiny_config", "tiny_model", "AutoConfig"]
+__all__ = ["TINY_FAMILIES", "save_tiny_checkpoint", "tiny_config", "tiny_model", "tiny_processor"]
 
 
 def tiny_processor(family: str, image_size: int = 128):
