@@ -408,16 +408,26 @@ class Trainer:
             out = self.ddp_model(**inputs)
         loss = out.loss / self.cfg.grad_accum
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {self.state['global_step'] + 1}: {out.loss_dict}")
+            raise FloatingPointError(f"non-finite loss at step {self.state['global_step'] + 1}: {out.loss_dict}; "
+                                     + self._diverged_hint())
         self.scaler.scale(loss).backward()
         terms = {k: float(v.detach()) for k, v in (out.loss_dict or {}).items() if torch.is_tensor(v) and v.numel() == 1}
         terms["loss"] = float(out.loss.detach())
         return terms
 
+    def _diverged_hint(self) -> str:
+        return (f"training diverged at lr {self.cfg.lr:g} (the checkpoints in {self.out} are from before it); "
+                "start again with a lower --lr or --clip-grad-norm")
+
     def _optimizer_step(self) -> float:
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                               self.cfg.clip_grad_norm if self.cfg.clip_grad_norm > 0 else float("inf"))
+        if not torch.isfinite(norm) and not self.scaler.is_enabled():
+            # Without fp16's scaler (which skips such steps itself) this step would write NaN into
+            # every weight and the next forward would fail somewhere far from the cause.
+            raise FloatingPointError(f"non-finite gradient at step {self.state['global_step'] + 1}; "
+                                     + self._diverged_hint())
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

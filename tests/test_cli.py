@@ -161,3 +161,24 @@ def test_gradient_accumulation_steps_once_per_accumulated_batches(tmp_path, tiny
           "--epochs", "1", "--no-eval-before", "--max-eval-images", "2", "--loss", "dap+box", *COMMON)
     steps = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if '"step"' in x]
     assert [s["global_step"] for s in steps] == [1, 2, 3]  # 24 images, batches of 4, two per step
+
+
+def test_a_diverging_run_stops_at_the_bad_step_and_keeps_finite_checkpoints(tmp_path, tiny_detr, shapes_root):
+    from dapft.engine import FinetuneConfig, Trainer
+
+    class Diverging(Trainer):
+        """Injects a NaN gradient from the third optimizer step on, as an unstable rate would."""
+
+        def setup(self):
+            super().setup()
+            param = next(p for p in self.model.parameters() if p.requires_grad)
+            param.register_hook(lambda g: g * float("nan") if self.state["global_step"] >= 2 else g)
+
+    cfg = FinetuneConfig(model=str(tiny_detr), data=str(shapes_root), output=str(tmp_path / "run"), epochs=1,
+                         batch_size=4, device="cpu", num_workers=0, progress=False, eval_before=False,
+                         save_every=1, loss="dap+box")
+    with pytest.raises(FloatingPointError, match="non-finite gradient at step 3.*lower --lr"):
+        Diverging(cfg).train()
+    saved = _weights(tmp_path / "run")
+    assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())
+    assert json.loads((tmp_path / "run" / "checkpoint-last" / "dapft_checkpoint.json").read_text())["global_step"] == 2
