@@ -19,7 +19,7 @@ from dapft import distributed as dist_utils
 from dapft.checkpoint import CheckpointError, find_resumable, load_trainer_state, save_checkpoint, verify_checkpoint
 from dapft.criterion import LOSS_CONFIGS, DAPCriterion, install_loss
 from dapft.data import CocoDetection, EpochSampler, LabelMap, load_split, make_loader, resolve_split
-from dapft.evaluate import STAT_NAMES, coco_evaluate, predict, write_results
+from dapft.evaluate import STAT_NAMES, evaluate_split
 from dapft.models import load_detector
 from dapft.runtime import amp_dtype, atomic_write_text, console, make_progress, pick_device, seed_everything, write_json
 
@@ -272,24 +272,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def evaluate(self, tag: str) -> dict:
-        t0 = time.perf_counter()
-        eval_dir = self.out / "eval" / tag
         with make_progress(disable=not (self.cfg.progress and self.dist.is_main)) as bar:
-            results = predict(self.model, self.processor, self.val_loader, self.label_map, device=self.device,
-                              amp_dtype=self.amp, progress=bar)
-        gathered = dist_utils.gather_objects(results, self.dist)
-        stats = None
-        if self.dist.is_main:
-            merged = [r for part in gathered for r in part]
-            eval_dir.mkdir(parents=True, exist_ok=True)
-            write_results(eval_dir / "predictions.json", merged)  # before any metric is computed
-            metrics = coco_evaluate(self.val_split.source.annotations, merged,
-                                    [im["id"] for im in self.val_split.images], self.cfg.evaluator)
-            stats = {**metrics.stats, "per_class_AP": metrics.per_class, "seconds": time.perf_counter() - t0}
-            write_json(eval_dir / "metrics.json", stats)
-        stats = dist_utils.broadcast_object(stats, self.dist)
+            metrics = evaluate_split(self.model, self.processor, self.val_split, self.label_map, self.val_loader,
+                                     device=self.device, output=self.out / "eval" / tag,
+                                     evaluator=self.cfg.evaluator, amp_dtype=self.amp, progress=bar,
+                                     gather=self._gather)
+        # Per-class AP and timings are in eval/<tag>/metrics.json; the run keeps COCO's 12 numbers.
+        stats = dist_utils.broadcast_object(metrics.stats if metrics is not None else None, self.dist)
         self.model.train()
         return stats
+
+    def _gather(self, results: list[dict]) -> list[dict] | None:
+        parts = dist_utils.gather_objects(results, self.dist)
+        return [r for part in parts for r in part] if self.dist.is_main else None
 
     def _log(self, record: dict) -> None:
         if self.dist.is_main:

@@ -9,7 +9,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -127,13 +127,21 @@ def write_results(path: Path, results: list[dict]) -> None:
 
 
 def evaluate_split(model, processor, split: CocoSplit, label_map: LabelMap, loader, *, device, output: Path,
-                   evaluator: Evaluator = "faster-coco-eval", amp_dtype=None, progress=None) -> CocoMetrics:
+                   evaluator: Evaluator = "faster-coco-eval", amp_dtype=None, progress=None,
+                   gather: Callable[[list[dict]], list[dict] | None] | None = None) -> CocoMetrics | None:
     """Predict, write `predictions.json`, then score it. The predictions are on disk before the
-    evaluator runs, so a failure in evaluation loses no inference work."""
-    output.mkdir(parents=True, exist_ok=True)
+    evaluator runs, so a failure in evaluation loses no inference work.
+
+    Under several processes each predicts its shard of `loader`; `gather` returns all shards' results
+    on the main process and None on the others, which then write nothing and return None."""
     t0 = time.perf_counter()
     results = predict(model, processor, loader, label_map, device=device, amp_dtype=amp_dtype, progress=progress)
     infer_s = time.perf_counter() - t0
+    if gather is not None:
+        results = gather(results)
+        if results is None:
+            return None
+    output.mkdir(parents=True, exist_ok=True)
     write_results(output / "predictions.json", results)
     image_ids = [im["id"] for im in split.images]
     metrics = coco_evaluate(split.source.annotations, results, image_ids, evaluator)

@@ -10,7 +10,8 @@ matplotlib.use("Agg")  # headless: plots are files
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dapft.evaluate import CocoMetrics  # noqa: E402
+from dapft.evaluate import STAT_NAMES, CocoMetrics  # noqa: E402
+from dapft.runtime import atomic_write_text  # noqa: E402
 
 HEADLINE = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
 
@@ -84,7 +85,7 @@ def write_eval_report(output: Path, metrics: CocoMetrics, info: dict) -> Path:
         lines += ["Annotations skipped or changed as COCO/DETR training would: "
                   + ", ".join(f"{k} {v}" for k, v in info["skipped"].items()), ""]
     path = output / "report.md"
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path
 
 
@@ -123,9 +124,6 @@ def write_run_report(run_dir: Path, cfg, family: str, state: dict) -> dict:
     """report.md + report.json + curves.png of a fine-tuning run."""
     import dataclasses
     import json
-
-    from dapft.evaluate import STAT_NAMES
-    from dapft.runtime import atomic_write_text
 
     history = state["history"]
     after = {k: history[-1][k] for k in STAT_NAMES} if history else None
