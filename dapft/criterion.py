@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_convert, box_iou
 
-from dapft.dap import DAPStatistics, dap_from_statistics, dap_statistics
+from dapft.dap import DAPStatistics, ap_per_row, dap_statistics
 from dapft.matcher import APCostMatcher, MatcherMode
 from dapft.models import Family
 
@@ -21,6 +21,13 @@ LOSS_CONFIGS = ("dap", "original", "dap+original", "dap+box")
 
 class DAPCriterion(nn.Module):
     """1 - DAP for each decoder layer, each with its own matching (paper sec. 3, 3.5).
+
+    Every decoder layer, and every query group of a Group DETR layer, is its own one-to-one set of
+    detections with its own matching and its own AP. All of a step's sets are handled as one batch,
+    each set's images standing as images of their own: one scoring, one matching cost and one copy
+    of it to the host, one `dap_statistics` whose rows are (set, class) pairs, one backward. The
+    result is the same as one set at a time (tests/test_criterion.py), without paying the per-call
+    overhead once per layer and group.
 
     `reduce_stats` combines the statistics across processes before precision is formed (identity
     on one process); `dap_scale` undoes DistributedDataParallel's gradient averaging for the DAP
@@ -38,52 +45,72 @@ class DAPCriterion(nn.Module):
         self.reduce_stats = reduce_stats or (lambda s: s)
         self.dap_scale = dap_scale
 
-    def layer_dap(self, logits: Tensor, pred_boxes: Tensor, targets: list[dict]) -> tuple[Tensor, Tensor]:
-        """DAP of one decoder layer (one query group) and its precision curves."""
-        scores = self.family.scores(logits)  # (B, Q, C)
-        batch, queries, num_classes = scores.shape
-        indices = self.matcher(scores.detach(), pred_boxes.detach(), targets, logits=logits.detach())
+    def set_daps(self, logits: Tensor, pred_boxes: Tensor, targets: list[dict], num_sets: int) -> tuple[Tensor, Tensor]:
+        """DAP of each of `num_sets` sets of detections, (num_sets,), and their precision curves.
+
+        logits (num_sets * B, Q, C) and pred_boxes (num_sets * B, Q, 4): set s's image b at index
+        s * B + b; `targets` are the B images' ground truths, the same for every set."""
+        scores = self.family.scores(logits)  # (S*B, Q, C)
+        images, queries, num_classes = scores.shape
         device = scores.device
-        b_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(device)
+        set_targets = targets * num_sets
+        indices = self.matcher(scores.detach(), pred_boxes.detach(), set_targets, logits=logits.detach())
+        img_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(device)
         q_idx = torch.cat([q for q, _ in indices]).to(device)
-        gt_labels = torch.cat([t["class_labels"][g.to(t["class_labels"].device)] for t, (_, g) in zip(targets, indices)]).to(device)
-        gt_boxes = torch.cat([t["boxes"][g.to(t["boxes"].device)] for t, (_, g) in zip(targets, indices)]).to(device)
+        matched = [(t["class_labels"][g.to(t["class_labels"].device)], t["boxes"][g.to(t["boxes"].device)])
+                   for t, (_, g) in zip(set_targets, indices)]
+        gt_labels = torch.cat([c for c, _ in matched]).to(device)
+        gt_boxes = torch.cat([b for _, b in matched]).to(device)
         matched_iou = box_iou(
-            box_convert(pred_boxes[b_idx, q_idx].float(), "cxcywh", "xyxy"),
+            box_convert(pred_boxes[img_idx, q_idx].float(), "cxcywh", "xyxy"),
             box_convert(gt_boxes.float(), "cxcywh", "xyxy"),
         ).diagonal()
         flat_scores = scores.reshape(-1)
-        pos_index = (b_idx * queries + q_idx) * num_classes + gt_labels
+        pos_index = (img_idx * queries + q_idx) * num_classes + gt_labels
         positive = torch.zeros_like(flat_scores, dtype=torch.bool).index_fill_(0, pos_index, True)
         ious = torch.zeros_like(flat_scores).index_put((pos_index,), matched_iou)
+        # Rows of the statistics: one per set (pooled, Eq. 12) or per (set, class) (per_class).
         all_labels = torch.cat([t["class_labels"] for t in targets]).to(device)
+        candidates_per_set = images // num_sets * queries * num_classes
+        set_of = torch.arange(num_sets, device=device)
         if self.average == "per_class":
-            num_gt = torch.bincount(all_labels, minlength=num_classes).to(flat_scores)
-            labels = torch.arange(num_classes, device=device).repeat(batch * queries)
+            rows = num_classes
+            labels = (set_of[:, None, None] * num_classes
+                      + torch.arange(num_classes, device=device)).expand(-1, candidates_per_set // num_classes, -1)
+            num_gt = torch.bincount(all_labels, minlength=num_classes).to(flat_scores).repeat(num_sets)
         else:
-            num_gt, labels = all_labels.numel(), None
-        stats = dap_statistics(flat_scores, positive, ious, num_gt, labels=labels, sigma=self.sigma,
-                               num_bins=self.num_bins, average=self.average)
-        dap, precision = dap_from_statistics(self.reduce_stats(stats), return_precision=True)
-        return dap, precision
+            rows = 1
+            labels = set_of[:, None].expand(-1, candidates_per_set)
+            num_gt = flat_scores.new_full((num_sets,), all_labels.numel())
+        stats = dap_statistics(flat_scores, positive, ious, num_gt, labels=labels.reshape(-1), sigma=self.sigma,
+                               num_bins=self.num_bins, average="per_class")
+        stats = self.reduce_stats(stats)
+        ap, precision = ap_per_row(stats)
+        # Each set's mean over its classes with ground truth (COCO); with none, DAP is 1 with no
+        # gradient, as `dap_from_statistics` has it.
+        present = (stats.num_gt > 0).view(num_sets, rows)
+        count = present.sum(1)
+        summed = (ap.view(num_sets, rows) * present).sum(1)
+        daps = torch.where(count > 0, summed / count.clamp_min(1), summed * 0 + 1.0)
+        return daps, precision.view(num_sets, rows, *precision.shape[1:])
 
     def forward(self, layers: list[dict], targets: list[dict], groups: int = 1) -> dict[str, Tensor]:
         """Loss terms 'loss_dap' (last layer) and 'loss_dap_{i}' (earlier layers), plus the DAP values."""
+        num_layers, batch = len(layers), len(targets)
+
+        def as_sets(key: str) -> Tensor:  # (L, B, groups * Q, D) -> (L * groups * B, Q, D)
+            stacked = torch.stack([layer[key] for layer in layers])
+            q = stacked.shape[2] // groups
+            return stacked.view(num_layers, batch, groups, q, -1).transpose(1, 2).reshape(-1, q, stacked.shape[-1])
+
+        daps, precision = self.set_daps(as_sets("logits"), as_sets("pred_boxes"), targets, num_layers * groups)
+        layer_daps = daps.view(num_layers, groups).mean(1)  # Group DETR: the mean of its groups' APs
         out: dict[str, Tensor] = {}
-        for i, layer in enumerate(layers):
-            last = i == len(layers) - 1
-            daps, precisions = [], []
-            # Group DETR: each query group is its own one-to-one set, with its own AP.
-            for logits, boxes in zip(layer["logits"].chunk(groups, 1), layer["pred_boxes"].chunk(groups, 1)):
-                dap, precision = self.layer_dap(logits, boxes, targets)
-                daps.append(dap)
-                precisions.append(precision)
-            dap = torch.stack(daps).mean()
-            suffix = "" if last else f"_{i}"
+        for i, dap in enumerate(layer_daps):
+            suffix = "" if i == num_layers - 1 else f"_{i}"
             out[f"loss_dap{suffix}"] = self.dap_scale * (1 - dap)
             out[f"dap{suffix}"] = dap.detach()
-            if last:
-                self.matcher.update(torch.stack(precisions).mean(0).mean(0))
+        self.matcher.update(precision[-groups:].mean((0, 1)))  # the last layer's curves (Eq. 13)
         return out
 
 
@@ -102,13 +129,11 @@ class DetectionLoss:
         self.family, self.original, self.criterion, self.loss = family, original, criterion, loss
 
     def __call__(self, logits, labels, device, pred_boxes, config, *args, **kwargs):
-        if self.loss == "dap" and not self.family.keep:
-            # Nothing of the model's own loss is kept (DETR-like families): skip computing it, and
-            # its Hungarian matching, and list the auxiliary layers as its loss would.
-            outputs_class, outputs_coord = (list(args) + [kwargs.get("outputs_class"), kwargs.get("outputs_coord")])[:2]
-            aux = [] if outputs_class is None else [
-                {"logits": c, "pred_boxes": b} for c, b in zip(outputs_class[:-1], outputs_coord[:-1])]
-            loss_dict = {}
+        if self.loss == "dap":
+            # Only the terms DAP keeps (denoising, encoder proposals; none for DETR-like families),
+            # by the model's own loss code: its matching and scoring of every decoder layer would be
+            # thrown away.
+            loss_dict, aux = self.family.kept_loss(config, labels, device, *args, **kwargs)
         else:
             total, loss_dict, aux = self.original(logits, labels, device, pred_boxes, config, *args, **kwargs)
         if self.loss == "original":

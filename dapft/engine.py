@@ -342,20 +342,24 @@ class Trainer:
                 per_process = cfg.batch_size // self.dist.world_size
                 self.sampler.set_epoch(epoch, skip_samples=st["batch_in_epoch"] * per_process)
                 bar.update(step_task, completed=st["batch_in_epoch"] // cfg.grad_accum, total=self.steps_per_epoch)
-                t_window, n_window = time.perf_counter(), 0
+                # Each step's own wall time: waiting for data, its micro-batches, the optimizer step
+                # (a checkpoint written after it is not part of it).
+                t_step, n_step = time.perf_counter(), 0
                 self.optimizer.zero_grad(set_to_none=True)
                 for batch in self.train_loader:
                     terms = self._forward_backward(batch)
                     st["batch_in_epoch"] += 1
-                    n_window += len(batch["image_ids"]) * self.dist.world_size
+                    n_step += len(batch["image_ids"]) * self.dist.world_size
                     if st["batch_in_epoch"] % cfg.grad_accum and st["batch_in_epoch"] < self.batches_per_epoch:
                         continue  # accumulating
                     grad_norm = self._optimizer_step()
                     st["global_step"] += 1
-                    ips = n_window / max(time.perf_counter() - t_window, 1e-9)
+                    step_seconds = time.perf_counter() - t_step
+                    ips = n_step / max(step_seconds, 1e-9)
                     lr = self.optimizer.param_groups[0]["lr"]
                     record = {"type": "step", "epoch": epoch + 1, "global_step": st["global_step"], "lr": lr,
-                              "grad_norm": grad_norm, "images_per_second": round(ips, 2), **terms}
+                              "grad_norm": grad_norm, "step_seconds": round(step_seconds, 4),
+                              "images_per_second": round(ips, 2), **terms}
                     self._log(record)
                     bar.update(step_task, advance=1, info=f"loss {terms['loss']:.4f} · lr {lr:.2e} · {ips:.1f} img/s"
                                + (f" · DAP {terms['dap']:.3f}" if "dap" in terms else ""))
@@ -365,6 +369,7 @@ class Trainer:
                     if cfg.max_steps and st["global_step"] >= cfg.max_steps:
                         stop = True
                         break
+                    t_step, n_step = time.perf_counter(), 0
                 if not stop:
                     st["epoch"] += 1
                     st["batch_in_epoch"] = 0

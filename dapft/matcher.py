@@ -72,12 +72,17 @@ class APCostMatcher(nn.Module):
         targets with `class_labels` (G,) and `boxes` (G, 4) normalised cxcywh, as in transformers."""
         if self.mode == "original":
             return self.original({"logits": logits, "pred_boxes": pred_boxes}, targets)
+        # One device-to-host copy for the whole batch (the criterion passes every decoder layer and
+        # query group of a step as one batch), then one small assignment per image.
+        return self.assign(self.cost(scores, pred_boxes, targets).cpu(), [len(t["boxes"]) for t in targets])
+
+    def cost(self, scores: Tensor, pred_boxes: Tensor, targets: list[dict]) -> Tensor:
+        """(sum of G, Q) costs: each ground truth's row against its own image's queries only."""
         batch, queries = scores.shape[:2]
         sizes = [len(t["boxes"]) for t in targets]
         device = scores.device
-        empty = torch.empty(0, dtype=torch.int64)
         if sum(sizes) == 0:
-            return [(empty, empty) for _ in sizes]
+            return scores.new_zeros(0, queries)
         gt_image = torch.repeat_interleave(torch.arange(batch, device=device), torch.tensor(sizes, device=device))
         gt_labels = torch.cat([t["class_labels"] for t in targets]).to(device)
         gt_boxes = torch.cat([t["boxes"] for t in targets]).to(device)
@@ -86,19 +91,24 @@ class APCostMatcher(nn.Module):
             box_convert(gt_boxes.float(), "cxcywh", "xyxy"),
         ).view(batch, queries, -1)
         gt_index = torch.arange(len(gt_labels), device=device)
-        # Only each ground truth's own image: (sum G, Q) costs, with no cross-image pairs.
         iou_gq = ious[gt_image, :, gt_index]
         score_gq = scores[gt_image, :, gt_labels]
         precision = self.precision_ema if self.mode == "momentum" else None
-        cost = ap_matching_cost(
-            score_gq, iou_gq, precision, sigma=self.sigma, num_bins=self.num_bins,
-            iou_thresholds=self.iou_thresholds,
-        )
+        return ap_matching_cost(score_gq, iou_gq, precision, sigma=self.sigma, num_bins=self.num_bins,
+                                iou_thresholds=self.iou_thresholds)
+
+    @staticmethod
+    def assign(cost: Tensor, sizes: list[int]) -> Indices:
+        """Hungarian assignment per image of a (sum of G, Q) host cost matrix."""
+        empty = torch.empty(0, dtype=torch.int64)
         indices = []
-        for block in cost.cpu().split(sizes):
+        for block in cost.split(sizes):
             if block.numel() == 0:
                 indices.append((empty, empty))
                 continue
+            if not torch.isfinite(block).all():
+                raise FloatingPointError("the AP matching cost has non-finite entries (NaN or inf in the model's "
+                                         "scores or boxes); the run is diverging: lower --lr")
             gt_idx, query_idx = linear_sum_assignment(block.numpy())
             order = query_idx.argsort()  # DETR's convention: sorted by query
             indices.append(

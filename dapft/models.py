@@ -1,10 +1,12 @@
 """Model families: loading any supported Hugging Face DETR-family detector, and the small adapters
 that hold everything that differs between families.
 
-A family adapter answers four questions, and the engine asks nothing else of a model:
+A family adapter answers five questions, and the engine asks nothing else of a model:
   * how the model scores a (query, class) candidate (softmax over real classes, or sigmoid);
   * which of the model's own loss terms are matched detection terms of its decoder layers (what
     DAP replaces) and which stay (denoising groups, encoder / two-stage proposals);
+  * how to compute only the terms that stay, with the model's own loss code, when DAP replaces the
+    rest (so a `dap` step does not pay for matching and scoring every decoder layer twice);
   * how to list the decoder layers' outputs the model's own loss supervises;
   * the model's own Hungarian matcher (for matcher mode 'original') and query groups (Group DETR).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -50,6 +53,9 @@ class Family:
     grouped: bool = False  # Group DETR: several independent query groups in training
     keep: tuple[str, ...] = field(default=())  # regexes of loss keys kept as the model computes them
     clamp_boxes: bool = False  # the model's own loss clamps predicted boxes to [0, 1] (D-FINE)
+    # (config, labels, device, *model loss args, **kwargs) -> (kept terms keyed as the model's loss
+    # keys them, unweighted as it returns them; auxiliary outputs as its loss function returns them)
+    kept_loss: Callable[..., tuple[dict, list | None]] = field(default=None)
 
     def scores(self, logits: Tensor) -> Tensor:
         """The model's own ranking score of every (query, class) pair, real classes only."""
@@ -94,6 +100,82 @@ class Family:
         return loss_deformable_detr.DeformableDetrHungarianMatcher(**costs)
 
 
+# ----------------------------------------------------------------------------------------------
+# The kept terms alone. Each function receives what the model passes its loss function (after
+# logits and pred_boxes) and uses the model's own loss classes, handing them only the outputs whose
+# terms are kept: the kept outputs go where the criterion expects the final layer's, so its forward
+# computes exactly their terms and nothing else, which are then renamed to the keys the full loss
+# gives them. tests/test_models.py holds each to the model's full loss.
+
+
+def _decoder_aux(outputs_class, outputs_coord) -> list[dict]:
+    """Every decoder layer but the last, from (L, B, Q, ...) stacks: the list DETR-like losses return."""
+    return [{"logits": c, "pred_boxes": b} for c, b in zip(outputs_class[:-1], outputs_coord[:-1])]
+
+
+def _kept_nothing(config, labels, device, outputs_class=None, outputs_coord=None, *args, **kwargs):
+    aux = None if outputs_class is None else _decoder_aux(outputs_class, outputs_coord)
+    return {}, aux
+
+
+def _kept_rt_detr(config, labels, device, outputs_class=None, outputs_coord=None, *, d_fine: bool = False,
+                  **kwargs):
+    """RT-DETR, RT-DETRv2, D-FINE: the encoder's top-k proposals and the denoising groups of every
+    decoder layer (as RTDetrForObjectDetectionLoss / DFineForObjectDetectionLoss build them)."""
+    if not config.auxiliary_loss or outputs_class is None:
+        return {}, None
+    from transformers.loss.loss_d_fine import DFineLoss, _set_aux_loss2
+    from transformers.loss.loss_rt_detr import RTDetrLoss, _set_aux_loss
+
+    meta = kwargs.get("denoising_meta_values")
+
+    def split(t):  # (denoising queries, matched queries), stacks of (B, layers, queries, ...)
+        return t.split(meta["dn_num_split"], dim=2) if meta is not None else (None, t)
+
+    def layers(cls, box, corners=None, refs=None, teacher=()):  # (B, L, ...) stacks -> a dict per layer
+        if not d_fine:
+            return _set_aux_loss(cls.transpose(0, 1), box.transpose(0, 1))
+        # D-FINE pairs logits, boxes, corners and references layer by layer and zip stops at the
+        # shortest (its logits stack has one more entry, the pre-head layer's): kept as its loss has it.
+        return _set_aux_loss2(cls.transpose(0, 1), box.transpose(0, 1), corners.transpose(0, 1),
+                              refs.transpose(0, 1), *teacher)
+
+    dn_class, out_class = split(outputs_class)
+    dn_coord, out_coord = split(outputs_coord.clamp(min=0, max=1) if d_fine else outputs_coord)
+    enc_boxes = kwargs["enc_topk_bboxes"]
+    enc = {"logits": kwargs["enc_topk_logits"], "pred_boxes": enc_boxes.clamp(min=0, max=1) if d_fine else enc_boxes}
+    dn_extra, aux_extra = {}, {}
+    if d_fine:
+        (dn_corners, out_corners), (dn_refs, out_refs) = split(kwargs["predicted_corners"]), split(
+            kwargs["initial_reference_points"])
+        aux_extra = dict(corners=out_corners[:, :-1], refs=out_refs[:, :-1], teacher=(out_corners[:, -1], out_class[:, -1]))
+        if meta is not None:
+            dn_extra = dict(corners=dn_corners, refs=dn_refs, teacher=(dn_corners[:, -1], dn_class[:, -1]))
+    aux = layers(out_class[:, :-1], out_coord[:, :-1], **aux_extra) + [enc]
+    outputs = dict(enc)  # in the final layer's place: the criterion's forward scores it alone
+    if meta is not None:
+        outputs.update(dn_auxiliary_outputs=layers(dn_class, dn_coord, **dn_extra), denoising_meta_values=meta)
+    criterion = (DFineLoss if d_fine else RTDetrLoss)(config).to(device)
+    enc_suffix = f"_aux_{len(aux) - 1}"  # the encoder comes after the decoder layers in the aux list
+    terms = {(k if "_dn_" in k else k + enc_suffix): v for k, v in criterion(outputs, labels).items()}
+    return terms, aux
+
+
+def _kept_lw_detr(config, labels, device, outputs_class=None, outputs_coord=None, enc_outputs_class=None,
+                  enc_outputs_coord=None, *args, **kwargs):
+    """LW-DETR, RF-DETR: the two-stage encoder proposals (as LwDetrForObjectDetectionLoss builds them)."""
+    from transformers.loss.loss_lw_detr import LwDetrHungarianMatcher, LwDetrImageLoss
+
+    matcher = LwDetrHungarianMatcher(class_cost=config.class_cost, bbox_cost=config.bbox_cost,
+                                     giou_cost=config.giou_cost)
+    criterion = LwDetrImageLoss(matcher=matcher, num_classes=config.num_labels, focal_alpha=config.focal_alpha,
+                                losses=["labels", "boxes", "cardinality"], group_detr=config.group_detr).to(device)
+    enc = {"logits": enc_outputs_class, "pred_boxes": enc_outputs_coord}
+    terms = {k + "_enc": v for k, v in criterion(enc, labels).items()}
+    aux = _decoder_aux(outputs_class, outputs_coord) if config.auxiliary_loss else None
+    return terms, aux
+
+
 def _detr_weights(config) -> dict[str, float]:
     return {"loss_ce": 1.0, "loss_bbox": config.bbox_loss_coefficient, "loss_giou": config.giou_loss_coefficient}
 
@@ -109,18 +191,22 @@ def _preweighted(config) -> dict[str, float]:
 
 
 _RT_KEEP = (r"_dn_\d+$", r"_aux_{enc}$")  # denoising groups, and the encoder top-k proposals
+_RT = dict(encoder_in_aux=True, denoising=True, keep=_RT_KEEP, kept_loss=_kept_rt_detr)
+_LW = dict(grouped=True, keep=(r"_enc$",), kept_loss=_kept_lw_detr)
 FAMILIES: dict[str, Family] = {
-    "detr": Family("detr", "softmax", "DetrImageProcessor", _detr_weights),
-    "conditional_detr": Family("conditional_detr", "sigmoid", "ConditionalDetrImageProcessor", _detr_weights),
-    "dab-detr": Family("dab-detr", "sigmoid", "ConditionalDetrImageProcessor", _detr_weights),
-    "deformable_detr": Family("deformable_detr", "sigmoid", "DeformableDetrImageProcessor", _detr_weights),
-    "rt_detr": Family("rt_detr", "sigmoid", "RTDetrImageProcessor", _preweighted, True, True, keep=_RT_KEEP),
-    "rt_detr_v2": Family("rt_detr_v2", "sigmoid", "RTDetrImageProcessor", _preweighted, True, True, keep=_RT_KEEP),
-    "d_fine": Family("d_fine", "sigmoid", "RTDetrImageProcessor", _preweighted, True, True, keep=_RT_KEEP,
-                     clamp_boxes=True),
-    "lw_detr": Family("lw_detr", "sigmoid", "DeformableDetrImageProcessor", _lw_weights, grouped=True,
-                      keep=(r"_enc$",)),
-    "rf_detr": Family("rf_detr", "sigmoid", "RfDetrImageProcessor", _lw_weights, grouped=True, keep=(r"_enc$",)),
+    "detr": Family("detr", "softmax", "DetrImageProcessor", _detr_weights, kept_loss=_kept_nothing),
+    "conditional_detr": Family("conditional_detr", "sigmoid", "ConditionalDetrImageProcessor", _detr_weights,
+                               kept_loss=_kept_nothing),
+    "dab-detr": Family("dab-detr", "sigmoid", "ConditionalDetrImageProcessor", _detr_weights,
+                       kept_loss=_kept_nothing),
+    "deformable_detr": Family("deformable_detr", "sigmoid", "DeformableDetrImageProcessor", _detr_weights,
+                              kept_loss=_kept_nothing),
+    "rt_detr": Family("rt_detr", "sigmoid", "RTDetrImageProcessor", _preweighted, **_RT),
+    "rt_detr_v2": Family("rt_detr_v2", "sigmoid", "RTDetrImageProcessor", _preweighted, **_RT),
+    "d_fine": Family("d_fine", "sigmoid", "RTDetrImageProcessor", _preweighted, clamp_boxes=True,
+                     **{**_RT, "kept_loss": partial(_kept_rt_detr, d_fine=True)}),
+    "lw_detr": Family("lw_detr", "sigmoid", "DeformableDetrImageProcessor", _lw_weights, **_LW),
+    "rf_detr": Family("rf_detr", "sigmoid", "RfDetrImageProcessor", _lw_weights, **_LW),
 }
 
 

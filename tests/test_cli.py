@@ -161,6 +161,9 @@ def test_gradient_accumulation_steps_once_per_accumulated_batches(tmp_path, tiny
           "--epochs", "1", "--no-eval-before", "--max-eval-images", "2", "--loss", "dap+box", *COMMON)
     steps = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if '"step"' in x]
     assert [s["global_step"] for s in steps] == [1, 2, 3]  # 24 images, batches of 4, two per step
+    for s in steps:  # each step's own time and rate (8 images), not a running average
+        assert s["step_seconds"] > 0
+        assert s["images_per_second"] == pytest.approx(8 / s["step_seconds"], rel=0.01)
 
 
 def test_a_diverging_run_stops_at_the_bad_step_and_keeps_finite_checkpoints(tmp_path, tiny_detr, shapes_root):

@@ -1,0 +1,103 @@
+"""The DAP criterion against an independent oracle: for real tiny models, each decoder layer's
+(and each Group DETR query group's) matching is taken from the matcher alone, the candidates
+(scores, positive, IoU, class, number of ground truths) are built by hand from the model's outputs,
+and `differentiable_ap` on them must give the criterion's DAP, value and gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.ops import box_convert, box_iou
+
+from dapft import APCostMatcher, differentiable_ap
+from dapft.criterion import DAPCriterion, install_loss
+from dapft.models import family_of
+from dapft.tiny import tiny_model
+
+LABELS = {i: f"c{i}" for i in range(5)}
+
+
+class Recording(DAPCriterion):
+    """Keeps what the model's loss handed the criterion, and what it answered."""
+
+    def forward(self, layers, targets, groups=1):
+        self.seen = (layers, targets, groups)
+        self.answer = super().forward(layers, targets, groups)
+        return self.answer
+
+
+def _oracle_dap(family, logits, boxes, targets, average, matcher):
+    """differentiable_ap of one set of detections, built by hand from the model's outputs."""
+    scores = family.scores(logits)  # (B, Q, C)
+    batch, queries, num_classes = scores.shape
+    indices = matcher(scores.detach(), boxes.detach(), targets)
+    flat, positive, ious, labels = [], [], [], []
+    for b, ((q_idx, g_idx), t) in enumerate(zip(indices, targets)):
+        for q in range(queries):
+            for c in range(num_classes):
+                flat.append(scores[b, q, c])
+                labels.append(c)
+                hit = [g for qq, g in zip(q_idx.tolist(), g_idx.tolist()) if qq == q and int(t["class_labels"][g]) == c]
+                positive.append(bool(hit))
+                if hit:
+                    pred = box_convert(boxes[b, q][None], "cxcywh", "xyxy")
+                    gt = box_convert(t["boxes"][hit[0]][None], "cxcywh", "xyxy")
+                    ious.append(box_iou(pred, gt)[0, 0])
+                else:
+                    ious.append(torch.zeros(()))
+    all_labels = torch.cat([t["class_labels"] for t in targets])
+    num_gt = torch.bincount(all_labels, minlength=num_classes) if average == "per_class" else len(all_labels)
+    return differentiable_ap(torch.stack(flat), torch.tensor(positive), torch.stack(ious), num_gt,
+                             labels=torch.tensor(labels), average=average)
+
+
+def _targets(model, x):
+    """Ground truths the untrained model nearly predicts (its first queries' boxes, shrunk to IoUs
+    0.94 / 0.72 / 0.55): at random initialisation no match reaches IoU 0.5 otherwise, and DAP is flat."""
+    with torch.no_grad():
+        out = model.eval()(pixel_values=x)
+    model.train()
+    shrink = torch.tensor([0.97, 0.85, 0.74])[:, None]
+    first = out.pred_boxes[0, :3].clone()
+    first[:, 2:] *= shrink
+    return [{"class_labels": torch.tensor([1, 3, 1]), "boxes": first},
+            {"class_labels": torch.tensor([0]), "boxes": out.pred_boxes[1, 4:5].clone()}]
+
+
+@pytest.mark.parametrize("name", ["detr", "deformable_detr", "lw_detr"])  # softmax, sigmoid, Group DETR
+@pytest.mark.parametrize("average", ["pooled", "per_class"])
+def test_criterion_equals_differentiable_ap_on_hand_built_candidates(name, average):
+    torch.manual_seed(0)
+    model = tiny_model(name, LABELS, num_queries=6).train()
+    family = family_of(model.config)
+    criterion = Recording(family, model.config, average=average)
+    install_loss(model, family, "dap", criterion)
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    model(pixel_values=x, labels=_targets(model, x))
+    layers, targets, groups = criterion.seen
+    assert groups == (2 if name == "lw_detr" else 1) and len(layers) == model.config.decoder_layers
+
+    matcher = APCostMatcher("constant")
+    for i, layer in enumerate(layers):
+        logits = layer["logits"].detach().requires_grad_(True)
+        boxes = layer["pred_boxes"].detach().requires_grad_(True)
+        group_daps = [_oracle_dap(family, lg, bx, targets, average, matcher)
+                      for lg, bx in zip(logits.chunk(groups, 1), boxes.chunk(groups, 1))]
+        expected = torch.stack(group_daps).mean()  # Group DETR: the mean of its groups' APs
+        suffix = "" if i == len(layers) - 1 else f"_{i}"
+        torch.testing.assert_close(criterion.answer[f"dap{suffix}"], expected.detach(), atol=1e-6, rtol=0)
+
+        # The same gradient reaches this layer's logits and boxes, and no other layer's.
+        expected.backward()
+        crit_logits = [lay["logits"].detach().requires_grad_(True) for lay in layers]
+        crit_boxes = [lay["pred_boxes"].detach().requires_grad_(True) for lay in layers]
+        fresh = DAPCriterion(family, model.config, average=average)
+        out = fresh([{"logits": a, "pred_boxes": b} for a, b in zip(crit_logits, crit_boxes)], targets, groups)
+        out[f"loss_dap{suffix}"].backward()
+        if i == len(layers) - 1:  # the targets are near its boxes: matches above IoU 0.5
+            assert logits.grad.abs().sum() + boxes.grad.abs().sum() > 0
+        torch.testing.assert_close(-crit_logits[i].grad, logits.grad, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(-crit_boxes[i].grad, boxes.grad, atol=1e-6, rtol=1e-4)
+        for j in range(len(layers)):
+            if j != i:
+                assert crit_logits[j].grad is None or not crit_logits[j].grad.any()
