@@ -28,8 +28,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: Path, model, processor, trainer_state: dict | None, info: dict) -> None:
-    """Atomically replace the checkpoint directory `path`."""
+def save_checkpoint(path: Path, model, processor, trainer_state: dict | None, info: dict,
+                    card: str | None = None) -> None:
+    """Atomically replace the checkpoint directory `path`; `card` is its README.md (model card)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     old = path.with_name(f".{path.name}.old")
@@ -39,6 +40,8 @@ def save_checkpoint(path: Path, model, processor, trainer_state: dict | None, in
     processor.save_pretrained(tmp)
     if trainer_state is not None:
         torch.save(trainer_state, tmp / "trainer_state.pt")
+    if card is not None:
+        (tmp / "README.md").write_text(card)
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / MANIFEST).write_text(json.dumps({"files": files, **info}, indent=2, default=str))
     shutil.rmtree(old, ignore_errors=True)
@@ -79,4 +82,5 @@ def find_resumable(run_dir: Path) -> Path | None:
 
 def load_trainer_state(path: Path) -> dict:
     verify_checkpoint(path)
-    return torch.load(Path(path) / "trainer_state.pt", map_location="cpu", weights_only=False)
+    # Tensors, numbers, strings, tuples and dicts only: no pickled code runs when a run is resumed.
+    return torch.load(Path(path) / "trainer_state.pt", map_location="cpu", weights_only=True)

@@ -77,13 +77,22 @@ def finetune(
     evaluator: str = typer.Option("faster-coco-eval", help="faster-coco-eval | pycocotools."),
     save_every: Optional[int] = typer.Option(None, help="Also checkpoint every N steps within an epoch."),
     label_map: Optional[str] = typer.Option(None, help="JSON {dataset_category_id: model_label_index}."),
+    freeze_backbone: Optional[bool] = typer.Option(
+        None, "--freeze-backbone/--train-backbone",
+        help="Freeze the whole backbone, or train all of it (default: the recipe's, as the family's authors)."),
+    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Model EMA (default: the recipe's)."),
+    ema_decay: Optional[float] = typer.Option(None, help="Model EMA decay (turns EMA on)."),
+    patience: Optional[int] = typer.Option(None, help="Stop after N evaluations without a better AP."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from checkpoint-last."),
     progress: bool = typer.Option(True, help="Rich progress bars."),
 ):
     """Fine-tune a detector with DAP (or another loss configuration) and report COCO AP before/after."""
+    import shlex
+
     from dapft.engine import finetune as run
 
-    cfg = _finetune_config(**{k: v for k, v in locals().items() if k != "run"})
+    command = shlex.join(["dapft", *sys.argv[1:]])
+    cfg = _finetune_config(**{k: v for k, v in locals().items() if k not in ("run", "shlex")})
     report = run(cfg)
     if report.get("after"):
         _print_delta(report)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert, box_iou
 
 from dapft.dap import DAPStatistics, ap_per_row, dap_statistics
-from dapft.matcher import APCostMatcher, MatcherMode
+from dapft.matcher import APCostMatcher, MatcherMode, NonFiniteCostError
 from dapft.models import Family
 
 LossConfig = Literal["dap", "original", "dap+original", "dap+box"]
@@ -103,7 +103,13 @@ class DAPCriterion(nn.Module):
             q = stacked.shape[2] // groups
             return stacked.view(num_layers, batch, groups, q, -1).transpose(1, 2).reshape(-1, q, stacked.shape[-1])
 
-        daps, precision = self.set_daps(as_sets("logits"), as_sets("pred_boxes"), targets, num_layers * groups)
+        try:
+            daps, precision = self.set_daps(as_sets("logits"), as_sets("pred_boxes"), targets, num_layers * groups)
+        except NonFiniteCostError as exc:
+            layer, group = divmod(exc.image // batch, groups)
+            where = f"decoder layer {layer} of {num_layers}" + (f", query group {group}" if groups > 1 else "")
+            raise FloatingPointError(f"the AP matching cost of {where} is not finite (NaN or inf in the model's "
+                                     f"scores or boxes, image {exc.image % batch} of the batch)") from exc
         layer_daps = daps.view(num_layers, groups).mean(1)  # Group DETR: the mean of its groups' APs
         out: dict[str, Tensor] = {}
         for i, dap in enumerate(layer_daps):

@@ -19,7 +19,10 @@ from dapft import distributed as dist_utils
 from dapft.checkpoint import CheckpointError, find_resumable, load_trainer_state, save_checkpoint, verify_checkpoint
 from dapft.criterion import LOSS_CONFIGS, DAPCriterion, install_loss
 from dapft.data import CocoDetection, EpochSampler, LabelMap, load_split, make_loader, resolve_split
-from dapft.evaluate import STAT_NAMES, evaluate_split
+from dapft.ema import ModelEMA
+from dapft.evaluate import evaluate_split
+from dapft.freeze import FreezeSpec, apply_freezing
+from dapft.metrics import STAT_NAMES
 from dapft.models import load_detector
 from dapft.runtime import amp_dtype, atomic_write_text, console, make_progress, pick_device, seed_everything, write_json
 
@@ -65,6 +68,11 @@ class FinetuneConfig:
     recipe: str | None = None
     resume: bool = False
     progress: bool = True
+    freeze_backbone: bool | None = None  # True: whole backbone frozen; False: all of it trains; None: recipe
+    ema: bool | None = None  # model EMA on/off; None: the recipe's (on for RT-DETR, D-FINE, LW, RF)
+    ema_decay: float | None = None
+    patience: int | None = None  # stop after this many evaluations without a better AP
+    command: str | None = None  # how the run was started, for reports and model cards
     extra: dict = field(default_factory=dict)
 
 
@@ -98,6 +106,10 @@ def check_choices(cfg: FinetuneConfig) -> None:
         raise ValueError(f"--evaluator must be faster-coco-eval or pycocotools, got {cfg.evaluator!r}")
     if cfg.sigma <= 0 or cfg.bins < 2 or cfg.grad_accum < 1:
         raise ValueError("need --sigma > 0, --bins >= 2 and --grad-accum >= 1")
+    if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
+        raise ValueError(f"--ema-decay must lie in (0, 1), got {cfg.ema_decay}")
+    if cfg.patience is not None and cfg.patience < 1:
+        raise ValueError(f"--patience must be at least 1 evaluation, got {cfg.patience}")
 
 
 def resolve(cfg: FinetuneConfig, family: str) -> FinetuneConfig:
@@ -112,6 +124,9 @@ def resolve(cfg: FinetuneConfig, family: str) -> FinetuneConfig:
                                   else recipe.get("backbone_lr_multiplier", 0.1))
     out.weight_decay = cfg.weight_decay if cfg.weight_decay is not None else recipe.get("weight_decay", 1e-4)
     out.clip_grad_norm = cfg.clip_grad_norm if cfg.clip_grad_norm is not None else recipe.get("clip_grad_norm", 0.1)
+    # EMA: the recipe's (its authors' training), unless --ema/--no-ema or --ema-decay say otherwise.
+    out.ema = cfg.ema if cfg.ema is not None else (cfg.ema_decay is not None or recipe.get("ema_decay") is not None)
+    out.ema_decay = (cfg.ema_decay or recipe.get("ema_decay") or 0.9999) if out.ema else None
     out.extra = {**recipe, **cfg.extra}
     return out
 
@@ -134,7 +149,10 @@ def _optimizer(model, cfg: FinetuneConfig) -> torch.optim.Optimizer:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # Tensors, numbers and tuples only, so that trainer_state.pt loads with weights_only=True.
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -142,7 +160,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -189,10 +208,18 @@ class Trainer:
             except ValueError:
                 new_labels = id2label
         self.model, self.processor, self.family = load_detector(cfg.model, id2label=new_labels, log=self.log)
+        if new_labels is not None and self.cfg.loss == "dap":
+            self.log("[yellow]warning[/]: the label set changed and --loss dap gives the new classes no "
+                     "classification gradient until their matched boxes reach IoU 0.5 (DAP's precision is flat "
+                     "below it); --loss dap+original trains them from the first step")
         if self.cfg.extra.get("auxiliary_loss", True):
             self.model.config.auxiliary_loss = True  # DETR's recipe supervises every decoder layer
         self.label_map = LabelMap.build(self.train_split.categories, self.model.config.id2label, cfg.label_map)
+        self.freezing = apply_freezing(self.model, FreezeSpec.from_recipe(self.cfg.extra, self.cfg.freeze_backbone))
         self.model.to(self.device)
+        # Before the loss is installed: the average is a plain copy of the model, for evaluation.
+        self.ema = (ModelEMA(self.model, self.cfg.ema_decay, self.cfg.extra.get("ema_warmup_steps", 0))
+                    if self.cfg.ema else None)
 
         scale = float(self.dist.world_size)
         self.criterion = None
@@ -227,7 +254,7 @@ class Trainer:
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.cfg.grad_accum)
 
         self.state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "best_ap": -1.0, "history": [],
-                      "before": None, "elapsed": 0.0,
+                      "before": None, "elapsed": 0.0, "evals_since_best": 0, "stopped_early": None,
                       "skipped": {"train": self.train_split.skipped, "val": self.val_split.skipped}}
         if cfg.resume:
             self._resume()
@@ -235,7 +262,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json(self.out / "config.json", {**dataclasses.asdict(self.cfg), "family": self.family.name,
                                                   "world_size": self.dist.world_size,
-                                                  "num_labels": len(self.model.config.id2label)})
+                                                  "num_labels": len(self.model.config.id2label),
+                                                  "parameters": dataclasses.asdict(self.freezing)})
 
     def _augment(self):
         if not self.cfg.augment:
@@ -254,12 +282,20 @@ class Trainer:
         from transformers import AutoModelForObjectDetection
 
         saved = AutoModelForObjectDetection.from_pretrained(ckpt)
-        self.model.load_state_dict(saved.state_dict())
+        if (trainer_state.get("ema") is not None) != (self.ema is not None):
+            had = "with" if trainer_state.get("ema") is not None else "without"
+            raise CheckpointError(f"{ckpt}: the run was trained {had} model EMA; resume it with "
+                                  f"{'--ema' if had == 'with' else '--no-ema'} (a run's recipe cannot change midway)")
+        if self.ema is not None:  # the checkpoint's model is the average; the raw weights are kept apart
+            self.ema.load_state_dict(trainer_state["ema"], saved.state_dict())
+            self.model.load_state_dict(trainer_state["model"])
+        else:
+            self.model.load_state_dict(saved.state_dict())
         self.optimizer.load_state_dict(trainer_state["optimizer"])
         self.scaler.load_state_dict(trainer_state["scaler"])
         if self.criterion is not None and trainer_state.get("criterion") is not None:
             self.criterion.load_state_dict(trainer_state["criterion"])
-        self.state = trainer_state["state"]
+        self.state = {"evals_since_best": 0, "stopped_early": None, **trainer_state["state"]}
         _set_rng_state(trainer_state["rng"])
         self.log(f"resuming from {ckpt} (epoch {self.state['epoch'] + 1}, step {self.state['global_step']}, "
                  f"saved {manifest.get('saved_at', '?')})")
@@ -273,7 +309,9 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def evaluate(self, tag: str) -> dict:
         with make_progress(disable=not (self.cfg.progress and self.dist.is_main)) as bar:
-            metrics = evaluate_split(self.model, self.processor, self.val_split, self.label_map, self.val_loader,
+            # With EMA the average is what is evaluated and saved: the weights users deploy.
+            model = self.ema.module if self.ema is not None else self.model
+            metrics = evaluate_split(model, self.processor, self.val_split, self.label_map, self.val_loader,
                                      device=self.device, output=self.out / "eval" / tag,
                                      evaluator=self.cfg.evaluator, amp_dtype=self.amp, progress=bar,
                                      gather=self._gather)
@@ -298,15 +336,24 @@ class Trainer:
     def _save(self, best: bool = False) -> None:
         if not self.dist.is_main:
             return
+        from dapft.report import model_card
+
+        # The checkpoint's model is what is evaluated (the EMA when on); the raw weights the
+        # optimizer works on then travel in the trainer state, with the EMA's own state.
+        ema = self.ema is not None
+        weights = self.ema.module if ema else self.model
         trainer_state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                          "criterion": self.criterion.state_dict() if self.criterion is not None else None,
+                         "model": self.model.state_dict() if ema else None,
+                         "ema": self.ema.state_dict() if ema else None,
                          "state": self.state, "rng": _rng_state()}
         info = {"saved_at": time.strftime("%Y-%m-%d %H:%M:%S"), "epoch": self.state["epoch"],
-                "global_step": self.state["global_step"]}
-        save_checkpoint(self.out / "checkpoint-last", self.model, self.processor, trainer_state, info)
+                "global_step": self.state["global_step"], "weights": "ema" if ema else "model"}
+        card = lambda which: model_card(self.cfg, self.family.name, self.state, which)  # noqa: E731
+        save_checkpoint(self.out / "checkpoint-last", weights, self.processor, trainer_state, info, card=card("last"))
         if best:
-            save_checkpoint(self.out / "checkpoint-best", self.model, self.processor, None,
-                            {**info, "AP": self.state["best_ap"]})
+            save_checkpoint(self.out / "checkpoint-best", weights, self.processor, None,
+                            {**info, "AP": self.state["best_ap"]}, card=card("best"))
 
     def train(self) -> dict:
         self.setup()
@@ -322,6 +369,9 @@ class Trainer:
         self.log(f"[bold]dapft finetune[/] {cfg.model} ({self.family.name}) · loss {cfg.loss} · matcher {cfg.matcher} · "
                  f"sigma {cfg.sigma} · bins {cfg.bins} · {cfg.epochs} epochs · batch {cfg.batch_size} · lr {cfg.lr:g} "
                  f"· {self.device} x{self.dist.world_size}")
+        self.log(f"{self.freezing.summary()} · "
+                 + (f"model EMA decay {cfg.ema_decay:g} (warm-up {cfg.extra.get('ema_warmup_steps', 0)} steps): "
+                    "evaluated and saved" if self.ema is not None else "no model EMA"))
         if cfg.eval_before and st["before"] is None:
             st["before"] = self.evaluate("before")
             self._log({"type": "eval", "tag": "before", "epoch": 0, "global_step": 0,
@@ -334,8 +384,8 @@ class Trainer:
             epoch_task = bar.add_task("epochs", total=cfg.epochs, completed=st["epoch"], info="")
             step_task = bar.add_task("steps", total=self.steps_per_epoch, info="")
             while st["epoch"] < cfg.epochs and not stop:
-                if cfg.max_steps and st["global_step"] >= cfg.max_steps:
-                    break  # a resumed run that had already reached --max-steps
+                if (cfg.max_steps and st["global_step"] >= cfg.max_steps) or st["stopped_early"]:
+                    break  # a resumed run that had already reached --max-steps or its patience
                 epoch = st["epoch"]
                 for group in self.optimizer.param_groups:
                     group["lr"] = group["base_lr"] * lr_factor(epoch, cfg.epochs)
@@ -373,26 +423,35 @@ class Trainer:
                 if not stop:
                     st["epoch"] += 1
                     st["batch_in_epoch"] = 0
-                metrics = self.evaluate(f"epoch{st['epoch']:03d}" if not stop else f"step{st['global_step']}")
-                st["history"].append({"epoch": st["epoch"], "global_step": st["global_step"],
+                tag = f"epoch{st['epoch']:03d}" if not stop else f"step{st['global_step']}"
+                metrics = self.evaluate(tag)
+                st["history"].append({"epoch": st["epoch"], "global_step": st["global_step"], "tag": tag,
                                       **{k: metrics[k] for k in STAT_NAMES}})
                 self._log({"type": "eval", "tag": "epoch", "epoch": st["epoch"], "global_step": st["global_step"],
                            **{k: metrics[k] for k in STAT_NAMES}})
                 improved = metrics["AP"] > st["best_ap"]
                 if improved:
-                    st["best_ap"] = metrics["AP"]
+                    st["best_ap"], st["evals_since_best"] = metrics["AP"], 0
+                else:
+                    st["evals_since_best"] += 1
+                if cfg.patience and st["evals_since_best"] >= cfg.patience and st["epoch"] < cfg.epochs:
+                    st["stopped_early"] = (f"stopped early after epoch {st['epoch']}: {cfg.patience} evaluations "
+                                           f"without a better AP (--patience {cfg.patience})")
+                    stop = True
                 st["elapsed"] = time.perf_counter() - t_start
                 self._save(best=improved)
                 bar.update(epoch_task, completed=st["epoch"])
-                where = f"epoch {st['epoch']}" if not stop else f"step {st['global_step']} (--max-steps)"
+                where = f"step {st['global_step']} (--max-steps)" if tag.startswith("step") else f"epoch {st['epoch']}"
                 self.log(f"{where}: AP {100 * metrics['AP']:.2f}"
                          + (f" (best {100 * st['best_ap']:.2f})" if not improved else " (best so far)"))
+                if st["stopped_early"]:
+                    self.log(st["stopped_early"])
         st["elapsed"] = time.perf_counter() - t_start
         report = {}
         if self.dist.is_main:
             from dapft.report import write_run_report
 
-            report = write_run_report(self.out, self.cfg, self.family.name, st)
+            report = write_run_report(self.out, self.cfg, self.family.name, st, self.freezing)
         dist_utils.barrier(self.dist)
         dist_utils.shutdown(self.dist)
         if self.tb is not None:
@@ -404,8 +463,11 @@ class Trainer:
                   "labels": [{k: v.to(self.device) for k, v in t.items()} for t in batch["labels"]]}
         if "pixel_mask" in batch:
             inputs["pixel_mask"] = batch["pixel_mask"].to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            out = self.ddp_model(**inputs)
+        try:
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                out = self.ddp_model(**inputs)
+        except FloatingPointError as exc:  # raised inside the loss, which does not know the step
+            raise FloatingPointError(f"step {self.state['global_step'] + 1}: {exc}; " + self._diverged_hint()) from exc
         loss = out.loss / self.cfg.grad_accum
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {self.state['global_step'] + 1}: {out.loss_dict}; "
@@ -431,6 +493,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
         return float(norm)
 
 

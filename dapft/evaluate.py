@@ -7,7 +7,6 @@ import contextlib
 import io
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -15,11 +14,10 @@ import numpy as np
 import torch
 
 from dapft.data import CocoSplit, LabelMap
+from dapft.metrics import STAT_NAMES, CocoMetrics
 from dapft.runtime import atomic_write_text
 
 Evaluator = Literal["faster-coco-eval", "pycocotools"]
-STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR1", "AR10", "AR100",
-              "AR_small", "AR_medium", "AR_large")
 
 
 def to_coco_results(detections: list[dict], image_ids: list[int], label_map: LabelMap) -> list[dict]:
@@ -70,20 +68,6 @@ def _top(det: dict, k: int) -> dict:
         return det
     idx = det["scores"].topk(k).indices
     return {key: det[key][idx] for key in ("scores", "labels", "boxes")}
-
-
-@dataclass
-class CocoMetrics:
-    stats: dict[str, float]  # COCO's 12 summary numbers, AP in [0, 1]
-    per_class: dict[str, float]  # AP@[.5:.95] by category name (NaN-free: classes without GT left out)
-    precision: np.ndarray  # COCOeval.eval['precision'] [T, R, K, A, M]
-    category_names: list[str]
-    evaluator: str
-    seconds: float
-
-    def to_json(self) -> dict:
-        return {"stats": self.stats, "per_class_AP": self.per_class, "evaluator": self.evaluator,
-                "eval_seconds": round(self.seconds, 3)}
 
 
 def coco_evaluate(ann_file: str | Path, results: list[dict], image_ids: list[int],

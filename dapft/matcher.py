@@ -15,6 +15,14 @@ MatcherMode = Literal["constant", "momentum", "original"]
 Indices = list[tuple[Tensor, Tensor]]
 
 
+class NonFiniteCostError(FloatingPointError):
+    """NaN or inf in an image's matching cost: the model's scores or boxes are not finite."""
+
+    def __init__(self, image: int):
+        super().__init__(f"non-finite matching cost for image {image} of the batch")
+        self.image = image
+
+
 class APCostMatcher(nn.Module):
     """One-to-one assignment of queries to ground truths by the DAP matching cost.
 
@@ -106,9 +114,8 @@ class APCostMatcher(nn.Module):
             if block.numel() == 0:
                 indices.append((empty, empty))
                 continue
-            if not torch.isfinite(block).all():
-                raise FloatingPointError("the AP matching cost has non-finite entries (NaN or inf in the model's "
-                                         "scores or boxes); the run is diverging: lower --lr")
+            if not torch.isfinite(block).all():  # scipy would fail on it far from the cause
+                raise NonFiniteCostError(len(indices))
             gt_idx, query_idx = linear_sum_assignment(block.numpy())
             order = query_idx.argsort()  # DETR's convention: sorted by query
             indices.append(

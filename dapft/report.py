@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # headless: plots are files
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dapft.evaluate import STAT_NAMES, CocoMetrics  # noqa: E402
+from dapft.metrics import STAT_NAMES, CocoMetrics  # noqa: E402
 from dapft.runtime import atomic_write_text  # noqa: E402
 
 HEADLINE = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
@@ -120,7 +120,37 @@ def plot_training_curves(run_dir: Path, path: Path) -> None:
     plt.close(fig)
 
 
-def write_run_report(run_dir: Path, cfg, family: str, state: dict) -> dict:
+def _per_class(run_dir: Path, tag: str | None) -> dict[str, float]:
+    import json
+
+    path = run_dir / "eval" / str(tag) / "metrics.json"
+    return json.loads(path.read_text()).get("per_class_AP", {}) if tag and path.is_file() else {}
+
+
+def per_class_table(before: dict[str, float], after: dict[str, float], show: int = 10) -> str:
+    """Markdown table of AP per class after fine-tuning (and before, with the change), best classes
+    first; with more than 2 x `show` classes, the best and the worst `show`."""
+    ranked = sorted(after.items(), key=lambda kv: -kv[1])
+    rows = ranked if len(ranked) <= 2 * show else ranked[:show] + [None] + ranked[-show:]
+    lines = ["| class | AP before | AP after | change |", "|---|---:|---:|---:|"]
+    for row in rows:
+        if row is None:
+            lines.append(f"| ({len(ranked) - 2 * show} classes) | | | |")
+            continue
+        name, ap = row
+        old = before.get(name)
+        lines.append(f"| {name} | {'—' if old is None else f'{100 * old:.1f}'} | {100 * ap:.1f} | "
+                     f"{'—' if old is None else f'{100 * (ap - old):+.1f}'} |")
+    return "\n".join(lines)
+
+
+def _recipe_line(cfg, freezing) -> str:
+    ema = (f"model EMA decay {cfg.ema_decay:g} (warm-up {cfg.extra.get('ema_warmup_steps', 0)} steps); the EMA "
+           "weights are evaluated and saved" if cfg.ema else "no model EMA; the trained weights are evaluated")
+    return f"Backbone: {freezing.summary()}. {ema}."
+
+
+def write_run_report(run_dir: Path, cfg, family: str, state: dict, freezing) -> dict:
     """report.md + report.json + curves.png of a fine-tuning run."""
     import dataclasses
     import json
@@ -135,19 +165,27 @@ def write_run_report(run_dir: Path, cfg, family: str, state: dict) -> dict:
         rows["before (r_o)"] = before
     if after:
         rows[f"after ({cfg.loss})"] = after
+    per_class_after = _per_class(run_dir, history[-1].get("tag")) if history else {}
+    per_class_before = _per_class(run_dir, "before") if before else {}
     payload = {"model": cfg.model, "family": family, "before": before, "after": after,
                "best": {k: best[k] for k in ("epoch", "global_step", *STAT_NAMES)} if best else None,
                "delta_AP": (after["AP"] - before["AP"]) if (before and after) else None,
+               "per_class_AP": {"before": per_class_before, "after": per_class_after},
                "history": history, "train_seconds": round(state["elapsed"], 1),
-               "global_steps": state["global_step"], "skipped": state.get("skipped"),
+               "global_steps": state["global_step"], "stopped_early": state.get("stopped_early"),
+               "parameters": dataclasses.asdict(freezing),
+               "evaluated_weights": "ema" if cfg.ema else "model", "skipped": state.get("skipped"),
                "config": dataclasses.asdict(cfg)}
     atomic_write_text(run_dir / "report.json", json.dumps(payload, indent=2, default=str))
     lines = [f"# Fine-tuning `{cfg.model}` ({family}) with `{cfg.loss}`", "",
              f"Matcher {cfg.matcher}, sigma {cfg.sigma}, {cfg.bins} bins, {cfg.epochs} epochs "
              f"({state['global_step']} optimizer steps), batch {cfg.batch_size}, lr {cfg.lr:g} "
              f"(x{cfg.backbone_lr_multiplier:g} backbone, /10 in the last epoch), seed {cfg.seed}.", "",
+             _recipe_line(cfg, freezing), "",
              "## COCO AP on the validation split", "",
              metrics_table(rows, deltas_from="before (r_o)" if before else None) if rows else "(no evaluation)", ""]
+    if state.get("stopped_early"):
+        lines += [f"**{state['stopped_early'].capitalize()}.**", ""]
     if best:
         lines += [f"Best: AP {100 * best['AP']:.2f} after epoch {best['epoch']} (`checkpoint-best/`); "
                   f"last: `checkpoint-last/`. Both load with `AutoModelForObjectDetection.from_pretrained`.", ""]
@@ -155,7 +193,42 @@ def write_run_report(run_dir: Path, cfg, family: str, state: dict) -> dict:
     if skipped:
         lines += ["Annotations skipped or changed (as COCO / DETR training would): " + "; ".join(
             f"{split}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) for split, counts in skipped.items()), ""]
-    lines += [f"Training time: {state['elapsed']:.0f} s.", "", "![curves](curves.png)", "",
-              "## Configuration", "", "```json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str), "```", ""]
+    lines += [f"Training time: {state['elapsed']:.0f} s.", "", "![curves](curves.png)", ""]
+    if per_class_after:
+        lines += ["## AP per class (last evaluation)", "", per_class_table(per_class_before, per_class_after), ""]
+    lines += ["## Configuration", "", "```json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str), "```", ""]
     atomic_write_text(run_dir / "report.md", "\n".join(lines))
     return payload
+
+
+def model_card(cfg, family: str, state: dict, which: str) -> str:
+    """README.md of a checkpoint directory, as Hub checkpoints carry: what it is, how it was made,
+    its COCO AP, how to load it. `which` is 'best' or 'last'."""
+    history = state["history"]
+    evaluated = (max(history, key=lambda h: h["AP"]) if which == "best" else history[-1]) if history else None
+    rows = {}
+    if state.get("before"):
+        rows["before fine-tuning"] = state["before"]
+    if evaluated:
+        rows[f"this checkpoint (epoch {evaluated['epoch']}, step {evaluated['global_step']})"] = evaluated
+    data = cfg.data or f"{cfg.train_annotations} (train), {cfg.val_annotations} (val)"
+    weights = f"the model EMA (decay {cfg.ema_decay:g})" if cfg.ema else "the trained weights"
+    saved = ("the best validation AP of the run" if which == "best" else
+             f"the latest state of the run (step {state['global_step']})")
+    lines = ["---", "library_name: transformers", "pipeline_tag: object-detection",
+             f"base_model: {cfg.model}", f"tags: [object-detection, dapft, {family}]", "---", "",
+             f"# `{cfg.model}` fine-tuned with dapft (`{cfg.loss}` loss)", "",
+             f"Checkpoint `{which}`: {saved}; the weights are {weights}.", "",
+             f"- family: {family}; loss `{cfg.loss}`, matcher `{cfg.matcher}`, sigma {cfg.sigma}, {cfg.bins} bins",
+             f"- schedule: {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr:g}, seed {cfg.seed}",
+             f"- data: `{data}`",
+             f"- command: `{cfg.command or 'dapft.engine.finetune(...)'}`", "",
+             "## COCO AP on the validation split", "",
+             metrics_table(rows) if rows else "(not evaluated yet: a mid-epoch checkpoint)", "",
+             "## Use", "", "```python",
+             "from transformers import AutoImageProcessor, AutoModelForObjectDetection", "",
+             'model = AutoModelForObjectDetection.from_pretrained("path/to/this/directory")',
+             'processor = AutoImageProcessor.from_pretrained("path/to/this/directory")', "```", ""]
+    if state.get("stopped_early"):
+        lines += [state["stopped_early"].capitalize() + ".", ""]
+    return "\n".join(lines)
