@@ -109,7 +109,7 @@ def apply_freezing(model: nn.Module, spec: FreezeSpec) -> FreezeReport:
     frozen_parts = [("stage " + k[5:]) if k.startswith("stage") else k for k in order if not parts[k]]
     if spec.whole:
         frozen_parts = ["the whole backbone"]
-    if frozen_norms and (spec.norm or spec.whole):
+    elif frozen_norms and spec.norm:
         frozen_parts.append(f"{frozen_norms} norm layers")
     return FreezeReport(trainable, total, sum(p.numel() for p in backbone if p.requires_grad),
                         sum(p.numel() for p in backbone), frozen_parts, frozen_norms)

@@ -1,0 +1,147 @@
+"""Fine-tuning the way each family's authors trained it: backbone freezing and model EMA as recipe
+data, applied by dapft whatever transformers did, and the run features that go with them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dapft.criterion import DAPCriterion
+from dapft.ema import ModelEMA
+from dapft.engine import FinetuneConfig, Trainer, load_recipe
+from dapft.freeze import FreezeSpec, apply_freezing, backbone_part
+from dapft.models import FAMILIES, family_of
+from dapft.shapes import CLASSES
+from dapft.tiny import tiny_model, tiny_processor
+
+LABELS = dict(enumerate(CLASSES))
+
+
+@pytest.mark.parametrize("name, part", [
+    ("model.backbone.model.conv1.weight", "stem"),  # timm ResNet (the Hub DETR checkpoints)
+    ("model.backbone.model.layer1.0.conv1.weight", "stage0"),
+    ("model.backbone.model.layer4.2.conv3.weight", "stage3"),
+    ("model.backbone.conv_encoder.model.embedder.embedder.convolution.weight", "stem"),  # transformers ResNet
+    ("model.backbone.model.encoder.stages.2.layers.0.shortcut.convolution.weight", "stage2"),  # RT-DETR
+    ("model.backbone.model.embedder.stem1.convolution.weight", "stem"),  # HGNetV2
+    ("model.backbone.backbone.encoder.layer.3.attention.qkv.weight", "other"),  # a ViT block
+])
+def test_backbone_parts_are_named_for_every_layout(name, part):
+    assert backbone_part(name) == part
+
+
+def _real_size(family: str):
+    from transformers import AutoModelForObjectDetection, DeformableDetrConfig, DetrConfig
+
+    cls = {"detr": DetrConfig, "deformable_detr": DeformableDetrConfig}[family]
+    labels = {i: c for i, c in LABELS.items()}
+    config = cls(use_timm_backbone=True, backbone="resnet50", use_pretrained_backbone=False, id2label=labels,
+                 label2id={v: k for k, v in labels.items()}, num_queries=20)
+    torch.manual_seed(0)
+    model = AutoModelForObjectDetection.from_config(config)
+    # timm zero-initialises each block's last BatchNorm scale, which (frozen) would cut every residual
+    # branch off from the gradient; a pretrained checkpoint's scales are not zero.
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if "backbone" in name and name.endswith("bn3.weight"):
+                buffer.fill_(0.2)
+    return model
+
+
+@pytest.mark.parametrize("family", ["detr", "deformable_detr"])
+def test_real_size_detr_like_trains_layer2_to_4_and_the_transformer_only(family, tmp_path, shapes_root):
+    """As the Hub checkpoints are built (timm ResNet-50, whose parameters transformers leaves all
+    trainable): 2 steps of `dap+original` leave the stem and layer1 as they were."""
+    model = _real_size(family)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "backbone" in n)  # what transformers did
+    model.save_pretrained(tmp_path / "model")
+    tiny_processor(family, 96).save_pretrained(tmp_path / "model")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = FinetuneConfig(model=str(tmp_path / "model"), data=str(shapes_root), output=str(tmp_path / "run"),
+                         loss="dap+original", max_steps=2, batch_size=2, device="cpu", num_workers=0,
+                         progress=False, eval_before=False, max_eval_images=2, augment=False)
+    trainer = Trainer(cfg)
+    report = trainer.train()
+    after = dict(trainer.model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    backbone = [n for n in before if n.startswith("model.backbone.model.")]
+    assert len(backbone) == 53
+    for n in backbone:
+        frozen = backbone_part(n) in ("stem", "stage0")
+        assert (n not in changed) == frozen, f"{n}: {'trained' if frozen else 'did not train'}"
+    transformer = [n for n in before if "backbone" not in n and ("encoder.layers" in n or "decoder.layers" in n)]
+    # (DETR's first decoder self-attention sees zero inputs: its q/k/v weights get no gradient.)
+    assert transformer and len(changed & set(transformer)) >= 0.9 * len(transformer)
+    assert report["parameters"]["frozen"][:2] == ["stem", "stage 0"]
+
+
+def test_a_transformers_resnet_frozen_whole_by_its_class_is_trained_as_the_recipe_says():
+    from transformers import AutoModelForObjectDetection, DetrConfig, ResNetConfig
+
+    backbone = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1],
+                            layer_type="basic", out_features=["stage4"])
+    model = AutoModelForObjectDetection.from_config(DetrConfig(
+        use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, d_model=16,
+        encoder_layers=1, decoder_layers=1, encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=5))
+    params = {n: p for n, p in model.named_parameters() if "backbone" in n}
+    assert not any(p.requires_grad for p in params.values())  # what transformers did
+    report = apply_freezing(model, FreezeSpec.from_recipe(load_recipe("detr")))
+    trains = {backbone_part(n) for n, p in params.items() if p.requires_grad}
+    frozen = {backbone_part(n) for n, p in params.items() if not p.requires_grad}
+    assert trains == {"stage1", "stage2", "stage3"} and {"stem", "stage0"} <= frozen
+    assert 0 < report.backbone_trainable < report.backbone_total
+    whole = apply_freezing(model, FreezeSpec.from_recipe(load_recipe("detr"), override=False))  # --train-backbone
+    assert whole.backbone_trainable == whole.backbone_total
+    none = apply_freezing(model, FreezeSpec.from_recipe(load_recipe("detr"), override=True))  # --freeze-backbone
+    assert none.backbone_trainable == 0 and none.frozen == ["the whole backbone"]
+
+
+def test_frozen_batchnorm_keeps_its_statistics_in_training():
+    model = torch.nn.Module()
+    model.backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    apply_freezing(model, FreezeSpec(norm=True))
+    model.train()
+    stats = model.backbone[1].running_mean.clone()
+    model.backbone(torch.randn(2, 3, 8, 8) * 5 + 3)
+    assert torch.equal(model.backbone[1].running_mean, stats)
+    assert not model.backbone[1].weight.requires_grad and model.backbone[0].weight.requires_grad
+
+
+@pytest.mark.parametrize("family, on", [("detr", False), ("deformable_detr", False), ("conditional_detr", False),
+                                        ("dab-detr", False), ("rt_detr", True), ("rt_detr_v2", True),
+                                        ("d_fine", True), ("lw_detr", True), ("rf_detr", True)])
+def test_recipes_turn_ema_on_where_the_authors_use_it(family, on):
+    recipe = load_recipe(family)
+    assert (recipe.get("ema_decay") is not None) == on
+    assert FAMILIES[family].name == family
+
+
+def test_ema_follows_rt_detrs_warm_up_and_averages_float_state_only():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = ModelEMA(model, decay=0.9, warmup_steps=10)
+    ema.update(model)  # the first update copies
+    assert torch.equal(ema.module[0].weight, model[0].weight)
+    old = ema.module[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model[1].num_batches_tracked += 7
+    ema.update(model)
+    d = 0.9 * (1 - math.exp(-1 / 10))
+    torch.testing.assert_close(ema.module[0].weight, d * old + (1 - d) * model[0].weight)
+    assert int(ema.module[1].num_batches_tracked) == 7
+    assert ema.updates == 2 and ema.decay_at(10_000) == pytest.approx(0.9)
+    assert ModelEMA(model, decay=0.5).decay_at(1) == 0.5  # no warm-up: constant decay
+
+
+def test_a_non_finite_matching_cost_names_the_layer():
+    model = tiny_model("detr", LABELS)
+    family = family_of(model.config)
+    criterion = DAPCriterion(family, model.config)
+    boxes = torch.rand(2, 20, 4) * 0.2 + 0.4
+    layers = [{"logits": torch.randn(2, 20, 7), "pred_boxes": boxes.clone()} for _ in range(3)]
+    layers[1]["pred_boxes"][1, 3] = float("nan")
+    targets = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}] * 2
+    with pytest.raises(FloatingPointError, match="decoder layer 1 of 3.*image 1"):
+        criterion(layers, targets)
