@@ -185,3 +185,122 @@ def test_a_diverging_run_stops_at_the_bad_step_and_keeps_finite_checkpoints(tmp_
     saved = _weights(tmp_path / "run")
     assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())
     assert json.loads((tmp_path / "run" / "checkpoint-last" / "dapft_checkpoint.json").read_text())["global_step"] == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_rtdetr(tmp_path_factory):
+    return save_tiny_checkpoint("rt_detr", tmp_path_factory.mktemp("tiny") / "rt_detr", dict(enumerate(CLASSES)),
+                                image_size=128)
+
+
+def _raw_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoint-last" / "trainer_state.pt", weights_only=True)["model"]
+
+
+def test_rtdetr_keeps_an_ema_and_a_killed_run_resumes_to_the_same_ema_and_weights(tmp_path, tiny_rtdetr,
+                                                                                  shapes_root):
+    args = ["finetune", "--model", tiny_rtdetr, "--data", shapes_root, "--loss", "dap", "--epochs", "3",
+            "--save-every", "2", "--no-eval-before", "--max-eval-images", "4", "--seed", "2", *COMMON]
+    full = tmp_path / "full"
+    proc = dapft(*args, "--output", full)
+    assert "model EMA decay 0.9999" in proc.stderr
+    report = json.loads((full / "report.json").read_text())
+    assert report["evaluated_weights"] == "ema" and report["config"]["ema_decay"] == 0.9999
+    assert "EMA weights are evaluated and saved" in (full / "report.md").read_text()
+    ema, raw = _weights(full), _raw_weights(full)
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema if k in raw), "the checkpoint holds the average"
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "dapft", *map(str, args), "--output", str(cut)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    manifest = cut / "checkpoint-last" / "dapft_checkpoint.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and not manifest.exists():  # kill it right after its first checkpoint
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "report.json").exists(), "the run finished before it could be interrupted"
+    assert json.loads(manifest.read_text())["global_step"] < 18
+    dapft(*args, "--output", cut, "--resume")
+    _assert_same_weights(_weights(full), _weights(cut))
+    _assert_same_weights(_raw_weights(full), _raw_weights(cut))
+    proc = dapft(*args, "--output", cut, "--resume", "--no-ema", check=False)
+    assert proc.returncode == 1 and "resume it with --ema" in proc.stderr
+
+
+def test_backbone_freezing_flags_and_the_report(tmp_path, tiny_detr, shapes_root):
+    base = ["finetune", "--model", tiny_detr, "--data", shapes_root, "--max-steps", "2", "--no-eval-before",
+            "--max-eval-images", "2", "--loss", "dap+box", "--lr", "1e-3", *COMMON]
+    start = load_file(Path(tiny_detr) / "model.safetensors")
+    runs = {}
+    for flag in ("--freeze-backbone", "--train-backbone", None):
+        run = tmp_path / str(flag)
+        dapft(*base, "--output", run, *([flag] if flag else []))
+        raw = _weights(run)
+        runs[flag] = {k for k in raw if "backbone" in k and not torch.equal(raw[k], start[k])}
+        runs[flag, "report"] = json.loads((run / "report.json").read_text())["parameters"]
+    assert runs["--freeze-backbone"] == set() and runs["--freeze-backbone", "report"]["backbone_trainable"] == 0
+    assert any(".embeddings." in k for k in runs["--train-backbone"])  # the stem trains
+    recipe = runs[None]  # DETR's recipe: stem and stage 0 frozen, the later stages train
+    assert recipe and not any(".embeddings." in k or ".stages.0." in k for k in recipe)
+    assert runs[None, "report"]["frozen"][:2] == ["stem", "stage 0"]
+    text = (tmp_path / "None" / "report.md").read_text()
+    assert "trainable" in text and "(stem, stage 0" in text and "no model EMA" in text
+
+
+def test_patience_stops_the_run_and_the_report_says_so(tmp_path, tiny_detr, shapes_root):
+    run = tmp_path / "run"
+    # lr 0: the AP can never improve after the first epoch
+    proc = dapft("finetune", "--model", tiny_detr, "--data", shapes_root, "--output", run, "--epochs", "4",
+                 "--lr", "0", "--patience", "1", "--no-eval-before", "--max-eval-images", "4", "--loss", "dap+box",
+                 *COMMON)
+    report = json.loads((run / "report.json").read_text())
+    assert [h["epoch"] for h in report["history"]] == [1, 2]
+    assert "--patience 1" in report["stopped_early"] and "stopped early after epoch 2" in proc.stderr
+    assert "Stopped early after epoch 2" in (run / "report.md").read_text()
+
+
+def test_report_per_class_table_and_checkpoint_model_cards(tmp_path, tiny_detr, shapes_root):
+    run = tmp_path / "run"
+    dapft("finetune", "--model", tiny_detr, "--data", shapes_root, "--output", run, "--epochs", "1",
+          "--max-eval-images", "6", "--loss", "dap", *COMMON)
+    text = (run / "report.md").read_text()
+    table = text.split("## AP per class")[1]
+    assert all(name in table for name in CLASSES) and "| class | AP before | AP after | change |" in table
+    report = json.loads((run / "report.json").read_text())
+    after = report["per_class_AP"]["after"]
+    listed = [line.split("|")[1].strip() for line in table.splitlines()[4:] if line.startswith("| ")]
+    assert listed == sorted(after, key=lambda k: -after[k])  # best first
+    for name in ("checkpoint-best", "checkpoint-last"):
+        card = (run / name / "README.md").read_text()
+        assert "pipeline_tag: object-detection" in card and f"base_model: {tiny_detr}" in card
+        assert "dapft finetune --model" in card and str(shapes_root) in card and "| this checkpoint" in card
+        files = json.loads((run / name / "dapft_checkpoint.json").read_text())["files"]
+        assert "README.md" in files  # covered by the manifest like every other file
+
+
+def test_a_label_set_change_under_dap_alone_is_warned_about(tmp_path, shapes_root):
+    model = save_tiny_checkpoint("detr", tmp_path / "other", {i: f"c{i}" for i in range(3)}, image_size=128)
+    base = ["finetune", "--model", model, "--data", shapes_root, "--max-steps", "1", "--no-eval-before",
+            "--max-eval-images", "2", *COMMON]
+    proc = dapft(*base, "--output", tmp_path / "dap", "--loss", "dap")
+    assert "label set changed" in proc.stderr and "--loss dap+original trains them" in proc.stderr
+    proc = dapft(*base, "--output", tmp_path / "mixed", "--loss", "dap+original")
+    assert "label set changed" in proc.stderr and "dap+original trains them" not in proc.stderr
+
+
+def test_a_model_that_outputs_nan_boxes_stops_with_the_step_and_the_layer(tmp_path, tiny_detr, shapes_root):
+    from dapft.engine import FinetuneConfig, Trainer
+
+    class NanBoxes(Trainer):
+        """The box head outputs NaN from the second step on, as a diverging model would."""
+
+        def setup(self):
+            super().setup()
+            nan_from_step_2 = lambda m, i, out: out * float("nan") if self.state["global_step"] >= 1 else out  # noqa
+            self.model.bbox_predictor.register_forward_hook(nan_from_step_2)
+
+    cfg = FinetuneConfig(model=str(tiny_detr), data=str(shapes_root), output=str(tmp_path / "run"), epochs=1,
+                         batch_size=4, device="cpu", num_workers=0, progress=False, eval_before=False, loss="dap")
+    with pytest.raises(FloatingPointError, match=r"step 2: the AP matching cost of decoder layer 0 of 2.*lower --lr"):
+        NanBoxes(cfg).train()
