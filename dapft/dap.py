@@ -165,30 +165,24 @@ class _Grid:
         cell = pos.floor().clamp_(max=self.size - 2)
         return cell.long(), pos - cell
 
-    def deposit(self, cell: Tensor, t: Tensor, num_classes: int) -> Tensor:
-        """Located scores' histogram on the grid with linear weights, per class: (num_classes, size).
-        `cell` already offset by class (class * size + cell), as `locate` and `_rows` give it.
+    @staticmethod
+    def deposit(rows: Tensor, t: Tensor, length: int) -> Tensor:
+        """Located scores' histogram with linear weights: score b adds 1 - t_b at rows[b] and t_b at
+        rows[b] + 1 of a (length,) histogram.
 
         Accumulated in float64: with millions of scores near 0 one cell can hold most of them, and a
         float32 running sum would stop counting."""
-        hist = torch.zeros(num_classes * self.size, device=cell.device, dtype=torch.float64)
+        hist = torch.zeros(length, device=rows.device, dtype=torch.float64)
         right = t.double()
-        hist.index_add_(0, cell, 1 - right).index_add_(0, cell + 1, right)
-        return hist.view(num_classes, self.size)
+        return hist.index_add_(0, rows, 1 - right).index_add_(0, rows + 1, right)
 
     @staticmethod
-    def read(curves: Tensor, cell: Tensor, t: Tensor) -> Tensor:
-        """Curves over the grid, read off at located scores by linear interpolation. Rows of `curves`
-        are grid points, class after class ((C * size, ...)), matching `cell`'s offsets."""
+    def read(curves: Tensor, rows: Tensor, t: Tensor) -> Tensor:
+        """Curves over grid points (rows of `curves`) read off at located scores by linear interpolation."""
         pairs = torch.stack([curves[:-1], curves[1:]], 1)  # one gather for both ends of each cell
-        ends = pairs[cell]
+        ends = pairs[rows]
         t = t.to(curves.dtype).view(-1, *([1] * (curves.ndim - 1)))
         return torch.lerp(ends[:, 0], ends[:, 1], t)
-
-    def locate_rows(self, scores: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
-        """`locate`, with each score's cell offset to its class's rows of a (C * size) histogram."""
-        cell, t = self.locate(scores)
-        return (cell if labels is None else cell + labels * self.size), t
 
 
 def _grid_size(sigma: float) -> int:
@@ -210,19 +204,25 @@ class _KernelTailSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores: Tensor, labels: Tensor | None, num_classes: int, grid: _Grid):
-        cell, t = grid.locate_rows(scores, labels)
-        ctx.save_for_backward(cell, t)  # 12 bytes a candidate: cheaper than locating again
-        ctx.grid, ctx.dtype = grid, scores.dtype
-        return grid.deposit(cell, t, num_classes).to(grid.tails.dtype) @ grid.tails
+        cell, t = grid.locate(scores)
+        # Only the grid points the scores reach enter the products (probabilities never reach the
+        # grid's margins beyond [0, 1]); knowing them costs one device-to-host copy of two numbers.
+        lo, hi = (int(v) for v in torch.stack([cell.min(), cell.max()]).tolist()) if cell.numel() else (0, 0)
+        width = hi + 2 - lo
+        rows = cell - lo if labels is None else cell - lo + labels * width  # (class, grid point) rows
+        hist = grid.deposit(rows, t, num_classes * width).view(num_classes, width)
+        ctx.save_for_backward(rows, t)  # 12 bytes a candidate: cheaper than locating again
+        ctx.grid, ctx.span, ctx.dtype = grid, slice(lo, lo + width), scores.dtype
+        return hist.to(grid.tails.dtype) @ grid.tails[ctx.span]
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        cell, t = ctx.saved_tensors
+        rows, t = ctx.saved_tensors
         grid = ctx.grid
         # d out[c, i] / d s_b = dtail(s_b)(i): the upstream gradient through K's derivative is one
         # curve per class over the grid, read off at each score.
-        slope = grad_out.to(grid.dtails.dtype) @ grid.dtails.T  # (C, size)
-        return grid.read(slope.reshape(-1), cell, t).to(ctx.dtype), None, None, None
+        slope = grad_out.to(grid.dtails.dtype) @ grid.dtails[ctx.span].T  # (C, width)
+        return grid.read(slope.reshape(-1), rows, t).to(ctx.dtype), None, None, None
 
 
 def soft_tail_sum(
