@@ -167,6 +167,22 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def record_evaluation(state: dict, metrics: dict, tag: str, cfg: FinetuneConfig) -> bool:
+    """The evaluation and checkpoint policy: add an evaluation to the run's history, keep the best
+    AP (its weights become checkpoint-best), and apply --patience. Returns whether AP improved."""
+    state["history"].append({"epoch": state["epoch"], "global_step": state["global_step"], "tag": tag,
+                             **{k: metrics[k] for k in STAT_NAMES}})
+    improved = metrics["AP"] > state["best_ap"]
+    if improved:
+        state["best_ap"], state["evals_since_best"] = metrics["AP"], 0
+    else:
+        state["evals_since_best"] += 1
+    if cfg.patience and state["evals_since_best"] >= cfg.patience and state["epoch"] < cfg.epochs:
+        state["stopped_early"] = (f"stopped early after epoch {state['epoch']}: {cfg.patience} evaluations "
+                                  f"without a better AP (--patience {cfg.patience})")
+    return improved
+
+
 class Trainer:
     def __init__(self, cfg: FinetuneConfig):
         self.requested = cfg
@@ -425,19 +441,10 @@ class Trainer:
                     st["batch_in_epoch"] = 0
                 tag = f"epoch{st['epoch']:03d}" if not stop else f"step{st['global_step']}"
                 metrics = self.evaluate(tag)
-                st["history"].append({"epoch": st["epoch"], "global_step": st["global_step"], "tag": tag,
-                                      **{k: metrics[k] for k in STAT_NAMES}})
                 self._log({"type": "eval", "tag": "epoch", "epoch": st["epoch"], "global_step": st["global_step"],
                            **{k: metrics[k] for k in STAT_NAMES}})
-                improved = metrics["AP"] > st["best_ap"]
-                if improved:
-                    st["best_ap"], st["evals_since_best"] = metrics["AP"], 0
-                else:
-                    st["evals_since_best"] += 1
-                if cfg.patience and st["evals_since_best"] >= cfg.patience and st["epoch"] < cfg.epochs:
-                    st["stopped_early"] = (f"stopped early after epoch {st['epoch']}: {cfg.patience} evaluations "
-                                           f"without a better AP (--patience {cfg.patience})")
-                    stop = True
+                improved = record_evaluation(st, metrics, tag, cfg)
+                stop = stop or st["stopped_early"] is not None
                 st["elapsed"] = time.perf_counter() - t_start
                 self._save(best=improved)
                 bar.update(epoch_task, completed=st["epoch"])
