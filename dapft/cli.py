@@ -44,6 +44,7 @@ def _finetune_config(**kw):
 
 @app.command()
 def finetune(
+    ctx: typer.Context,
     model: str = typer.Option(..., "--model", help="Hub id, save_pretrained directory, or bundled name (dapft/...)."),
     data: Optional[str] = DATA,
     train_images: Optional[str] = typer.Option(None, help="Training image folder (instead of --data)."),
@@ -92,7 +93,9 @@ def finetune(
     from dapft.engine import finetune as run
 
     command = shlex.join(["dapft", *sys.argv[1:]])
-    cfg = _finetune_config(**{k: v for k, v in locals().items() if k not in ("run", "shlex")})
+    # By name: typer may bring its own copy of click's ParameterSource enum.
+    given = tuple(k for k in ctx.params if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE")
+    cfg = _finetune_config(**{k: v for k, v in locals().items() if k not in ("run", "shlex", "ctx")})
     report = run(cfg)
     if report.get("after"):
         _print_delta(report)

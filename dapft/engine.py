@@ -73,7 +73,43 @@ class FinetuneConfig:
     ema_decay: float | None = None
     patience: int | None = None  # stop after this many evaluations without a better AP
     command: str | None = None  # how the run was started, for reports and model cards
+    given: tuple[str, ...] | None = None  # settings the user gave (the CLI's flags); None: all non-defaults
     extra: dict = field(default_factory=dict)
+
+
+# What `--resume` may change: where and how the run reports and works, and when it stops. Everything
+# else (model, data, loss and its settings, schedule, recipe, precision) is the run's: a resumed run
+# takes it from the run's config.json, and a flag that asks for another value is refused by name.
+RESUMABLE_CHANGES = ("output", "resume", "progress", "num_workers", "save_every", "device", "max_steps", "patience",
+                     "command", "given")
+
+
+def _as_flag(name: str, value) -> str:
+    """A setting as the command line writes it: `--lr 0.001`, `--no-augment`, `--train-backbone`."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        if name == "freeze_backbone":
+            return "--freeze-backbone" if value else "--train-backbone"
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {value}"
+
+
+def resumed_config(requested: FinetuneConfig, saved: dict, where: Path) -> FinetuneConfig:
+    """The config a resumed run continues with: the run's own, but for RESUMABLE_CHANGES."""
+    defaults = FinetuneConfig(model=requested.model)
+    out = dataclasses.replace(requested)
+    for f in dataclasses.fields(FinetuneConfig):
+        if f.name in RESUMABLE_CHANGES or f.name == "extra" or f.name not in saved:
+            continue
+        asked = getattr(requested, f.name)
+        given = f.name in requested.given if requested.given is not None else asked != getattr(defaults, f.name)
+        if given and asked != saved[f.name]:
+            raise ValueError(f"{where}: {_as_flag(f.name, asked)} differs from the run's "
+                             f"{_as_flag(f.name, saved[f.name])}; a resumed run keeps "
+                             f"its settings (only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_CHANGES[2:8])}"
+                             " may change): drop the flag, or start a new run in another --output")
+        setattr(out, f.name, saved[f.name])
+    return out
 
 
 MODEL_RECIPE = "dapft_recipe.yaml"  # a checkpoint may carry its own recipe (the bundled ones do)
@@ -200,6 +236,8 @@ class Trainer:
         if self.out.exists() and any(self.out.iterdir()) and not cfg.resume and (self.out / "config.json").exists():
             raise FileExistsError(f"{self.out}: a run already exists here; pass --resume to continue it, "
                                   "or choose another --output")
+        if cfg.resume and (self.out / "config.json").is_file():
+            cfg = self.requested = resumed_config(cfg, json.loads((self.out / "config.json").read_text()), self.out)
         # Data first: bad input must fail before a model is downloaded or loaded.
         train_src = resolve_split(cfg.data, "train", cfg.train_images, cfg.train_annotations)
         val_src = resolve_split(cfg.data, "val", cfg.val_images, cfg.val_annotations)

@@ -225,7 +225,7 @@ def test_rtdetr_keeps_an_ema_and_a_killed_run_resumes_to_the_same_ema_and_weight
     _assert_same_weights(_weights(full), _weights(cut))
     _assert_same_weights(_raw_weights(full), _raw_weights(cut))
     proc = dapft(*args, "--output", cut, "--resume", "--no-ema", check=False)
-    assert proc.returncode == 1 and "resume it with --ema" in proc.stderr
+    assert proc.returncode == 1 and "--no-ema differs from the run's --ema" in " ".join(proc.stderr.split())
 
 
 def test_backbone_freezing_flags_and_the_report(tmp_path, tiny_detr, shapes_root):
@@ -304,3 +304,29 @@ def test_a_model_that_outputs_nan_boxes_stops_with_the_step_and_the_layer(tmp_pa
                          batch_size=4, device="cpu", num_workers=0, progress=False, eval_before=False, loss="dap")
     with pytest.raises(FloatingPointError, match=r"step 2: the AP matching cost of decoder layer 0 of 2.*lower --lr"):
         NanBoxes(cfg).train()
+
+
+def test_resume_continues_with_the_runs_settings_and_refuses_different_ones(tmp_path, tiny_detr, shapes_root):
+    import hashlib
+
+    run = tmp_path / "run"
+    base = ["finetune", "--model", tiny_detr, "--data", shapes_root, "--output", run, "--no-eval-before",
+            "--max-eval-images", "2", "--epochs", "2", *COMMON]
+    dapft(*base, "--loss", "dap+box", "--lr", "2e-4", "--max-steps", "1")
+
+    def digest():
+        return {p.relative_to(run): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.rglob("*"))
+                if p.is_file()}
+
+    written = digest()
+    for flag, name in ((["--loss", "dap"], "--loss dap differs from the run's --loss dap+box"),
+                       (["--lr", "1e-3"], "--lr 0.001"), (["--sigma", "0.1"], "--sigma 0.1"),
+                       (["--no-augment"], "--no-augment differs from the run's --augment")):
+        proc = dapft(*base, "--resume", "--max-steps", "2", *flag, check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        message = " ".join(proc.stderr.split())
+        assert name in message and "a resumed run keeps its settings" in message
+        assert digest() == written, f"a refused {name} changed the run"
+    dapft(*base, "--resume", "--max-steps", "2")  # no --loss / --lr: the run's own
+    report = json.loads((run / "report.json").read_text())
+    assert report["config"]["loss"] == "dap+box" and report["config"]["lr"] == 2e-4 and report["global_steps"] == 2
