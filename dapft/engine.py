@@ -140,12 +140,22 @@ def check_choices(cfg: FinetuneConfig) -> None:
         raise ValueError(f"--average must be pooled or per_class, got {cfg.average!r}")
     if cfg.evaluator not in ("faster-coco-eval", "pycocotools"):
         raise ValueError(f"--evaluator must be faster-coco-eval or pycocotools, got {cfg.evaluator!r}")
-    if cfg.sigma <= 0 or cfg.bins < 2 or cfg.grad_accum < 1:
-        raise ValueError("need --sigma > 0, --bins >= 2 and --grad-accum >= 1")
-    if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
-        raise ValueError(f"--ema-decay must lie in (0, 1), got {cfg.ema_decay}")
-    if cfg.patience is not None and cfg.patience < 1:
-        raise ValueError(f"--patience must be at least 1 evaluation, got {cfg.patience}")
+    if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ValueError(f"--precision must be auto, bf16, fp16 or fp32, got {cfg.precision!r}")
+    for name, low in _AT_LEAST.items():  # None means: the recipe's value, or no limit
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    for name, value in (("sigma", cfg.sigma), ("ema-decay", cfg.ema_decay), ("momentum", cfg.momentum)):
+        if value is not None and not (0 < value < 1 if name != "momentum" else 0 <= value < 1):
+            raise ValueError(f"--{name} must lie in {'[0, 1)' if name == 'momentum' else '(0, 1)'}, got {value}")
+
+
+# Lower bounds of the numeric settings (0 steps, epochs or images would silently mean the recipe's
+# value, no limit, or an AP computed on nothing).
+_AT_LEAST = {"epochs": 1, "max_steps": 1, "batch_size": 1, "grad_accum": 1, "bins": 2, "max_eval_images": 1,
+             "max_train_images": 1, "save_every": 1, "patience": 1, "num_workers": 0, "lr": 0.0,
+             "backbone_lr_multiplier": 0.0, "weight_decay": 0.0, "clip_grad_norm": 0.0}
 
 
 def resolve(cfg: FinetuneConfig, family: str) -> FinetuneConfig:

@@ -147,6 +147,13 @@ def evaluate_model(model: str, data: str | None = None, *, split: str = "val", i
     from dapft.report import write_eval_report
     from dapft.runtime import amp_dtype, console, make_progress, pick_device
 
+    out = Path(output)
+    if evaluator not in ("faster-coco-eval", "pycocotools"):
+        raise ValueError(f"--evaluator must be faster-coco-eval or pycocotools, got {evaluator!r}")
+    if (out / "config.json").is_file() and (out / "log.jsonl").is_file():
+        # A fine-tuning run's own report.md and metrics are there: an evaluation must not replace them.
+        raise FileExistsError(f"{out}: a fine-tuning run's directory; write this evaluation into a folder of "
+                              f"its own, e.g. --output {out / 'eval' / 'dapft-eval'}")
     dev = pick_device(device)
     source = resolve_split(data, split, images, annotations)
     coco = load_split(source, max_images=max_images)
@@ -155,7 +162,6 @@ def evaluate_model(model: str, data: str | None = None, *, split: str = "val", i
     detector.to(dev)
     loader = make_loader(CocoDetection(coco, mapping), processor, batch_size=batch_size, train=False,
                          num_workers=num_workers)
-    out = Path(output)
     with make_progress(disable=not progress) as bar:
         metrics = evaluate_split(detector, processor, coco, mapping, loader, device=dev, output=out,
                                  evaluator=evaluator, amp_dtype=amp_dtype(precision, dev), progress=bar)

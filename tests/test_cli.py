@@ -330,3 +330,35 @@ def test_resume_continues_with_the_runs_settings_and_refuses_different_ones(tmp_
     dapft(*base, "--resume", "--max-steps", "2")  # no --loss / --lr: the run's own
     report = json.loads((run / "report.json").read_text())
     assert report["config"]["loss"] == "dap+box" and report["config"]["lr"] == 2e-4 and report["global_steps"] == 2
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--epochs", "0", "--epochs must be at least 1"), ("--epochs", "-1", "--epochs must be at least 1"),
+    ("--max-steps", "0", "--max-steps must be at least 1"), ("--batch-size", "0", "--batch-size must be at least 1"),
+    ("--max-eval-images", "0", "--max-eval-images must be at least 1"),
+    ("--precision", "foo", "--precision must be auto, bf16, fp16 or fp32"),
+    ("--sigma", "0", "--sigma must lie in (0, 1)"), ("--ema-decay", "1.5", "--ema-decay must lie in (0, 1)"),
+    ("--lr", "-1e-4", "--lr must be at least 0.0"),
+])
+def test_out_of_range_settings_are_refused_before_any_work(tmp_path, tiny_detr, shapes_root, flag, value, says):
+    run = tmp_path / "run"
+    t0 = time.time()
+    proc = dapft("finetune", "--model", tiny_detr, "--data", shapes_root, "--output", run, *COMMON, flag, value,
+                 check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert says in " ".join(proc.stderr.split()) and len(proc.stderr.strip().splitlines()) <= 2
+    assert not run.exists() and time.time() - t0 < 30
+
+
+def test_eval_refuses_to_overwrite_a_fine_tuning_runs_report(tmp_path, tiny_detr, shapes_root):
+    run = tmp_path / "run"
+    dapft("finetune", "--model", tiny_detr, "--data", shapes_root, "--output", run, "--max-steps", "1",
+          "--no-eval-before", "--max-eval-images", "2", *COMMON)
+    report = (run / "report.md").read_bytes()
+    proc = dapft("eval", "--model", run / "checkpoint-last", "--data", shapes_root, "--output", run,
+                 "--num-workers", "0", "--no-progress", "--max-images", "2", check=False)
+    assert proc.returncode == 1 and "a fine-tuning run's directory" in " ".join(proc.stderr.split())
+    assert (run / "report.md").read_bytes() == report
+    proc = dapft("eval", "--model", run / "checkpoint-last", "--data", shapes_root, "--output",
+                 run / "eval" / "dapft-eval", "--num-workers", "0", "--no-progress", "--max-images", "2")
+    assert (run / "eval" / "dapft-eval" / "report.md").exists() and (run / "report.md").read_bytes() == report
