@@ -222,12 +222,18 @@ def make_dataset(
 
 def run() -> None:
     """Console entry point: one clear line per error unless --debug."""
+    from dapft.engine import TrainingInterrupted
+
     try:
         app(standalone_mode=False)
     except SystemExit:
         raise
+    except TrainingInterrupted as exc:  # Ctrl-C in a fine-tuning run, its checkpoint saved
+        console.print(str(exc), style="red", markup=False, highlight=False)
+        sys.exit(130)
     except KeyboardInterrupt:
-        console.print("[red]interrupted[/]; resume with --resume")
+        console.print("interrupted (nothing saved since the last checkpoint); continue a fine-tuning run with "
+                      "the same command and --resume", markup=False, highlight=False)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001
         import click
@@ -235,8 +241,9 @@ def run() -> None:
         if isinstance(exc, click.exceptions.ClickException):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
+        if type(exc).__name__ == "Abort":  # click's (or typer's copy of click's) word for Ctrl-C
+            console.print("interrupted", markup=False, highlight=False)
+            sys.exit(130)
         if _debug["on"] or "--debug" in sys.argv:
             raise
         console.print(f"[bold red]error:[/] {exc}")

@@ -74,6 +74,16 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
+def any_process(flag: bool, info: DistInfo) -> bool:
+    """True on every process if it is true on any (so that all stop at the same step)."""
+    if not info.enabled:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -7,6 +7,8 @@ import dataclasses
 import json
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,6 +231,34 @@ def record_evaluation(state: dict, metrics: dict, tag: str, cfg: FinetuneConfig)
     return improved
 
 
+class TrainingInterrupted(Exception):
+    """Ctrl-C during fine-tuning, raised once a resumable checkpoint of the last step is saved."""
+
+
+class _CtrlC:
+    """SIGINT handling for the length of a run: the first Ctrl-C asks the loop to save a resumable
+    checkpoint at the next step boundary and stop; a second one stops at once."""
+
+    def __init__(self, log):
+        self.count, self.log, self.previous = 0, log, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum, frame):
+        self.count += 1
+        if self.count > 1:
+            raise KeyboardInterrupt
+        self.log("interrupted: saving a resumable checkpoint at the end of this step (Ctrl-C again to quit "
+                 "at once, losing the steps since the last checkpoint)")
+
+
 class Trainer:
     def __init__(self, cfg: FinetuneConfig):
         self.requested = cfg
@@ -436,71 +466,74 @@ class Trainer:
         self.log(f"{self.freezing.summary()} · "
                  + (f"model EMA decay {cfg.ema_decay:g} (warm-up {cfg.extra.get('ema_warmup_steps', 0)} steps): "
                     "evaluated and saved" if self.ema is not None else "no model EMA"))
-        if cfg.eval_before and st["before"] is None:
-            st["before"] = self.evaluate("before")
-            self._log({"type": "eval", "tag": "before", "epoch": 0, "global_step": 0,
-                       **{k: st["before"][k] for k in STAT_NAMES}})
-            self.log(f"before fine-tuning: AP {100 * st['before']['AP']:.2f}")
-        self.model.train()
-        t_start = time.perf_counter() - st["elapsed"]
-        stop = False
-        with make_progress(disable=not (cfg.progress and self.dist.is_main)) as bar:
-            epoch_task = bar.add_task("epochs", total=cfg.epochs, completed=st["epoch"], info="")
-            step_task = bar.add_task("steps", total=self.steps_per_epoch, info="")
-            while st["epoch"] < cfg.epochs and not stop:
-                if (cfg.max_steps and st["global_step"] >= cfg.max_steps) or st["stopped_early"]:
-                    break  # a resumed run that had already reached --max-steps or its patience
-                epoch = st["epoch"]
-                for group in self.optimizer.param_groups:
-                    group["lr"] = group["base_lr"] * lr_factor(epoch, cfg.epochs)
-                per_process = cfg.batch_size // self.dist.world_size
-                self.sampler.set_epoch(epoch, skip_samples=st["batch_in_epoch"] * per_process)
-                bar.update(step_task, completed=st["batch_in_epoch"] // cfg.grad_accum, total=self.steps_per_epoch)
-                # Each step's own wall time: waiting for data, its micro-batches, the optimizer step
-                # (a checkpoint written after it is not part of it).
-                t_step, n_step = time.perf_counter(), 0
-                self.optimizer.zero_grad(set_to_none=True)
-                for batch in self.train_loader:
-                    terms = self._forward_backward(batch)
-                    st["batch_in_epoch"] += 1
-                    n_step += len(batch["image_ids"]) * self.dist.world_size
-                    if st["batch_in_epoch"] % cfg.grad_accum and st["batch_in_epoch"] < self.batches_per_epoch:
-                        continue  # accumulating
-                    grad_norm = self._optimizer_step()
-                    st["global_step"] += 1
-                    step_seconds = time.perf_counter() - t_step
-                    ips = n_step / max(step_seconds, 1e-9)
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    record = {"type": "step", "epoch": epoch + 1, "global_step": st["global_step"], "lr": lr,
-                              "grad_norm": grad_norm, "step_seconds": round(step_seconds, 4),
-                              "images_per_second": round(ips, 2), **terms}
-                    self._log(record)
-                    bar.update(step_task, advance=1, info=f"loss {terms['loss']:.4f} · lr {lr:.2e} · {ips:.1f} img/s"
-                               + (f" · DAP {terms['dap']:.3f}" if "dap" in terms else ""))
-                    if cfg.save_every and st["global_step"] % cfg.save_every == 0:
-                        st["elapsed"] = time.perf_counter() - t_start
-                        self._save()
-                    if cfg.max_steps and st["global_step"] >= cfg.max_steps:
-                        stop = True
-                        break
+        with _CtrlC(self.log) as self._ctrl_c:
+            if cfg.eval_before and st["before"] is None:
+                st["before"] = self.evaluate("before")
+                self._log({"type": "eval", "tag": "before", "epoch": 0, "global_step": 0,
+                           **{k: st["before"][k] for k in STAT_NAMES}})
+                self.log(f"before fine-tuning: AP {100 * st['before']['AP']:.2f}")
+            self.model.train()
+            t_start = time.perf_counter() - st["elapsed"]
+            stop = False
+            with make_progress(disable=not (cfg.progress and self.dist.is_main)) as bar:
+                epoch_task = bar.add_task("epochs", total=cfg.epochs, completed=st["epoch"], info="")
+                step_task = bar.add_task("steps", total=self.steps_per_epoch, info="")
+                while st["epoch"] < cfg.epochs and not stop:
+                    self._stop_if_interrupted(t_start)
+                    if (cfg.max_steps and st["global_step"] >= cfg.max_steps) or st["stopped_early"]:
+                        break  # a resumed run that had already reached --max-steps or its patience
+                    epoch = st["epoch"]
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = group["base_lr"] * lr_factor(epoch, cfg.epochs)
+                    per_process = cfg.batch_size // self.dist.world_size
+                    self.sampler.set_epoch(epoch, skip_samples=st["batch_in_epoch"] * per_process)
+                    bar.update(step_task, completed=st["batch_in_epoch"] // cfg.grad_accum, total=self.steps_per_epoch)
+                    # Each step's own wall time: waiting for data, its micro-batches, the optimizer step
+                    # (a checkpoint written after it is not part of it).
                     t_step, n_step = time.perf_counter(), 0
-                if not stop:
-                    st["epoch"] += 1
-                    st["batch_in_epoch"] = 0
-                tag = f"epoch{st['epoch']:03d}" if not stop else f"step{st['global_step']}"
-                metrics = self.evaluate(tag)
-                self._log({"type": "eval", "tag": "epoch", "epoch": st["epoch"], "global_step": st["global_step"],
-                           **{k: metrics[k] for k in STAT_NAMES}})
-                improved = record_evaluation(st, metrics, tag, cfg)
-                stop = stop or st["stopped_early"] is not None
-                st["elapsed"] = time.perf_counter() - t_start
-                self._save(best=improved)
-                bar.update(epoch_task, completed=st["epoch"])
-                where = f"step {st['global_step']} (--max-steps)" if tag.startswith("step") else f"epoch {st['epoch']}"
-                self.log(f"{where}: AP {100 * metrics['AP']:.2f}"
-                         + (f" (best {100 * st['best_ap']:.2f})" if not improved else " (best so far)"))
-                if st["stopped_early"]:
-                    self.log(st["stopped_early"])
+                    self.optimizer.zero_grad(set_to_none=True)
+                    for batch in self.train_loader:
+                        terms = self._forward_backward(batch)
+                        st["batch_in_epoch"] += 1
+                        n_step += len(batch["image_ids"]) * self.dist.world_size
+                        if st["batch_in_epoch"] % cfg.grad_accum and st["batch_in_epoch"] < self.batches_per_epoch:
+                            continue  # accumulating
+                        grad_norm = self._optimizer_step()
+                        st["global_step"] += 1
+                        step_seconds = time.perf_counter() - t_step
+                        ips = n_step / max(step_seconds, 1e-9)
+                        lr = self.optimizer.param_groups[0]["lr"]
+                        record = {"type": "step", "epoch": epoch + 1, "global_step": st["global_step"], "lr": lr,
+                                  "grad_norm": grad_norm, "step_seconds": round(step_seconds, 4),
+                                  "images_per_second": round(ips, 2), **terms}
+                        self._log(record)
+                        bar.update(step_task, advance=1, info=f"loss {terms['loss']:.4f} · lr {lr:.2e} · {ips:.1f} img/s"
+                                   + (f" · DAP {terms['dap']:.3f}" if "dap" in terms else ""))
+                        if cfg.save_every and st["global_step"] % cfg.save_every == 0:
+                            st["elapsed"] = time.perf_counter() - t_start
+                            self._save()
+                        self._stop_if_interrupted(t_start)
+                        if cfg.max_steps and st["global_step"] >= cfg.max_steps:
+                            stop = True
+                            break
+                        t_step, n_step = time.perf_counter(), 0
+                    if not stop:
+                        st["epoch"] += 1
+                        st["batch_in_epoch"] = 0
+                    tag = f"epoch{st['epoch']:03d}" if not stop else f"step{st['global_step']}"
+                    metrics = self.evaluate(tag)
+                    self._log({"type": "eval", "tag": "epoch", "epoch": st["epoch"], "global_step": st["global_step"],
+                               **{k: metrics[k] for k in STAT_NAMES}})
+                    improved = record_evaluation(st, metrics, tag, cfg)
+                    stop = stop or st["stopped_early"] is not None
+                    st["elapsed"] = time.perf_counter() - t_start
+                    self._save(best=improved)
+                    bar.update(epoch_task, completed=st["epoch"])
+                    where = f"step {st['global_step']} (--max-steps)" if tag.startswith("step") else f"epoch {st['epoch']}"
+                    self.log(f"{where}: AP {100 * metrics['AP']:.2f}"
+                             + (f" (best {100 * st['best_ap']:.2f})" if not improved else " (best so far)"))
+                    if st["stopped_early"]:
+                        self.log(st["stopped_early"])
         st["elapsed"] = time.perf_counter() - t_start
         report = {}
         if self.dist.is_main:
@@ -512,6 +545,15 @@ class Trainer:
         if self.tb is not None:
             self.tb.close()
         return report
+
+    def _stop_if_interrupted(self, t_start: float) -> None:
+        """At a step boundary, after a Ctrl-C on any process: save a resumable checkpoint and stop."""
+        if not dist_utils.any_process(self._ctrl_c.count > 0, self.dist):
+            return
+        self.state["elapsed"] = time.perf_counter() - t_start
+        self._save()
+        raise TrainingInterrupted(f"interrupted at step {self.state['global_step']}; checkpoint saved in "
+                                  f"{self.out / 'checkpoint-last'}: continue with the same command and --resume")
 
     def _forward_backward(self, batch: dict) -> dict:
         inputs = {"pixel_values": batch["pixel_values"].to(self.device, non_blocking=True),

@@ -362,3 +362,29 @@ def test_eval_refuses_to_overwrite_a_fine_tuning_runs_report(tmp_path, tiny_detr
     proc = dapft("eval", "--model", run / "checkpoint-last", "--data", shapes_root, "--output",
                  run / "eval" / "dapft-eval", "--num-workers", "0", "--no-progress", "--max-images", "2")
     assert (run / "eval" / "dapft-eval" / "report.md").exists() and (run / "report.md").read_bytes() == report
+
+
+def test_ctrl_c_saves_a_checkpoint_exits_130_and_resumes_to_the_same_weights(tmp_path, tiny_detr, shapes_root):
+    args = ["finetune", "--model", tiny_detr, "--data", shapes_root, "--loss", "dap+box", "--epochs", "2",
+            "--no-eval-before", "--max-eval-images", "4", "--seed", "4", *COMMON]  # no --save-every
+    full = tmp_path / "full"
+    dapft(*args, "--output", full)
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "dapft", *map(str, args), "--output", str(cut)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    log = cut / "log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # Ctrl-C mid-epoch 1 (6 steps an epoch)
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    message = " ".join(err.split())
+    assert "interrupted at step" in message and "--resume" in message and "Traceback" not in err
+    step = json.loads((cut / "checkpoint-last" / "dapft_checkpoint.json").read_text())["global_step"]
+    assert 3 <= step < 12 and not (cut / "report.json").exists()
+    dapft(*args, "--output", cut, "--resume")
+    _assert_same_weights(_weights(full), _weights(cut))
