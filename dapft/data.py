@@ -107,6 +107,9 @@ def load_split(source: SplitSource, *, check_images: bool = True, max_images: in
         for key in ("id", "file_name", "width", "height"):
             if key not in im:
                 raise DataError(f"{ann_file}: image entry {im.get('id', im)} lacks '{key}'")
+        if im["id"] in image_by_id:  # their annotations would merge: each would train on the other's boxes
+            raise DataError(f"{ann_file}: image id {im['id']} is used by both {image_by_id[im['id']]['file_name']} "
+                            f"and {im['file_name']}; give every image its own id")
         image_by_id[im["id"]] = im
     if max_images is not None:
         images = sorted(images, key=lambda im: im["id"])[:max_images]
@@ -203,6 +206,16 @@ class LabelMap:
             missing = [c["id"] for c in categories if c["id"] not in mapping]
             if missing:
                 raise DataError(f"{mapping_file}: no entry for dataset category ids {missing}")
+            strangers = sorted(set(mapping) - {c["id"] for c in categories})
+            if strangers:
+                raise DataError(f"{mapping_file}: category ids {strangers} are not in {where}'s categories; "
+                                "remove them or fix the ids")
+            shared = {v: sorted(k for k in mapping if mapping[k] == v) for v in set(mapping.values())}
+            shared = {v: ks for v, ks in shared.items() if len(ks) > 1}
+            if shared:
+                label, ids = next(iter(sorted(shared.items())))
+                raise DataError(f"{mapping_file}: dataset categories {ids} all map to model label {label}; "
+                                "each category needs a label of its own (AP is computed per category)")
             return cls(mapping)
         mapping = match_names({c["id"]: c["name"] for c in categories}, id2label)
         missing = [c["name"] for c in categories if c["id"] not in mapping]

@@ -241,3 +241,24 @@ def test_collated_boxes_frame_the_objects_after_processing(shapes_root):
     got = TF.convert_bounding_box_format(lab["boxes"] * torch.tensor([ww, hh, ww, hh]), "CXCYWH", "XYWH")
     want = torch.tensor([a["bbox"] for a in orig]) * scale
     torch.testing.assert_close(got, want, atol=1.0, rtol=0)
+
+
+def test_duplicate_image_ids_are_refused(shapes_root, tmp_path):
+    root, ann, data = _copy(shapes_root, tmp_path)
+    data["images"][3]["id"] = data["images"][1]["id"]
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=rf"image id {data['images'][1]['id']} is used by both "
+                                        rf"{data['images'][1]['file_name']} and {data['images'][3]['file_name']}"):
+        load_split(resolve_split(root, "val"))
+
+
+def test_label_map_collisions_and_unknown_categories_are_refused(shapes_root, tmp_path):
+    split = load_split(resolve_split(shapes_root, "val"))
+    labels = {i: f"x{i}" for i in range(6)}
+    f = tmp_path / "map.json"
+    f.write_text(json.dumps({**{str(k + 1): k for k in range(len(CLASSES))}, "3": 0}))  # 1 and 3 -> label 0
+    with pytest.raises(DataError, match=r"categories \[1, 3\] all map to model label 0"):
+        LabelMap.build(split.categories, labels, f)
+    f.write_text(json.dumps({**{str(k + 1): k for k in range(len(CLASSES))}, "42": 5}))
+    with pytest.raises(DataError, match=r"category ids \[42\] are not in"):
+        LabelMap.build(split.categories, labels, f)
