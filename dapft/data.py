@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -231,6 +232,17 @@ class LabelMap:
 # Dataset, augmentation, batching
 
 
+def load_rgb(path: Path) -> Image.Image:
+    """An image as 8-bit RGB. 16-bit and 32-bit integer images (16-bit PNGs open as mode I;16 or I)
+    are rescaled from their full range: PIL's own conversion clips them, and most become white."""
+    with Image.open(path) as im:
+        if im.mode.startswith("I"):
+            deep = np.asarray(im, dtype=np.float64)
+            top = 65535.0 if im.mode.startswith("I;16") or deep.max() <= 65535 else float(deep.max())
+            im = Image.fromarray(np.clip(deep / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        return im.convert("RGB")
+
+
 class RandomSizeCrop(v2.Transform):
     """DETR's random crop: a crop of random size within [min_size, max_size] (clamped to the image)."""
 
@@ -280,8 +292,7 @@ class CocoDetection(Dataset):
         info = self.split.images[index]
         path = self.split.source.images / info["file_name"]
         try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
+            image = load_rgb(path)
         except Exception as exc:  # noqa: BLE001
             raise DataError(f"{path}: cannot read image ({exc})") from exc
         anns = self.split.annotations[info["id"]]

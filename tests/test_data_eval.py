@@ -262,3 +262,17 @@ def test_label_map_collisions_and_unknown_categories_are_refused(shapes_root, tm
     f.write_text(json.dumps({**{str(k + 1): k for k in range(len(CLASSES))}, "42": 5}))
     with pytest.raises(DataError, match=r"category ids \[42\] are not in"):
         LabelMap.build(split.categories, labels, f)
+
+
+def test_16_bit_images_keep_their_contents(tmp_path):
+    from PIL import Image
+
+    from dapft.data import load_rgb
+
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    rgb = np.asarray(load_rgb(tmp_path / "deep.png"))
+    assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
+    assert rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255 and 120 < rgb.mean() < 135  # not all white
+    Image.fromarray((ramp >> 8).astype(np.uint8)).convert("RGB").save(tmp_path / "plain.png")
+    np.testing.assert_allclose(rgb.astype(int), np.asarray(load_rgb(tmp_path / "plain.png")).astype(int), atol=1)
