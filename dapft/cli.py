@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from rich.markup import escape
+
 from dapft.runtime import console
 
 app = typer.Typer(
@@ -106,7 +108,7 @@ def _print_delta(report: dict) -> None:
     line = f"AP {100 * after['AP']:.2f}"
     if before:
         line = f"AP {100 * before['AP']:.2f} -> {100 * after['AP']:.2f} ({100 * (after['AP'] - before['AP']):+.2f})"
-    console.print(f"[bold green]done[/]: {line}; report: {Path(report['config']['output']) / 'report.md'}")
+    console.print(f"[bold green]done[/]: {line}; report: {escape(str(Path(report['config']['output']) / 'report.md'))}")
 
 
 @app.command("eval")
@@ -246,5 +248,5 @@ def run() -> None:
             sys.exit(130)
         if _debug["on"] or "--debug" in sys.argv:
             raise
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {escape(str(exc))}")  # user text may hold [brackets]
         sys.exit(1)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from rich.markup import escape
 
 from dapft import distributed as dist_utils
 from dapft.checkpoint import CheckpointError, find_resumable, load_trainer_state, save_checkpoint, verify_checkpoint
@@ -391,7 +392,7 @@ class Trainer:
             self.criterion.load_state_dict(trainer_state["criterion"])
         self.state = {"evals_since_best": 0, "stopped_early": None, **trainer_state["state"]}
         _set_rng_state(trainer_state["rng"])
-        self.log(f"resuming from {ckpt} (epoch {self.state['epoch'] + 1}, step {self.state['global_step']}, "
+        self.log(f"resuming from {escape(str(ckpt))} (epoch {self.state['epoch'] + 1}, step {self.state['global_step']}, "
                  f"saved {manifest.get('saved_at', '?')})")
         # Forget log lines the interrupted run wrote after this checkpoint.
         log = self.out / "log.jsonl"
@@ -460,7 +461,7 @@ class Trainer:
                 self.tb = SummaryWriter(str(self.out / "tensorboard"))
             except ImportError:
                 pass
-        self.log(f"[bold]dapft finetune[/] {cfg.model} ({self.family.name}) · loss {cfg.loss} · matcher {cfg.matcher} · "
+        self.log(f"[bold]dapft finetune[/] {escape(cfg.model)} ({self.family.name}) · loss {cfg.loss} · matcher {cfg.matcher} · "
                  f"sigma {cfg.sigma} · bins {cfg.bins} · {cfg.epochs} epochs · batch {cfg.batch_size} · lr {cfg.lr:g} "
                  f"· {self.device} x{self.dist.world_size}")
         self.log(f"{self.freezing.summary()} · "

@@ -293,7 +293,9 @@ def load_detector(model: str | Path, *, id2label: dict[int, str] | None = None, 
             for k in range(extra):
                 param[n_new + k] = old[n_old + k]
             copied += 1
-    kept = ", ".join(new_labels[i] for i in sorted(rows)) or "none"
+    from rich.markup import escape  # class names are user text: "[bracketed]" names must print as they are
+
+    kept = escape(", ".join(new_labels[i] for i in sorted(rows)) or "none")
     log(f"label set changed ({n_old} -> {n_new} classes): the classifier was resized and re-initialised; "
         f"classes kept from the checkpoint by name: {kept} ({copied} class-indexed tensors carried over)")
     return detector, load_processor(path, family), family

@@ -388,3 +388,17 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resumes_to_the_same_weights(tmp
     assert 3 <= step < 12 and not (cut / "report.json").exists()
     dapft(*args, "--output", cut, "--resume")
     _assert_same_weights(_weights(full), _weights(cut))
+
+
+def test_error_messages_keep_square_brackets_of_user_text(tmp_path, tiny_detr, shapes_root):
+    root = tmp_path / "data"
+    shutil.copytree(shapes_root, root)
+    ann = root / "annotations" / "instances_val2017.json"
+    data = json.loads(ann.read_text())
+    name = data["images"][0]["file_name"]
+    (root / "val2017" / name).rename(root / "val2017" / "a[b]c.png")  # the JSON still names the old file
+    data["images"][0]["file_name"] = "x[red]y.png"
+    ann.write_text(json.dumps(data))
+    proc = dapft("eval", "--model", tiny_detr, "--data", root, "--output", tmp_path / "ev", "--no-progress",
+                 check=False)
+    assert proc.returncode == 1 and "x[red]y.png" in " ".join(proc.stderr.split()).replace(" ", "")
