@@ -210,7 +210,10 @@ def model_card(cfg, family: str, state: dict, which: str) -> str:
     if state.get("before"):
         rows["before fine-tuning"] = state["before"]
     if evaluated:
-        rows[f"this checkpoint (epoch {evaluated['epoch']}, step {evaluated['global_step']})"] = evaluated
+        # A mid-epoch checkpoint-last (--save-every, Ctrl-C) is newer than the run's last evaluation.
+        same = which == "best" or evaluated["global_step"] == state["global_step"]
+        label = "this checkpoint" if same else "the run's last evaluation"
+        rows[f"{label} (epoch {evaluated['epoch']}, step {evaluated['global_step']})"] = evaluated
     data = cfg.data or f"{cfg.train_annotations} (train), {cfg.val_annotations} (val)"
     weights = f"the model EMA (decay {cfg.ema_decay:g})" if cfg.ema else "the trained weights"
     saved = ("the best validation AP of the run" if which == "best" else
