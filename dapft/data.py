@@ -211,10 +211,12 @@ class LabelMap:
             if strangers:
                 raise DataError(f"{mapping_file}: category ids {strangers} are not in {where}'s categories; "
                                 "remove them or fix the ids")
-            shared = {v: sorted(k for k in mapping if mapping[k] == v) for v in set(mapping.values())}
-            shared = {v: ks for v, ks in shared.items() if len(ks) > 1}
+            by_label: dict[int, list[int]] = {}
+            for category, label in sorted(mapping.items()):
+                by_label.setdefault(label, []).append(category)
+            shared = [(label, ids) for label, ids in sorted(by_label.items()) if len(ids) > 1]
             if shared:
-                label, ids = next(iter(sorted(shared.items())))
+                label, ids = shared[0]
                 raise DataError(f"{mapping_file}: dataset categories {ids} all map to model label {label}; "
                                 "each category needs a label of its own (AP is computed per category)")
             return cls(mapping)

@@ -23,7 +23,7 @@ from dapft.checkpoint import CheckpointError, find_resumable, load_trainer_state
 from dapft.criterion import LOSS_CONFIGS, DAPCriterion, install_loss
 from dapft.data import CocoDetection, EpochSampler, LabelMap, load_split, make_loader, resolve_split
 from dapft.ema import ModelEMA
-from dapft.evaluate import evaluate_split
+from dapft.evaluate import check_evaluator, evaluate_split
 from dapft.freeze import FreezeSpec, apply_freezing
 from dapft.metrics import STAT_NAMES
 from dapft.models import load_detector
@@ -83,8 +83,8 @@ class FinetuneConfig:
 # What `--resume` may change: where and how the run reports and works, and when it stops. Everything
 # else (model, data, loss and its settings, schedule, recipe, precision) is the run's: a resumed run
 # takes it from the run's config.json, and a flag that asks for another value is refused by name.
-RESUMABLE_CHANGES = ("output", "resume", "progress", "num_workers", "save_every", "device", "max_steps", "patience",
-                     "command", "given")
+RESUMABLE_CHANGES = ("progress", "num_workers", "save_every", "device", "max_steps", "patience")
+_NOT_SETTINGS = ("output", "resume", "command", "given", "extra")  # where the run is and how it was asked for
 
 
 def _as_flag(name: str, value) -> str:
@@ -99,18 +99,18 @@ def _as_flag(name: str, value) -> str:
 
 def resumed_config(requested: FinetuneConfig, saved: dict, where: Path) -> FinetuneConfig:
     """The config a resumed run continues with: the run's own, but for RESUMABLE_CHANGES."""
+    may_change = ", ".join("--" + k.replace("_", "-") for k in RESUMABLE_CHANGES)
     defaults = FinetuneConfig(model=requested.model)
     out = dataclasses.replace(requested)
     for f in dataclasses.fields(FinetuneConfig):
-        if f.name in RESUMABLE_CHANGES or f.name == "extra" or f.name not in saved:
+        if f.name in RESUMABLE_CHANGES or f.name in _NOT_SETTINGS or f.name not in saved:
             continue
         asked = getattr(requested, f.name)
         given = f.name in requested.given if requested.given is not None else asked != getattr(defaults, f.name)
         if given and asked != saved[f.name]:
             raise ValueError(f"{where}: {_as_flag(f.name, asked)} differs from the run's "
-                             f"{_as_flag(f.name, saved[f.name])}; a resumed run keeps "
-                             f"its settings (only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_CHANGES[2:8])}"
-                             " may change): drop the flag, or start a new run in another --output")
+                             f"{_as_flag(f.name, saved[f.name])}; a resumed run keeps its settings (only "
+                             f"{may_change} may change): drop the flag, or start a new run in another --output")
         setattr(out, f.name, saved[f.name])
     return out
 
@@ -141,17 +141,18 @@ def check_choices(cfg: FinetuneConfig) -> None:
         raise ValueError(f"--matcher must be constant, momentum or original, got {cfg.matcher!r}")
     if cfg.average not in ("pooled", "per_class"):
         raise ValueError(f"--average must be pooled or per_class, got {cfg.average!r}")
-    if cfg.evaluator not in ("faster-coco-eval", "pycocotools"):
-        raise ValueError(f"--evaluator must be faster-coco-eval or pycocotools, got {cfg.evaluator!r}")
+    check_evaluator(cfg.evaluator)
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ValueError(f"--precision must be auto, bf16, fp16 or fp32, got {cfg.precision!r}")
     for name, low in _AT_LEAST.items():  # None means: the recipe's value, or no limit
         value = getattr(cfg, name)
         if value is not None and value < low:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-    for name, value in (("sigma", cfg.sigma), ("ema-decay", cfg.ema_decay), ("momentum", cfg.momentum)):
-        if value is not None and not (0 < value < 1 if name != "momentum" else 0 <= value < 1):
-            raise ValueError(f"--{name} must lie in {'[0, 1)' if name == 'momentum' else '(0, 1)'}, got {value}")
+    for name, zero_allowed in (("sigma", False), ("ema_decay", False), ("momentum", True)):
+        value = getattr(cfg, name)
+        if value is not None and not ((value >= 0 if zero_allowed else value > 0) and value < 1):
+            raise ValueError(f"--{name.replace('_', '-')} must lie in {'[0, 1)' if zero_allowed else '(0, 1)'}, "
+                             f"got {value}")
 
 
 # Lower bounds of the numeric settings (0 steps, epochs or images would silently mean the recipe's

@@ -18,6 +18,13 @@ from dapft.metrics import STAT_NAMES, CocoMetrics
 from dapft.runtime import atomic_write_text
 
 Evaluator = Literal["faster-coco-eval", "pycocotools"]
+EVALUATORS = ("faster-coco-eval", "pycocotools")
+
+
+def check_evaluator(evaluator: str) -> None:
+    """Before any work: an unknown evaluator would otherwise fail only after inference."""
+    if evaluator not in EVALUATORS:
+        raise ValueError(f"--evaluator must be {' or '.join(EVALUATORS)}, got {evaluator!r}")
 
 
 def to_coco_results(detections: list[dict], image_ids: list[int], label_map: LabelMap) -> list[dict]:
@@ -73,14 +80,13 @@ def _top(det: dict, k: int) -> dict:
 def coco_evaluate(ann_file: str | Path, results: list[dict], image_ids: list[int],
                   evaluator: Evaluator = "faster-coco-eval") -> CocoMetrics:
     """Score `results` against the annotation file on exactly `image_ids` (so --max-images is fair)."""
+    check_evaluator(evaluator)
     t0 = time.perf_counter()
     if evaluator == "faster-coco-eval":
         from faster_coco_eval import COCO, COCOeval_faster as COCOeval
-    elif evaluator == "pycocotools":
+    else:
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
-    else:
-        raise ValueError(f"evaluator must be faster-coco-eval or pycocotools, got {evaluator!r}")
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(ann_file))
         cat_ids = sorted(gt.getCatIds())
@@ -148,8 +154,7 @@ def evaluate_model(model: str, data: str | None = None, *, split: str = "val", i
     from dapft.runtime import amp_dtype, console, make_progress, pick_device
 
     out = Path(output)
-    if evaluator not in ("faster-coco-eval", "pycocotools"):
-        raise ValueError(f"--evaluator must be faster-coco-eval or pycocotools, got {evaluator!r}")
+    check_evaluator(evaluator)
     if (out / "config.json").is_file() and (out / "log.jsonl").is_file():
         # A fine-tuning run's own report.md and metrics are there: an evaluation must not replace them.
         raise FileExistsError(f"{out}: a fine-tuning run's directory; write this evaluation into a folder of "
