@@ -95,16 +95,18 @@ def apply_freezing(model: nn.Module, spec: FreezeSpec) -> FreezeReport:
             frozen_norms += 1
         elif "FrozenBatchNorm" in type(module).__name__:
             frozen_norms += 1  # buffers only: frozen by construction
-    parts: dict[str, bool] = {}
+    parts: dict[str, bool] = {}  # backbone part -> whether any of it trains
+    backbone = []
     for name, p in model.named_parameters():
         if "backbone" not in name:
             continue
         frozen = id(p) in norm_params or _frozen_by_spec(name, spec)
         p.requires_grad_(not frozen)
-        parts[backbone_part(name)] = parts.get(backbone_part(name), False) or not frozen
+        part = backbone_part(name)
+        parts[part] = parts.get(part, False) or not frozen
+        backbone.append(p)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    backbone = [p for n, p in model.named_parameters() if "backbone" in n]
     order = sorted(parts, key=lambda k: (k != "stem", k == "other", int(k[5:]) if k.startswith("stage") else 0))
     frozen_parts = [("stage " + k[5:]) if k.startswith("stage") else k for k in order if not parts[k]]
     if spec.whole:
