@@ -103,8 +103,12 @@ class DAPCriterion(nn.Module):
             q = stacked.shape[2] // groups
             return stacked.view(num_layers, batch, groups, q, -1).transpose(1, 2).reshape(-1, q, stacked.shape[-1])
 
+        logits, boxes = as_sets("logits"), as_sets("pred_boxes")
         try:
-            daps, precision = self.set_daps(as_sets("logits"), as_sets("pred_boxes"), targets, num_layers * groups)
+            # Autocast would run the tail sums' and the cost's matrix products in bf16 / fp16, whose
+            # 3 significant digits are coarser than the differences DAP ranks by: all in float32.
+            with torch.autocast(logits.device.type, enabled=False):
+                daps, precision = self.set_daps(logits.float(), boxes.float(), targets, num_layers * groups)
         except NonFiniteCostError as exc:
             layer, group = divmod(exc.image // batch, groups)
             where = f"decoder layer {layer} of {num_layers}" + (f", query group {group}" if groups > 1 else "")

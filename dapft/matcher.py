@@ -78,11 +78,16 @@ class APCostMatcher(nn.Module):
     ) -> Indices:
         """scores (B, Q, C) as the model ranks detections; pred_boxes (B, Q, 4) normalised cxcywh;
         targets with `class_labels` (G,) and `boxes` (G, 4) normalised cxcywh, as in transformers."""
-        if self.mode == "original":
-            return self.original({"logits": logits, "pred_boxes": pred_boxes}, targets)
-        # One device-to-host copy for the whole batch (the criterion passes every decoder layer and
-        # query group of a step as one batch), then one small assignment per image.
-        return self.assign(self.cost(scores, pred_boxes, targets).cpu(), [len(t["boxes"]) for t in targets])
+        # Under bf16 / fp16 autocast the model's outputs are half precision: match in float32, as
+        # scipy's assignment needs and as the cost's small differences between queries deserve.
+        scores, pred_boxes = scores.float(), pred_boxes.float()
+        logits = None if logits is None else logits.float()
+        with torch.autocast(scores.device.type, enabled=False):
+            if self.mode == "original":
+                return self.original({"logits": logits, "pred_boxes": pred_boxes}, targets)
+            # One device-to-host copy for the whole batch (the criterion passes every decoder layer
+            # and query group of a step as one batch), then one small assignment per image.
+            return self.assign(self.cost(scores, pred_boxes, targets).cpu(), [len(t["boxes"]) for t in targets])
 
     def cost(self, scores: Tensor, pred_boxes: Tensor, targets: list[dict]) -> Tensor:
         """(sum of G, Q) costs: each ground truth's row against its own image's queries only."""

@@ -4,11 +4,11 @@
     python scripts/bench_step.py                                  # tiny models, CPU
     python scripts/bench_step.py --real-size                      # DETR-R50, RT-DETR-R50: 384 px, batch 2, CPU
     python scripts/bench_step.py --real-size --finetune           # the same, timed through `dapft finetune`
-    python scripts/bench_step.py --device cuda --real-size        # 800 px, batch 8, bf16
+    python scripts/bench_step.py --device cuda --real-size        # 800 px, batch 8, bf16, + peak GPU memory
 
 Both losses are timed in the same process (or, with --finetune, in runs started one after the
 other), alternating, on the same inputs; the table reports the median step time of each and their
-ratio. Real-size models use random weights (no download): the step time does not depend on the
+ratio, and on CUDA (bare loop) each loss's peak `torch.cuda.max_memory_allocated`. Real-size models use random weights (no download): the step time does not depend on the
 weights, and they keep COCO's label set (80 / 91 classes: DAP's candidates are queries x classes).
 Targets are 7 boxes an image (about COCO's mean); --finetune uses the shapes data set (1-8 objects
 an image) mapped onto COCO classes, and reads each step's own `step_seconds` from log.jsonl.
@@ -61,6 +61,8 @@ def bench(model, family, loss, x, targets, steps, amp, device):
     crit = DAPCriterion(family, model.config).to(device) if loss != "original" else None
     install_loss(model, family, loss, crit)
     times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for i in range(steps + 2):
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -73,7 +75,8 @@ def bench(model, family, loss, x, targets, steps, amp, device):
             torch.cuda.synchronize()
         if i >= 2:  # warm-up
             times.append(time.perf_counter() - t0)
-    return times
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+    return times, peak
 
 
 def finetune_step_times(model_dir, data, label_map, loss: str, args, device, out) -> list[float]:
@@ -155,13 +158,14 @@ def main() -> None:
     print(f"device {device} ({name}), torch {torch.__version__}, batch {args.batch}, {args.image} px, "
           f"{'bf16 autocast' if amp else 'fp32'}, {how}, median of {args.steps} steps after 2 warm-up, "
           f"{time.strftime('%Y-%m-%d')}\n")
-    print("| model | original ms | dap ms | dap / original |")
-    print("|---|---:|---:|---:|")
+    memory = cuda and not args.finetune  # peak GPU memory of the step, read in this process
+    print("| model | original ms | dap ms | dap / original |" + (" original peak GiB | dap peak GiB |" if memory else ""))
+    print("|---|---:|---:|---:|" + ("---:|---:|" if memory else ""))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for label, model in entries:
             # alternate the two in chunks so that drift on a noisy machine hits both alike
-            orig, dap = [], []
+            orig, dap, peaks = [], [], {"original": 0.0, "dap": 0.0}
             if args.finetune:
                 model_dir, data, label_map = _finetune_inputs(label, model, args.image, work)
                 for k in range(2):
@@ -174,11 +178,14 @@ def main() -> None:
                 x = torch.randn(args.batch, 3, args.image, args.image, generator=g).to(device)
                 targets = _targets(args.batch, len(model.config.id2label), 7, device, g)
                 for _ in range(2):
-                    orig += bench(model, family, "original", x, targets, args.steps // 2, amp, device)
-                    dap += bench(model, family, "dap", x, targets, args.steps // 2, amp, device)
+                    for loss, times in (("original", orig), ("dap", dap)):
+                        t, peak = bench(model, family, loss, x, targets, args.steps // 2, amp, device)
+                        times += t
+                        peaks[loss] = max(peaks[loss], peak)
                 model.to("cpu")
             o, d = statistics.median(orig) * 1000, statistics.median(dap) * 1000
-            print(f"| {label} | {o:.1f} | {d:.1f} | {d / o:.3f} |", flush=True)
+            mem = f" {peaks['original'] / 1024:.2f} | {peaks['dap'] / 1024:.2f} |" if memory else ""
+            print(f"| {label} | {o:.1f} | {d:.1f} | {d / o:.3f} |{mem}", flush=True)
 
 
 if __name__ == "__main__":
