@@ -26,14 +26,6 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
     quiet_transformers()
 
 
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
 DATA = typer.Option(None, "--data", help="COCO root: ROOT/{train,val}2017/ and ROOT/annotations/instances_*2017.json.")
 
 
@@ -76,12 +68,16 @@ def finetune(
     eval_before: bool = typer.Option(True, help="Evaluate before training (the paper's r_o)."),
     max_eval_images: Optional[int] = typer.Option(None, help="Evaluate on the first N validation images."),
     max_train_images: Optional[int] = typer.Option(None, help="Train on the first N training images."),
+    train_eval_images: Optional[int] = typer.Option(
+        None, help="Also score the first N training images (unaugmented) at each evaluation: did the loss move "
+                   "the model, or did the change not transfer?"),
     evaluator: str = typer.Option("faster-coco-eval", help="faster-coco-eval | pycocotools."),
     save_every: Optional[int] = typer.Option(None, help="Also checkpoint every N steps within an epoch."),
     label_map: Optional[str] = typer.Option(None, help="JSON {dataset_category_id: model_label_index}."),
     freeze_backbone: Optional[bool] = typer.Option(
         None, "--freeze-backbone/--train-backbone",
-        help="Freeze the whole backbone, or train all of it (default: the recipe's, as the family's authors)."),
+        help="Freeze the whole backbone, or train all its stages; norm layers stay as the recipe has them "
+             "(default: the recipe's, as the family's authors)."),
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Model EMA (default: the recipe's)."),
     ema_decay: Optional[float] = typer.Option(None, help="Model EMA decay (turns EMA on)."),
     patience: Optional[int] = typer.Option(None, help="Stop after N evaluations without a better AP."),
@@ -140,46 +136,69 @@ def eval_(
                   f"{Path(output) / 'report.md'})")
 
 
+_LIST = "Comma-separated values: each combination with the other swept flags is one run."
+
+
 @app.command()
 def sweep(
     model: str = typer.Option(..., "--model"),
     data: Optional[str] = DATA,
     output: str = typer.Option("runs/sweep", "--output", "-o", help="One run directory per setting under it."),
-    sigma: Optional[str] = typer.Option(None, help="Comma-separated sigmas, e.g. 0.01,0.02,0.05,0.1."),
-    bins: Optional[str] = typer.Option(None, help="Comma-separated bin counts, e.g. 32,64,256."),
-    batch_size: Optional[str] = typer.Option(None, help="Comma-separated batch sizes."),
-    loss: str = typer.Option("dap"),
-    matcher: str = typer.Option("constant"),
+    loss: str = typer.Option("dap", help="dap | original | dap+original | dap+box. " + _LIST),
+    matcher: str = typer.Option("constant", help="constant | momentum | original. " + _LIST),
+    sigma: str = typer.Option("0.05", help="E.g. 0.01,0.02,0.05,0.1. " + _LIST),
+    bins: str = typer.Option("256", help="E.g. 32,64,256. " + _LIST),
+    seed: str = typer.Option("0", help="E.g. 0,1,2,3,4: repeated runs, paired across settings. " + _LIST),
+    batch_size: Optional[str] = typer.Option(None, help="Default: the recipe's. " + _LIST),
+    lr: Optional[str] = typer.Option(None, help="Default: the recipe's rate / 10. " + _LIST),
     epochs: Optional[int] = typer.Option(None),
     max_steps: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None),
-    seed: int = typer.Option(0),
+    freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone/--train-backbone",
+                                                   help="As in finetune (default: the recipe's)."),
+    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Model EMA (default: the recipe's)."),
+    precision: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32 (GPU autocast)."),
+    evaluator: str = typer.Option("faster-coco-eval", help="faster-coco-eval | pycocotools."),
+    label_map: Optional[str] = typer.Option(None, help="JSON {dataset_category_id: model_label_index}."),
     device: Optional[str] = typer.Option(None),
     num_workers: int = typer.Option(2),
     max_eval_images: Optional[int] = typer.Option(None),
     max_train_images: Optional[int] = typer.Option(None),
+    train_eval_images: Optional[int] = typer.Option(None, help="As in finetune: AP on N training images too."),
     augment: bool = typer.Option(True),
     progress: bool = typer.Option(True),
 ):
-    """Fine-tune once per setting (resumable: finished runs are skipped), then plot AP against it."""
+    """Fine-tune once per combination of the comma-separated flags (resumable: finished runs are
+    skipped); the model is evaluated once before; sweep.md/json/png give mean ± sd over seeds and
+    each setting against the original loss, paired by seed, with 95% intervals."""
+    import shlex
+
     from dapft.engine import FinetuneConfig
     from dapft.sweep import sweep as run
 
-    grid = {}
-    if sigma:
-        grid["sigma"] = _floats(sigma)
-    if bins:
-        grid["bins"] = _ints(bins)
-    if batch_size:
-        grid["batch_size"] = _ints(batch_size)
-    if not grid:
-        raise typer.BadParameter("give at least one of --sigma, --bins, --batch-size to sweep")
-    base = FinetuneConfig(model=model, data=data, output=output, loss=loss, matcher=matcher, epochs=epochs,
-                          max_steps=max_steps, lr=lr, seed=seed, device=device, num_workers=num_workers,
-                          max_eval_images=max_eval_images, max_train_images=max_train_images, augment=augment,
-                          progress=progress)
-    rows = run(base, grid)
-    console.print(f"[bold green]sweep done[/]: {len(rows)} runs; table: {Path(output) / 'sweep.md'}")
+    lists = {"loss": (loss, str), "matcher": (matcher, str), "sigma": (sigma, float), "bins": (bins, int),
+             "seed": (seed, int), "batch_size": (batch_size, int), "lr": (lr, float)}
+    grid = {name: _values(text, kind, name) for name, (text, kind) in lists.items() if text is not None}
+    swept = {k: v for k, v in grid.items() if len(v) > 1}
+    if not swept:
+        raise typer.BadParameter("give two or more comma-separated values to at least one of --loss, --matcher, "
+                                 "--sigma, --bins, --seed, --batch-size, --lr")
+    fixed = {k: v[0] for k, v in grid.items() if len(v) == 1}
+    base = FinetuneConfig(model=model, data=data, output=output, epochs=epochs, max_steps=max_steps,
+                          freeze_backbone=freeze_backbone, ema=ema, precision=precision, evaluator=evaluator,
+                          label_map=label_map, device=device, num_workers=num_workers,
+                          max_eval_images=max_eval_images, max_train_images=max_train_images,
+                          train_eval_images=train_eval_images, augment=augment, progress=progress,
+                          command=shlex.join(["dapft", *sys.argv[1:]]), **fixed)
+    summary = run(base, swept)
+    console.print(f"sweep done: {len(summary['runs'])} runs; summary: {escape(str(Path(output) / 'sweep.md'))}")
+
+
+def _values(text: str, kind: type, name: str) -> list:
+    flag = "--" + name.replace("_", "-")
+    try:
+        return [kind(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{flag} takes comma-separated {kind.__name__} values, got {text!r}") from None
 
 
 @app.command()

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert, box_iou
 
 from dapft.dap import DAPStatistics, ap_per_row, dap_statistics
-from dapft.matcher import APCostMatcher, MatcherMode, NonFiniteCostError
+from dapft.matcher import (APCostMatcher, MatcherMode, NonFiniteCostError, disagreement_with,
+                           disagreement_with_top_query)
 from dapft.models import Family
 
 LossConfig = Literal["dap", "original", "dap+original", "dap+box"]
@@ -42,11 +43,15 @@ class DAPCriterion(nn.Module):
         self.sigma, self.num_bins, self.average = sigma, num_bins, average
         original = family.original_matcher(config) if matcher == "original" else None
         self.matcher = APCostMatcher(matcher, sigma=sigma, num_bins=num_bins, momentum=momentum, original=original)
+        # For the disagreement diagnostic (none without the model's config: its matcher's costs).
+        self.model_matcher = original or (family.original_matcher(config) if config is not None else None)
         self.reduce_stats = reduce_stats or (lambda s: s)
         self.dap_scale = dap_scale
 
-    def set_daps(self, logits: Tensor, pred_boxes: Tensor, targets: list[dict], num_sets: int) -> tuple[Tensor, Tensor]:
-        """DAP of each of `num_sets` sets of detections, (num_sets,), and their precision curves.
+    def set_daps(self, logits: Tensor, pred_boxes: Tensor, targets: list[dict],
+                 num_sets: int) -> tuple[Tensor, Tensor, list]:
+        """DAP of each of `num_sets` sets of detections, (num_sets,), their precision curves, and the
+        matching (indices per image of every set).
 
         logits (num_sets * B, Q, C) and pred_boxes (num_sets * B, Q, 4): set s's image b at index
         s * B + b; `targets` are the B images' ground truths, the same for every set."""
@@ -92,7 +97,7 @@ class DAPCriterion(nn.Module):
         count = present.sum(1)
         summed = (ap.view(num_sets, rows) * present).sum(1)
         daps = torch.where(count > 0, summed / count.clamp_min(1), summed * 0 + 1.0)
-        return daps, precision.view(num_sets, rows, *precision.shape[1:])
+        return daps, precision.view(num_sets, rows, *precision.shape[1:]), indices
 
     def forward(self, layers: list[dict], targets: list[dict], groups: int = 1) -> dict[str, Tensor]:
         """Loss terms 'loss_dap' (last layer) and 'loss_dap_{i}' (earlier layers), plus the DAP values."""
@@ -108,7 +113,7 @@ class DAPCriterion(nn.Module):
             # Autocast would run the tail sums' and the cost's matrix products in bf16 / fp16, whose
             # 3 significant digits are coarser than the differences DAP ranks by: all in float32.
             with torch.autocast(logits.device.type, enabled=False):
-                daps, precision = self.set_daps(logits.float(), boxes.float(), targets, num_layers * groups)
+                daps, precision, indices = self.set_daps(logits.float(), boxes.float(), targets, num_layers * groups)
         except NonFiniteCostError as exc:
             layer, group = divmod(exc.image // batch, groups)
             where = f"decoder layer {layer} of {num_layers}" + (f", query group {group}" if groups > 1 else "")
@@ -121,6 +126,26 @@ class DAPCriterion(nn.Module):
             out[f"loss_dap{suffix}"] = self.dap_scale * (1 - dap)
             out[f"dap{suffix}"] = dap.detach()
         self.matcher.update(precision[-groups:].mean((0, 1)))  # the last layer's curves (Eq. 13)
+        first = (num_layers - 1) * groups * batch  # the last layer's first query group
+        if self.model_matcher is not None:
+            with torch.autocast(logits.device.type, enabled=False):
+                out.update(self.disagreement(logits[first:first + batch].float(), boxes[first:first + batch].float(),
+                                             targets, indices[first:first + batch]))
+        return out
+
+    @torch.no_grad()
+    def disagreement(self, logits: Tensor, pred_boxes: Tensor, targets: list[dict], indices: list) -> dict[str, Tensor]:
+        """How one set's AP-cost matching differs from the model's own matcher ('match_vs_model') and
+        from the overlapping query the model scores highest ('match_vs_top'), as fractions of ground
+        truths: logged per step and summarised in the run's report."""
+        model_indices = self.model_matcher({"logits": logits, "pred_boxes": pred_boxes}, targets)
+        scores = self.family.scores(logits)
+        out = {}
+        for key, (differ, total) in (
+                ("match_vs_model", disagreement_with(indices, model_indices)),
+                ("match_vs_top", disagreement_with_top_query(indices, scores, pred_boxes, targets))):
+            if total:
+                out[key] = torch.tensor(differ / total)
         return out
 
 

@@ -65,16 +65,18 @@ class FinetuneConfig:
     eval_before: bool = True
     max_eval_images: int | None = None
     max_train_images: int | None = None
+    train_eval_images: int | None = None  # also score this many training images (the first by id) at each evaluation
     evaluator: str = "faster-coco-eval"
     save_every: int | None = None  # also checkpoint every N optimizer steps (mid-epoch)
     label_map: str | None = None
     recipe: str | None = None
     resume: bool = False
     progress: bool = True
-    freeze_backbone: bool | None = None  # True: whole backbone frozen; False: all of it trains; None: recipe
+    freeze_backbone: bool | None = None  # True: whole backbone frozen; False: all stages train (norms: recipe); None: recipe
     ema: bool | None = None  # model EMA on/off; None: the recipe's (on for RT-DETR, D-FINE, LW, RF)
     ema_decay: float | None = None
     patience: int | None = None  # stop after this many evaluations without a better AP
+    before_metrics: dict | None = None  # the evaluation before fine-tuning, when already made (a sweep's)
     command: str | None = None  # how the run was started, for reports and model cards
     given: tuple[str, ...] | None = None  # settings the user gave (the CLI's flags); None: all non-defaults
     extra: dict = field(default_factory=dict)
@@ -84,7 +86,8 @@ class FinetuneConfig:
 # else (model, data, loss and its settings, schedule, recipe, precision) is the run's: a resumed run
 # takes it from the run's config.json, and a flag that asks for another value is refused by name.
 RESUMABLE_CHANGES = ("progress", "num_workers", "save_every", "device", "max_steps", "patience")
-_NOT_SETTINGS = ("output", "resume", "command", "given", "extra")  # where the run is and how it was asked for
+# Where the run is and how it was asked for; a sweep's shared evaluation before fine-tuning.
+_NOT_SETTINGS = ("output", "resume", "command", "given", "extra", "before_metrics")
 
 
 def _as_flag(name: str, value) -> str:
@@ -158,7 +161,7 @@ def check_choices(cfg: FinetuneConfig) -> None:
 # Lower bounds of the numeric settings (0 steps, epochs or images would silently mean the recipe's
 # value, no limit, or an AP computed on nothing).
 _AT_LEAST = {"epochs": 1, "max_steps": 1, "batch_size": 1, "grad_accum": 1, "bins": 2, "max_eval_images": 1,
-             "max_train_images": 1, "save_every": 1, "patience": 1, "num_workers": 0, "lr": 0.0,
+             "max_train_images": 1, "train_eval_images": 1, "save_every": 1, "patience": 1, "num_workers": 0, "lr": 0.0,
              "backbone_lr_multiplier": 0.0, "weight_decay": 0.0, "clip_grad_norm": 0.0}
 
 
@@ -220,8 +223,7 @@ def _set_rng_state(state: dict) -> None:
 def record_evaluation(state: dict, metrics: dict, tag: str, cfg: FinetuneConfig) -> bool:
     """The evaluation and checkpoint policy: add an evaluation to the run's history, keep the best
     AP (its weights become checkpoint-best), and apply --patience. Returns whether AP improved."""
-    state["history"].append({"epoch": state["epoch"], "global_step": state["global_step"], "tag": tag,
-                             **{k: metrics[k] for k in STAT_NAMES}})
+    state["history"].append({"epoch": state["epoch"], "global_step": state["global_step"], "tag": tag, **metrics})
     improved = metrics["AP"] > state["best_ap"]
     if improved:
         state["best_ap"], state["evals_since_best"] = metrics["AP"], 0
@@ -231,6 +233,10 @@ def record_evaluation(state: dict, metrics: dict, tag: str, cfg: FinetuneConfig)
         state["stopped_early"] = (f"stopped early after epoch {state['epoch']}: {cfg.patience} evaluations "
                                   f"without a better AP (--patience {cfg.patience})")
     return improved
+
+
+def _train_part(metrics: dict) -> str:
+    return f"; training subset AP {100 * metrics['train_AP']:.2f}" if "train_AP" in metrics else ""
 
 
 class TrainingInterrupted(Exception):
@@ -285,6 +291,10 @@ class Trainer:
         val_src = resolve_split(cfg.data, "val", cfg.val_images, cfg.val_annotations)
         self.train_split = load_split(train_src, max_images=cfg.max_train_images)
         self.val_split = load_split(val_src, max_images=cfg.max_eval_images)
+        # A fixed subset of the training images, scored as the validation split is (no augmentation):
+        # tells "the loss did not move the model" from "it moved, but the change did not transfer".
+        self.train_eval_split = (load_split(train_src, max_images=cfg.train_eval_images)
+                                 if cfg.train_eval_images else None)
 
         seed_everything(cfg.seed)
         id2label = {i: c["name"] for i, c in enumerate(sorted(self.train_split.categories, key=lambda c: c["id"]))}
@@ -346,6 +356,12 @@ class Trainer:
         self.val_loader = make_loader(CocoDetection(self.val_split, self.label_map), self.processor,
                                       batch_size=per_process, train=False, num_workers=self.cfg.num_workers,
                                       sampler=val_sampler)
+        self.train_eval_loader = None
+        if self.train_eval_split is not None:
+            self.train_eval_loader = make_loader(
+                CocoDetection(self.train_eval_split, self.label_map), self.processor, batch_size=per_process,
+                train=False, num_workers=self.cfg.num_workers,
+                sampler=list(range(len(self.train_eval_split.images)))[self.dist.rank :: self.dist.world_size])
         self.batches_per_epoch = math.ceil(len(self.sampler) / per_process)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.cfg.grad_accum)
 
@@ -403,16 +419,23 @@ class Trainer:
             atomic_write_text(log, "".join(line + "\n" for line in keep))
 
     # ------------------------------------------------------------------ the loop
-    def evaluate(self, tag: str) -> dict:
-        with make_progress(disable=not (self.cfg.progress and self.dist.is_main)) as bar:
-            # With EMA the average is what is evaluated and saved: the weights users deploy.
-            model = self.ema.module if self.ema is not None else self.model
-            metrics = evaluate_split(model, self.processor, self.val_split, self.label_map, self.val_loader,
-                                     device=self.device, output=self.out / "eval" / tag,
-                                     evaluator=self.cfg.evaluator, amp_dtype=self.amp, progress=bar,
-                                     gather=self._gather)
-        # Per-class AP and timings are in eval/<tag>/metrics.json; the run keeps COCO's 12 numbers.
-        stats = dist_utils.broadcast_object(metrics.stats if metrics is not None else None, self.dist)
+    def evaluate(self, tag: str, val: bool = True) -> dict:
+        """COCO's 12 numbers on the validation split (unless `val` is False), and with
+        --train-eval-images the same on the training subset as `train_<name>`."""
+        splits = ([("", self.val_split, self.val_loader)] if val else []) + (
+            [("train_", self.train_eval_split, self.train_eval_loader)] if self.train_eval_split is not None else [])
+        stats = {}
+        for prefix, split, loader in splits:
+            with make_progress(disable=not (self.cfg.progress and self.dist.is_main)) as bar:
+                # With EMA the average is what is evaluated and saved: the weights users deploy.
+                model = self.ema.module if self.ema is not None else self.model
+                metrics = evaluate_split(model, self.processor, split, self.label_map, loader,
+                                         device=self.device, output=self.out / "eval" / (prefix + tag),
+                                         evaluator=self.cfg.evaluator, amp_dtype=self.amp, progress=bar,
+                                         gather=self._gather)
+            # Per-class AP and timings are in eval/<tag>/metrics.json; the run keeps COCO's 12 numbers.
+            part = dist_utils.broadcast_object(metrics.stats if metrics is not None else None, self.dist)
+            stats.update({prefix + k: v for k, v in part.items()})
         self.model.train()
         return stats
 
@@ -469,11 +492,14 @@ class Trainer:
                  + (f"model EMA decay {cfg.ema_decay:g} (warm-up {cfg.extra.get('ema_warmup_steps', 0)} steps): "
                     "evaluated and saved" if self.ema is not None else "no model EMA"))
         with _CtrlC(self.log) as self._ctrl_c:
+            if cfg.before_metrics is not None and st["before"] is None:
+                # The sweep's shared evaluation; only this run's own training subset, if any, is scored.
+                st["before"] = {**{k: cfg.before_metrics[k] for k in STAT_NAMES}, **self.evaluate("before", val=False)}
+                self.log(f"before fine-tuning: AP {100 * st['before']['AP']:.2f} (the sweep's evaluation, made once)")
             if cfg.eval_before and st["before"] is None:
                 st["before"] = self.evaluate("before")
-                self._log({"type": "eval", "tag": "before", "epoch": 0, "global_step": 0,
-                           **{k: st["before"][k] for k in STAT_NAMES}})
-                self.log(f"before fine-tuning: AP {100 * st['before']['AP']:.2f}")
+                self._log({"type": "eval", "tag": "before", "epoch": 0, "global_step": 0, **st["before"]})
+                self.log(f"before fine-tuning: AP {100 * st['before']['AP']:.2f}" + _train_part(st["before"]))
             self.model.train()
             t_start = time.perf_counter() - st["elapsed"]
             stop = False
@@ -525,7 +551,7 @@ class Trainer:
                     tag = f"epoch{st['epoch']:03d}" if not stop else f"step{st['global_step']}"
                     metrics = self.evaluate(tag)
                     self._log({"type": "eval", "tag": "epoch", "epoch": st["epoch"], "global_step": st["global_step"],
-                               **{k: metrics[k] for k in STAT_NAMES}})
+                               **metrics})
                     improved = record_evaluation(st, metrics, tag, cfg)
                     stop = stop or st["stopped_early"] is not None
                     st["elapsed"] = time.perf_counter() - t_start
@@ -533,7 +559,8 @@ class Trainer:
                     bar.update(epoch_task, completed=st["epoch"])
                     where = f"step {st['global_step']} (--max-steps)" if tag.startswith("step") else f"epoch {st['epoch']}"
                     self.log(f"{where}: AP {100 * metrics['AP']:.2f}"
-                             + (f" (best {100 * st['best_ap']:.2f})" if not improved else " (best so far)"))
+                             + (f" (best {100 * st['best_ap']:.2f})" if not improved else " (best so far)")
+                             + _train_part(metrics))
                     if st["stopped_early"]:
                         self.log(st["stopped_early"])
         st["elapsed"] = time.perf_counter() - t_start

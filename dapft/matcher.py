@@ -127,3 +127,41 @@ class APCostMatcher(nn.Module):
                 (torch.as_tensor(query_idx[order], dtype=torch.int64), torch.as_tensor(gt_idx[order], dtype=torch.int64))
             )
         return indices
+
+
+def _assigned(indices: Indices) -> list[dict[int, int]]:
+    """Per image, ground-truth index -> the query assigned to it."""
+    return [dict(zip(g.tolist(), q.tolist())) for q, g in indices]
+
+
+def disagreement_with(indices: Indices, reference: Indices) -> tuple[int, int]:
+    """(ground truths `indices` assigns to another query than `reference` does, ground truths)."""
+    differ = total = 0
+    for ours, theirs in zip(_assigned(indices), _assigned(reference)):
+        total += len(theirs)
+        differ += sum(ours.get(g) != q for g, q in theirs.items())
+    return differ, total
+
+
+@torch.no_grad()
+def disagreement_with_top_query(indices: Indices, scores: Tensor, pred_boxes: Tensor, targets: list[dict],
+                                iou_threshold: float = 0.5) -> tuple[int, int]:
+    """(ground truths whose assigned query is not the best-scoring, for the ground truth's class, of
+    the queries that overlap it at IoU >= iou_threshold; ground truths some query overlaps so).
+
+    Where this is high, matching hands a ground truth to another query than the one the model ranks
+    first for it, and DAP then pushes that first query down as a false positive."""
+    differ = total = 0
+    for b, (assigned, t) in enumerate(zip(_assigned(indices), targets)):
+        if len(t["boxes"]) == 0:
+            continue
+        iou = box_iou(box_convert(pred_boxes[b].float(), "cxcywh", "xyxy"),
+                      box_convert(t["boxes"].to(pred_boxes.device).float(), "cxcywh", "xyxy"))  # (Q, G)
+        labels = t["class_labels"].to(scores.device)
+        class_scores = scores[b][:, labels].float()  # (Q, G): each query's score for each ground truth's class
+        overlapping = iou >= iou_threshold
+        top = class_scores.masked_fill(~overlapping, -1.0).argmax(0)
+        for g in torch.nonzero(overlapping.any(0)).flatten().tolist():
+            total += 1
+            differ += assigned.get(g) != int(top[g])
+    return differ, total

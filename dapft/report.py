@@ -96,22 +96,47 @@ def _read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
+def _smooth(values: list[float]) -> list[float]:
+    """Trailing mean over about 1/25 of the run: per-batch values are too noisy to read a trend from."""
+    import numpy as np
+
+    window = max(1, len(values) // 25)
+    sums = np.cumsum(np.insert(np.asarray(values, dtype=float), 0, 0.0))
+    count = np.minimum(np.arange(1, len(values) + 1), window)
+    return ((sums[1:] - sums[np.arange(1, len(values) + 1) - count]) / count).tolist()
+
+
 def plot_training_curves(run_dir: Path, path: Path) -> None:
     records = _read_log(run_dir)
     steps = [r for r in records if r["type"] == "step"]
     evals = [r for r in records if r["type"] == "eval"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    has_dap = bool(steps) and "dap" in steps[0]
+    fig, axes = plt.subplots(1, 3 if has_dap else 2, figsize=(15 if has_dap else 10, 3.8))
+    a, b = axes[0], axes[-1]
     if steps:
-        a.plot([r["global_step"] for r in steps], [r["loss"] for r in steps], lw=1, label="loss")
-        if "dap" in steps[0]:
-            a.plot([r["global_step"] for r in steps], [1 - r["dap"] for r in steps], lw=1, label="1 - DAP (last layer)")
-    a.set(xlabel="optimizer step", ylabel="loss", title="Training loss")
+        x = [r["global_step"] for r in steps]
+        loss = [r["loss"] for r in steps]
+        a.plot(x, loss, lw=0.6, alpha=0.35, color="C0", label="per batch")
+        a.plot(x, _smooth(loss), lw=1.5, color="C0", label="smoothed")
+    a.set(xlabel="optimizer step", ylabel="loss", title="Training loss (all terms)")
     a.grid(alpha=0.3)
     a.legend()
+    if has_dap:
+        # DAP on its own axis: next to a total loss several times larger it would read flat.
+        c = axes[1]
+        dap = [r["dap"] for r in steps]
+        c.plot(x, dap, lw=0.6, alpha=0.35, color="C2", label="per batch")
+        c.plot(x, _smooth(dap), lw=1.5, color="C2", label="smoothed")
+        c.set(xlabel="optimizer step", ylabel="DAP", title="DAP of the training batches (last layer)")
+        c.grid(alpha=0.3)
+        c.legend()
     if evals:
-        x = [r["global_step"] for r in evals]
         for key in ("AP", "AP50", "AP75"):
-            b.plot(x, [100 * r[key] for r in evals], marker="o", label=key)
+            b.plot([r["global_step"] for r in evals], [100 * r[key] for r in evals], marker="o", label=key)
+        if "train_AP" in evals[-1]:
+            train = [r for r in evals if "train_AP" in r]
+            b.plot([r["global_step"] for r in train], [100 * r["train_AP"] for r in train], marker="s", ls="--",
+                   color="C0", alpha=0.6, label="AP, training subset")
     b.set(xlabel="optimizer step", ylabel="COCO AP (val)", title="Validation AP (step 0 = before)")
     b.grid(alpha=0.3)
     b.legend()
@@ -150,6 +175,16 @@ def _recipe_line(cfg, freezing) -> str:
     return f"Backbone: {freezing.summary()}. {ema}."
 
 
+def matching_summary(run_dir: Path) -> dict | None:
+    """Mean over the run's steps of the matching-disagreement fractions the DAP criterion logs."""
+    steps = [r for r in _read_log(run_dir) if r["type"] == "step" and "match_vs_model" in r]
+    if not steps:
+        return None
+    top = [r["match_vs_top"] for r in steps if "match_vs_top" in r]
+    return {"steps": len(steps), "vs_model": sum(r["match_vs_model"] for r in steps) / len(steps),
+            "vs_top": sum(top) / len(top) if top else None}  # None: no query overlapped a ground truth
+
+
 def write_run_report(run_dir: Path, cfg, family: str, state: dict, freezing) -> dict:
     """report.md + report.json + curves.png of a fine-tuning run."""
     import dataclasses
@@ -159,7 +194,10 @@ def write_run_report(run_dir: Path, cfg, family: str, state: dict, freezing) -> 
     after = {k: history[-1][k] for k in STAT_NAMES} if history else None
     best = max(history, key=lambda h: h["AP"]) if history else None
     before = {k: state["before"][k] for k in STAT_NAMES} if state.get("before") else None
+    train = {tag: {k: source[f"train_{k}"] for k in STAT_NAMES} for tag, source in
+             (("before", state.get("before") or {}), ("after", history[-1] if history else {})) if "train_AP" in source}
     plot_training_curves(run_dir, run_dir / "curves.png")
+    matching = matching_summary(run_dir)
     rows = {}
     if before:
         rows["before (r_o)"] = before
@@ -170,6 +208,7 @@ def write_run_report(run_dir: Path, cfg, family: str, state: dict, freezing) -> 
     payload = {"model": cfg.model, "family": family, "before": before, "after": after,
                "best": {k: best[k] for k in ("epoch", "global_step", *STAT_NAMES)} if best else None,
                "delta_AP": (after["AP"] - before["AP"]) if (before and after) else None,
+               "train_before": train.get("before"), "train_after": train.get("after"), "matching": matching,
                "per_class_AP": {"before": per_class_before, "after": per_class_after},
                "history": history, "train_seconds": round(state["elapsed"], 1),
                "global_steps": state["global_step"], "stopped_early": state.get("stopped_early"),
@@ -184,6 +223,19 @@ def write_run_report(run_dir: Path, cfg, family: str, state: dict, freezing) -> 
              _recipe_line(cfg, freezing), "",
              "## COCO AP on the validation split", "",
              metrics_table(rows, deltas_from="before (r_o)" if before else None) if rows else "(no evaluation)", ""]
+    if train:
+        train_rows = {f"{tag} ({cfg.loss})" if tag == "after" else "before": m for tag, m in train.items()}
+        lines += [f"## COCO AP on {cfg.train_eval_images} training images (`--train-eval-images`)", "",
+                  "The first training images by id, scored without augmentation as the validation split is. "
+                  "A change here and none on validation: the loss moved the model, the change did not "
+                  "transfer; no change on either: it did not move the model.", "",
+                  metrics_table(train_rows, deltas_from="before" if "before" in train_rows else None), ""]
+    if matching:
+        lines += [f"AP-cost matching ({cfg.matcher}) of the last decoder layer, mean over {matching['steps']} steps: "
+                  f"it assigned {100 * matching['vs_model']:.1f}% of ground truths to another query than the "
+                  f"model's own matcher would" + ("" if matching["vs_top"] is None else
+                  f", and {100 * matching['vs_top']:.1f}% to another query than the best-scoring one overlapping "
+                  "them at IoU >= 0.5 (that query then counts as a false positive)") + ".", ""]
     if state.get("stopped_early"):
         lines += [f"**{state['stopped_early'].capitalize()}.**", ""]
     if best:

@@ -1,76 +1,213 @@
-"""`dapft sweep`: one fine-tune per setting, sequentially and resumably, then AP against the swept
-value (the paper's Figure 3)."""
+"""`dapft sweep`: one fine-tune per combination of run settings, sequentially and resumably; the
+evaluation before fine-tuning done once for all of them; a summary of mean +- sd over seeds and,
+for every setting, a paired comparison by seed against the `original`-loss baseline with the same
+other values (the control the paper's reviewers asked for)."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import json
+import math
+import statistics
 from pathlib import Path
 
-from dapft.engine import FinetuneConfig, finetune
-from dapft.runtime import atomic_write_text, console
+from dapft.engine import FinetuneConfig, TrainingInterrupted, check_choices, finetune
+from dapft.runtime import atomic_write_text, console, write_json
+
+# Settings a sweep may vary (FinetuneConfig fields), in the order run names list them.
+SWEEPABLE = ("loss", "matcher", "sigma", "bins", "batch_size", "lr", "seed")
+# Settings only the DAP loss reads: the `original` loss runs once per value of the others.
+DAP_ONLY = ("matcher", "sigma", "bins")
+METRICS = ("AP", "AP50", "AP75")
+TRAIN_METRICS = ("train_AP", "train_AP50", "train_AP75")  # with --train-eval-images
 
 
 def run_name(setting: dict) -> str:
     return "_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items())
 
 
-def sweep(base: FinetuneConfig, grid: dict[str, list]) -> list[dict]:
-    """Fine-tune `base` once per combination in `grid` (field name -> values) under base.output.
-    A finished run (report.json present) is kept and skipped; an interrupted one is resumed."""
-    root = Path(base.output)
-    root.mkdir(parents=True, exist_ok=True)
-    keys = list(grid)
-    rows = []
+def expand(grid: dict[str, list]) -> list[dict]:
+    """Every combination of the grid's values, in grid order. With loss `original` the DAP-only
+    settings mean nothing: those combinations collapse to one run (named without them)."""
+    unknown = [k for k in grid if k not in SWEEPABLE]
+    if unknown:
+        raise ValueError(f"cannot sweep {unknown}; sweepable settings: {', '.join(SWEEPABLE)}")
+    keys = sorted(grid, key=SWEEPABLE.index)
+    settings: list[dict] = []
     for values in itertools.product(*(grid[k] for k in keys)):
         setting = dict(zip(keys, values))
+        if setting.get("loss") == "original":
+            setting = {k: v for k, v in setting.items() if k not in DAP_ONLY}
+        if setting not in settings:
+            settings.append(setting)
+    return settings
+
+
+def sweep(base: FinetuneConfig, grid: dict[str, list]) -> dict:
+    """Fine-tune `base` once per combination in `grid` (field name -> values) under base.output.
+    A finished run (report.json present) is kept and skipped; an interrupted one is resumed.
+    Returns the summary written to sweep.json: `runs`, `settings` (mean and sd over seeds) and
+    `comparisons` (paired by seed against the `original` loss)."""
+    settings = expand(grid)
+    for setting in settings:  # every combination checked before the first run starts
+        check_choices(dataclasses.replace(base, **setting))
+    root = Path(base.output)
+    root.mkdir(parents=True, exist_ok=True)
+    before_file = root / "before.json"
+    before = json.loads(before_file.read_text()) if before_file.exists() else None
+    rows = []
+    for setting in settings:
         run_dir = root / run_name(setting)
         report_file = run_dir / "report.json"
         if report_file.exists():
-            console.print(f"[dim]{run_dir.name}: finished earlier, skipped[/]")
+            console.print(f"{run_dir.name}: finished earlier, skipped", markup=False, style="dim")
             report = json.loads(report_file.read_text())
         else:
             resume = (run_dir / "checkpoint-last").exists() or (run_dir / ".checkpoint-last.old").exists()
-            console.print(f"[bold]{run_dir.name}[/]" + (" (resuming)" if resume else ""))
-            cfg = dataclasses.replace(base, output=str(run_dir), resume=resume, **setting)
-            report = finetune(cfg)
-        rows.append({**setting, "before_AP": (report.get("before") or {}).get("AP"),
-                     **{k: (report.get("after") or {}).get(k) for k in ("AP", "AP50", "AP75")}, "run": run_dir.name})
-    _write(root, keys, rows)
-    return rows
+            console.print(run_dir.name + (" (resuming)" if resume else ""), markup=False, style="bold")
+            # Same model, same validation data: the first run evaluates the model before
+            # fine-tuning, every later one reuses that evaluation.
+            cfg = dataclasses.replace(base, output=str(run_dir), resume=resume, before_metrics=before, **setting)
+            try:
+                report = finetune(cfg)
+            except TrainingInterrupted as exc:  # its checkpoint is saved; the sweep resumes it
+                raise TrainingInterrupted(f"sweep interrupted in {run_dir.name} ({exc}); run the same dapft sweep "
+                                          "command again to continue: finished runs are kept, this one resumes") from exc
+        if before is None and report.get("before") is not None:
+            before = report["before"]
+            write_json(before_file, before)
+        rows.append({**setting, "seed": report["config"]["seed"], "run": run_dir.name,
+                     **{m: (report.get("after") or {}).get(m) for m in METRICS},
+                     **{m: (report.get("train_after") or {}).get(m[6:]) for m in TRAIN_METRICS}})
+    summary = summarize(rows, [k for k in SWEEPABLE if k in grid], before)
+    _write(root, summary)
+    return summary
 
 
-def _write(root: Path, keys: list[str], rows: list[dict]) -> None:
+def paired(differences: list[float]) -> dict:
+    """Mean of paired differences with its Student-t 95% interval (None for one pair)."""
+    from scipy.stats import t
+
+    n = len(differences)
+    mean = statistics.fmean(differences)
+    if n < 2:
+        return {"n": n, "mean_difference": mean, "sd": None, "ci95": None}
+    sd = statistics.stdev(differences)
+    half = t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    return {"n": n, "mean_difference": mean, "sd": sd, "ci95": [mean - half, mean + half]}
+
+
+def summarize(rows: list[dict], keys: list[str], before: dict | None) -> dict:
+    """Mean +- sd over seeds per setting, and each setting's paired comparison by seed against the
+    `original`-loss run with the same values of the settings the original loss reads."""
+    setting_keys = [k for k in keys if k != "seed"]
+    metrics = METRICS + (TRAIN_METRICS if any(r.get("train_AP") is not None for r in rows) else ())
+
+    def label(row: dict) -> str:
+        return run_name({k: row[k] for k in setting_keys if k in row}) or "base"
+
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(label(row), []).append(row)
+    settings = []
+    for name, group in groups.items():
+        entry = {"setting": name, **{k: group[0][k] for k in setting_keys if k in group[0]},
+                 "seeds": [r["seed"] for r in group]}
+        for m in metrics:
+            values = [r[m] for r in group if r[m] is not None]
+            entry[m] = {"mean": statistics.fmean(values) if values else None,
+                        "sd": statistics.stdev(values) if len(values) > 1 else None, "values": values}
+        settings.append(entry)
+
+    comparisons = []
+    baselines = [r for r in rows if r.get("loss") == "original"]
+    for name, group in groups.items():
+        if group[0].get("loss", "original") == "original":
+            continue
+        shared = [k for k in setting_keys if k not in DAP_ONLY and k != "loss"]
+        base = {r["seed"]: r for r in baselines if all(r.get(k) == group[0].get(k) for k in shared)}
+        for m in metrics:
+            pairs = [(r[m], base[r["seed"]][m]) for r in group
+                     if r["seed"] in base and r[m] is not None and base[r["seed"]][m] is not None]
+            if pairs:
+                baseline = label(next(iter(base.values())))
+                comparisons.append({"setting": name, "baseline": baseline, "metric": m,
+                                    **paired([a - b for a, b in pairs])})
+    return {"keys": keys, "metrics": list(metrics), "before": before, "runs": rows, "settings": settings,
+            "comparisons": comparisons}
+
+
+def _pts(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f}"
+
+
+def _write(root: Path, summary: dict) -> None:
+    keys, metrics = summary["keys"], summary["metrics"]
+    before = summary["before"]
+    lines = [f"# Sweep over {', '.join(keys)}", ""]
+    if before is not None:
+        lines += [f"Before fine-tuning (evaluated once, shared by every run): AP {_pts(before['AP'])}, "
+                  f"AP50 {_pts(before['AP50'])}, AP75 {_pts(before['AP75'])}.", ""]
+    lines += ["## Per setting (mean ± sd over seeds)", "", "| setting | seeds | " + " | ".join(metrics) + " |",
+              "|---|---:|" + "---:|" * len(metrics)]
+    for s in summary["settings"]:
+        cells = [_pts(s[m]["mean"]) + (f" ± {100 * s[m]['sd']:.2f}" if s[m]["sd"] is not None else "")
+                 for m in metrics]
+        lines.append(f"| {s['setting']} | {len(s['seeds'])} | " + " | ".join(cells) + " |")
+    if summary["comparisons"]:
+        lines += ["", "## Against the original loss, paired by seed", "",
+                  "Mean difference in AP points over the seeds both runs have, with its 95% interval "
+                  "(Student t over the paired differences). An interval that contains 0 shows no "
+                  "difference at this number of seeds; its width bounds the effect these runs could miss.", "",
+                  "| setting | baseline | metric | n | mean difference | 95% interval |", "|---|---|---|---:|---:|---|"]
+        for c in summary["comparisons"]:
+            ci = f"[{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}]" if c["ci95"] else "— (one seed)"
+            lines.append(f"| {c['setting']} | {c['baseline']} | {c['metric']} | {c['n']} | "
+                         f"{100 * c['mean_difference']:+.2f} | {ci} |")
+    lines += ["", "## Runs", "", "| run | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+    lines += [f"| {r['run']} | " + " | ".join(_pts(r[m]) for m in metrics) + " |" for r in summary["runs"]]
+    if "train_AP" in metrics:
+        lines += ["", "train_*: COCO AP on the first training images by id (`--train-eval-images`), unaugmented."]
+    lines += ["", "![AP of each run, and the paired differences](sweep.png)", ""]
+    atomic_write_text(root / "sweep.md", "\n".join(lines))
+    write_json(root / "sweep.json", summary)
+    _plot(root / "sweep.png", summary)
+
+
+def _plot(path: Path, summary: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    header = "| " + " | ".join(keys) + " | AP | AP50 | AP75 | AP before |"
-    lines = [f"# Sweep over {', '.join(keys)}", "", header, "|" + "---:|" * (len(keys) + 4)]
-    for r in rows:
-        cells = [str(r[k]) for k in keys] + [f"{100 * r[m]:.2f}" if r[m] is not None else "—"
-                                             for m in ("AP", "AP50", "AP75", "before_AP")]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "![AP against the swept value](sweep.png)", ""]
-    atomic_write_text(root / "sweep.md", "\n".join(lines))
-    atomic_write_text(root / "sweep.json", json.dumps(rows, indent=2))
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        others = [k for k in keys if k != key]
-        for fixed, group in itertools.groupby(sorted(rows, key=lambda r: tuple(r[k] for k in others + [key])),
-                                              key=lambda r: tuple(r[k] for k in others)):
-            group = list(group)
-            label = ", ".join(f"{k}={v}" for k, v in zip(others, fixed)) or None
-            ax.plot([r[key] for r in group], [100 * (r["AP"] or 0) for r in group], marker="o", label=label)
-        if rows and rows[0]["before_AP"] is not None:
-            ax.axhline(100 * rows[0]["before_AP"], color="grey", ls="--", label="before fine-tuning")
-        if key == "sigma" or (key == "bins" and len({r[key] for r in rows}) > 2):
-            ax.set_xscale("log")
-        ax.set(xlabel=key, ylabel="COCO AP (val)", title=f"AP against {key}")
-        ax.grid(alpha=0.3)
+    settings, comparisons = summary["settings"], [c for c in summary["comparisons"] if c["metric"] == "AP"]
+    panels = 2 if comparisons else 1
+    fig, axes = plt.subplots(1, panels, figsize=(max(5.0, 1.1 * len(settings) + 2) + 4.5 * (panels - 1), 4.0),
+                             squeeze=False)
+    ax = axes[0][0]
+    for x, s in enumerate(settings):  # every seed a dot: the spread, not only the mean
+        values = [100 * v for v in s["AP"]["values"]]
+        ax.scatter([x] * len(values), values, s=18, alpha=0.7, color="C0", zorder=3)
+        if values:
+            ax.hlines(statistics.fmean(values), x - 0.3, x + 0.3, color="C3", lw=2, zorder=4)
+    if summary["before"] is not None:
+        ax.axhline(100 * summary["before"]["AP"], color="grey", ls="--", label="before fine-tuning")
         ax.legend(fontsize=8)
+    ax.set_xticks(range(len(settings)), [s["setting"] for s in settings], rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="COCO AP (val)", title="AP per run (dots: seeds; bar: mean)")
+    ax.grid(alpha=0.3)
+    if comparisons:
+        ax = axes[0][1]
+        for x, c in enumerate(comparisons):
+            mean = 100 * c["mean_difference"]
+            err = [[mean - 100 * c["ci95"][0]], [100 * c["ci95"][1] - mean]] if c["ci95"] else None
+            ax.errorbar([x], [mean], yerr=err, fmt="o", capsize=4, color="C1")
+        ax.axhline(0, color="grey", lw=1)
+        ax.set_xticks(range(len(comparisons)), [c["setting"] for c in comparisons], rotation=30, ha="right",
+                      fontsize=8)
+        ax.set(ylabel="AP difference (points)", title="minus the original loss, paired by seed (95% CI)")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(root / "sweep.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -31,11 +31,27 @@ BUNDLED = {
     # DETR gets the original DETR code's initialisation (reference_detr_init) and small batches (more
     # steps per second). It is not bundled yet: on 2 CPU cores it stays on the class-prior plateau
     # (REPRODUCTION.md, "The tiny DETR"); this is the run to repeat with more compute.
-    "detr": dict(arch=dict(d_model=64, decoder_layers=3, num_queries=30, width=16), lr=4e-4, epochs=150, batch=2),
-    "rt_detr": dict(arch=dict(d_model=64, decoder_layers=3, num_queries=30, width=16), lr=2e-4, epochs=40, batch=8),
+    "detr": dict(arch=dict(d_model=64, decoder_layers=3, num_queries=30, width=16), lr=4e-4, epochs=150, batch=2,
+                 name="tiny-detr-shapes"),
+    "rt_detr": dict(arch=dict(d_model=64, decoder_layers=3, num_queries=30, width=16), lr=2e-4, epochs=40, batch=8,
+                    name="tiny-rtdetr-shapes"),
+    # Deformable DETR with iterative box refinement: the paper's Deformable baseline, and a family
+    # whose focal loss ignores localisation quality (where the paper reports its larger gains).
+    "deformable_detr_box_refine": dict(arch=dict(d_model=64, decoder_layers=3, num_queries=30, width=16), lr=2e-4,
+                                       epochs=50, batch=4, name="tiny-deformable-detr-shapes"),
 }
 DATA = dict(train_images=800, val_images=200, image_size=192, seed=0)
 PROCESSED_SIZE = 160  # the processor's resize: shortest edge (DETR) or square side (RT-DETR)
+PLATEAU = 0.005  # trained to a plateau: at most 0.5 AP points gained over the last quarter of training
+
+
+def plateau_gain(history: list[float]) -> float:
+    """Validation AP gained over the last quarter of training: the best AP of the last quarter of
+    evaluations against the best before it (a plateau gains <= PLATEAU)."""
+    cut = len(history) - max(1, len(history) // 4)
+    if cut < 1:
+        return float("inf")
+    return max(history[cut:]) - max(history[:cut])
 
 
 def reference_detr_init(path: Path) -> None:
@@ -88,26 +104,36 @@ def main() -> None:
         epochs = args.epochs or spec["epochs"]
         t0 = time.time()
         # From scratch: the method's own loss, one rate for the whole model (lr 1e-3 made the tiny
-        # RT-DETR collapse to a loss plateau; 2e-4 trains), /10 in the last epoch (lr_factor).
+        # RT-DETR collapse to a loss plateau; 2e-4 trains), /10 in the last epoch (lr_factor). A
+        # random backbone must train (no recipe freezing), and no EMA: each epoch's AP is the
+        # model's own, so that the plateau below reads the training, not the average's lag.
         report = finetune(FinetuneConfig(
             model=str(init), data=str(data), output=str(run), loss="original", epochs=epochs,
             batch_size=spec["batch"], lr=spec["lr"], backbone_lr_multiplier=1.0, seed=0, device="cpu",
-            num_workers=args.num_workers, eval_before=False, resume=(run / "checkpoint-last").exists()))
+            num_workers=args.num_workers, eval_before=False, freeze_backbone=False, ema=False,
+            resume=(run / "checkpoint-last").exists()))
         best = report["best"]
-        print(f"{family}: best val AP {100 * best['AP']:.2f} at epoch {best['epoch']} ({time.time() - t0:.0f} s)")
+        history = [h["AP"] for h in report["history"] if h["tag"] != "before"]
+        gain = plateau_gain(history)
+        print(f"{family}: best val AP {100 * best['AP']:.2f} at epoch {best['epoch']} ({time.time() - t0:.0f} s); "
+              f"AP gained over the last quarter of training {100 * gain:+.2f} points "
+              f"({'a plateau' if gain <= PLATEAU else 'still improving'}: <= {100 * PLATEAU:.1f} is a plateau)")
         if args.install:
-            dest = REPO / "dapft" / "checkpoints" / f"tiny-{family.replace('_', '')}-shapes"
+            dest = REPO / "dapft" / "checkpoints" / spec["name"]
             shutil.rmtree(dest, ignore_errors=True)
             shutil.copytree(run / "checkpoint-best", dest)
             (dest / "dapft_checkpoint.json").unlink(missing_ok=True)
+            model_family = "deformable_detr" if family.startswith("deformable_detr") else family  # recipe name
             # Its own recipe, so that `dapft finetune` applies the paper's schedule relative to how
             # this model was trained: rate / 10 (/ 100 in the last epoch), 10% of its epochs.
             (dest / "dapft_recipe.yaml").write_text(yaml.safe_dump({
-                "family": family, "pretrain_lr": spec["lr"], "backbone_lr_multiplier": 1.0, "weight_decay": 1e-4,
+                "family": model_family, "pretrain_lr": spec["lr"], "backbone_lr_multiplier": 1.0, "weight_decay": 1e-4,
                 "optimizer": "adamw", "clip_grad_norm": 0.1, "pretrain_epochs": epochs,
                 "epochs": max(1, round(epochs / 10)), "batch_size": spec["batch"], "auxiliary_loss": True}))
             (dest / "bundled.json").write_text(json.dumps({
                 "family": family, "data": {"kind": "shapes", **DATA}, "val": report["best"],
+                "val_history": [round(ap, 5) for ap in history], "last_quarter_gain": round(gain, 5),
+                "plateau": gain <= PLATEAU,
                 "command": f"python scripts/train_tiny_detectors.py --family {family} --epochs {epochs} --install",
                 "schedule": {**spec, "epochs": epochs}}, indent=2))
             print(f"installed {dest}")

@@ -73,6 +73,12 @@ def test_finetune_then_eval_of_the_checkpoint_matches_the_report(tmp_path, tiny_
     assert report["before"] is not None and report["after"] is not None
     for f in ("report.md", "curves.png", "config.json", "log.jsonl", "checkpoint-best/config.json"):
         assert (run / f).exists(), f
+    # The matching diagnostic: logged every step, summarised in the report.
+    steps = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if '"type": "step"' in x]
+    assert all(0 <= s["match_vs_model"] <= 1 for s in steps)
+    assert report["matching"]["steps"] == len(steps)
+    assert report["matching"]["vs_model"] == pytest.approx(sum(s["match_vs_model"] for s in steps) / len(steps))
+    assert "to another query than the model's own matcher would" in (run / "report.md").read_text()
     ev = tmp_path / "eval"
     dapft("eval", "--model", run / "checkpoint-last", "--data", shapes_root, "--output", ev, "--num-workers", "0",
           "--no-progress", "--batch-size", "3", "--evaluator", "pycocotools")
@@ -83,6 +89,23 @@ def test_finetune_then_eval_of_the_checkpoint_matches_the_report(tmp_path, tiny_
     from transformers import AutoModelForObjectDetection
 
     AutoModelForObjectDetection.from_pretrained(run / "checkpoint-best")  # loads as any HF checkpoint
+
+
+def test_train_eval_images_scores_a_fixed_training_subset_before_and_after(tmp_path, shapes_root):
+    run = tmp_path / "run"
+    bundled = "dapft/tiny-rtdetr-shapes"  # trained: its AP is far from 0, so equal numbers mean something
+    dapft("finetune", "--model", bundled, "--data", shapes_root, "--output", run, "--loss", "dap",
+          "--max-steps", "2", "--lr", "1e-3", "--train-eval-images", "6", "--max-eval-images", "4",
+          "--evaluator", "pycocotools", *COMMON)
+    report = json.loads((run / "report.json").read_text())
+    assert "training images (`--train-eval-images`)" in (run / "report.md").read_text()
+    assert report["train_before"]["AP"] > 0.05 and report["train_after"]["AP"] != report["train_before"]["AP"]
+    # The same numbers as `dapft eval` of the same weights on the first 6 training images.
+    for model, which in ((bundled, "train_before"), (run / "checkpoint-last", "train_after")):
+        ev = tmp_path / f"eval-{which}"
+        dapft("eval", "--model", model, "--data", shapes_root, "--split", "train", "--max-images", "6",
+              "--output", ev, "--evaluator", "pycocotools", "--num-workers", "0", "--no-progress", "--batch-size", "4")
+        assert json.loads((ev / "metrics.json").read_text())["stats"]["AP"] == pytest.approx(report[which]["AP"], abs=1e-9)
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_detr, shapes_root):
@@ -142,7 +165,7 @@ def test_sweep_skips_finished_settings(tmp_path, tiny_detr, shapes_root):
     args = ["sweep", "--model", tiny_detr, "--data", shapes_root, "--output", out, "--sigma", "0.02,0.1",
             "--max-steps", "1", "--max-eval-images", "2", "--num-workers", "0", "--no-progress", "--device", "cpu"]
     dapft(*args)
-    rows = json.loads((out / "sweep.json").read_text())
+    rows = json.loads((out / "sweep.json").read_text())["runs"]
     assert [r["sigma"] for r in rows] == [0.02, 0.1]
     assert (out / "sweep.png").exists() and (out / "sweep.md").exists()
     first = (out / "sigma=0.02" / "report.json").stat().st_mtime_ns
@@ -153,6 +176,54 @@ def test_sweep_skips_finished_settings(tmp_path, tiny_detr, shapes_root):
     assert "sigma=0.1 (resuming)" in proc.stderr
     assert (out / "sigma=0.02" / "report.json").stat().st_mtime_ns == first
     assert (out / "sigma=0.1" / "report.json").exists()
+
+
+def test_sweep_over_loss_and_seed_pairs_each_setting_with_the_original_loss(tmp_path, tiny_detr, shapes_root):
+    from scipy import stats
+
+    out = tmp_path / "ab"
+    dapft("sweep", "--model", tiny_detr, "--data", shapes_root, "--output", out, "--loss", "original,dap+box",
+          "--matcher", "constant,momentum", "--seed", "0,1,2", "--max-steps", "3", "--lr", "2e-3",
+          "--max-eval-images", "6", "--num-workers", "0", "--no-progress", "--device", "cpu")
+    summary = json.loads((out / "sweep.json").read_text())
+    # The original loss reads no matcher: one run per seed, not one per matcher.
+    names = sorted(r["run"] for r in summary["runs"])
+    assert names == sorted([f"loss=original_seed={s}" for s in range(3)]
+                           + [f"loss=dap+box_matcher={m}_seed={s}" for m in ("constant", "momentum") for s in range(3)])
+    # Evaluated once before fine-tuning, shared by all nine runs.
+    assert [p.parent.parent.name for p in out.glob("*/eval/before")] == ["loss=original_seed=0"]
+    before = json.loads((out / "before.json").read_text())
+    for name in names:
+        assert json.loads((out / name / "report.json").read_text())["before"]["AP"] == before["AP"]
+    # Each comparison recomputed here from the runs' own reports: paired by seed, Student t.
+    after = {n: json.loads((out / n / "report.json").read_text())["after"] for n in names}
+    comparisons = {(c["setting"], c["metric"]): c for c in summary["comparisons"]}
+    assert len(comparisons) == 2 * 3
+    for m in ("constant", "momentum"):
+        for metric in ("AP", "AP50", "AP75"):
+            diffs = [after[f"loss=dap+box_matcher={m}_seed={s}"][metric] - after[f"loss=original_seed={s}"][metric]
+                     for s in range(3)]
+            c = comparisons[(f"loss=dap+box_matcher={m}", metric)]
+            assert c["baseline"] == "loss=original" and c["n"] == 3
+            assert c["mean_difference"] == pytest.approx(sum(diffs) / 3, abs=1e-12)
+            if max(diffs) > min(diffs):
+                low, high = stats.t.interval(0.95, 2, loc=sum(diffs) / 3, scale=stats.sem(diffs))
+                assert c["ci95"] == pytest.approx([low, high], abs=1e-9)
+    setting = next(s for s in summary["settings"] if s["setting"] == "loss=original")
+    assert setting["seeds"] == [0, 1, 2] and len(setting["AP"]["values"]) == 3
+    text = (out / "sweep.md").read_text()
+    assert "paired by seed" in text and "loss=dap+box_matcher=momentum" in text
+
+
+def test_sweep_refuses_bad_lists_before_any_run(tmp_path, tiny_detr, shapes_root):
+    base = ["sweep", "--model", tiny_detr, "--data", shapes_root, "--output", tmp_path / "s", "--device", "cpu"]
+    for flags, words in ((["--seed", "0,x"], "--seed takes comma-separated int values"),
+                         (["--loss", "dap,nope"], "--loss must be one of"),
+                         (["--sigma", "0.05"], "give two or more comma-separated values")):
+        proc = dapft(*base, *flags, check=False)
+        assert proc.returncode != 0 and words in " ".join(proc.stderr.split()), proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not any((tmp_path / "s").glob("*/report.json"))
 
 
 def test_gradient_accumulation_steps_once_per_accumulated_batches(tmp_path, tiny_detr, shapes_root):

@@ -79,3 +79,28 @@ def test_original_mode_delegates():
     assert calls == [torch.Size([2, 3, 5])] and out[0][0].tolist() == [0]
     with pytest.raises(ValueError, match="original"):
         APCostMatcher("original")
+
+
+def test_disagreement_with_another_matching_counts_ground_truths_assigned_elsewhere():
+    from dapft.matcher import disagreement_with
+
+    ours = [(torch.tensor([0, 2]), torch.tensor([1, 0])), (torch.tensor([4]), torch.tensor([0]))]
+    theirs = [(torch.tensor([2, 3]), torch.tensor([1, 0])), (torch.tensor([4]), torch.tensor([0]))]
+    # image 0: gt 1 -> query 0 vs 2, gt 0 -> query 2 vs 3 (both differ); image 1: the same query
+    assert disagreement_with(ours, theirs) == (2, 3)
+    assert disagreement_with(theirs, theirs) == (0, 3)
+
+
+def test_disagreement_with_the_top_query_counts_only_overlapped_ground_truths():
+    from dapft.matcher import disagreement_with_top_query
+
+    gt = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.8, 0.8, 0.1, 0.1]])  # cxcywh; nothing overlaps the second
+    boxes = torch.tensor([[[0.3, 0.3, 0.2, 0.2],      # query 0: the ground truth itself, score 0.9
+                           [0.31, 0.31, 0.2, 0.2],    # query 1: IoU ~0.82, score 0.2
+                           [0.3, 0.3, 0.02, 0.02]]])  # query 2: IoU 0.01, score 0.95 (not overlapping)
+    scores = torch.tensor([[[0.0, 0.9], [0.0, 0.2], [0.0, 0.95]]])  # class 1 is the ground truth's
+    targets = [{"class_labels": torch.tensor([1, 0]), "boxes": gt}]
+    to_query1 = [(torch.tensor([1]), torch.tensor([0]))]
+    to_query0 = [(torch.tensor([0]), torch.tensor([0]))]
+    assert disagreement_with_top_query(to_query1, scores, boxes, targets) == (1, 1)
+    assert disagreement_with_top_query(to_query0, scores, boxes, targets) == (0, 1)
