@@ -5,6 +5,7 @@ image processor (so resize, normalisation, padding and pixel mask are those it w
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +72,7 @@ class CocoSplit:
     annotations: dict[int, list[dict]]
     categories: list[dict]
     skipped: dict[str, int] = field(default_factory=dict)
+    dropped_ids: frozenset[int] = frozenset()  # annotations left out of training, so of evaluation too
 
     @property
     def category_names(self) -> dict[int, str]:
@@ -117,6 +119,7 @@ def load_split(source: SplitSource, *, check_images: bool = True, max_images: in
     kept_ids = {im["id"] for im in images}
 
     skipped = {"degenerate_boxes": 0, "boxes_outside_image": 0, "clipped_boxes": 0, "crowd_annotations": 0}
+    dropped: set = set()
     per_image: dict[int, list[dict]] = {im["id"]: [] for im in images}
     for ann in data["annotations"]:
         where = f"{ann_file}: annotation id {ann.get('id')} (image_id {ann.get('image_id')})"
@@ -134,14 +137,16 @@ def load_split(source: SplitSource, *, check_images: bool = True, max_images: in
             skipped["crowd_annotations"] += 1  # COCO ignores crowd regions in matching: kept for eval only
             continue
         x, y, w, h = bbox
-        if w <= 0 or h <= 0:
-            skipped["degenerate_boxes"] += 1
+        if not (math.isfinite(x) and math.isfinite(y) and math.isfinite(w) and math.isfinite(h)) or w <= 0 or h <= 0:
+            skipped["degenerate_boxes"] += 1  # zero, negative or NaN / inf extent
+            dropped.add(ann.get("id"))
             continue
         im = image_by_id[ann["image_id"]]
         x0, y0 = max(x, 0.0), max(y, 0.0)
         x1, y1 = min(x + w, im["width"]), min(y + h, im["height"])
         if x1 <= x0 or y1 <= y0:
             skipped["boxes_outside_image"] += 1
+            dropped.add(ann.get("id"))
             continue
         if (x0, y0, x1, y1) != (x, y, x + w, y + h):
             skipped["clipped_boxes"] += 1
@@ -160,7 +165,8 @@ def load_split(source: SplitSource, *, check_images: bool = True, max_images: in
             if size != (im["width"], im["height"]):
                 raise DataError(f"{path}: the image is {size[0]}x{size[1]} but {ann_file} says "
                                 f"{im['width']}x{im['height']}; fix 'width'/'height' of image id {im['id']}")
-    return CocoSplit(source, images, per_image, data["categories"], {k: v for k, v in skipped.items() if v})
+    return CocoSplit(source, images, per_image, data["categories"], {k: v for k, v in skipped.items() if v},
+                     frozenset(dropped))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -495,7 +495,8 @@ class Trainer:
             if cfg.before_metrics is not None and st["before"] is None:
                 # The sweep's shared evaluation; only this run's own training subset, if any, is scored.
                 st["before"] = {**{k: cfg.before_metrics[k] for k in STAT_NAMES}, **self.evaluate("before", val=False)}
-                self.log(f"before fine-tuning: AP {100 * st['before']['AP']:.2f} (the sweep's evaluation, made once)")
+                self.log(f"before fine-tuning: AP {100 * st['before']['AP']:.2f} (the sweep's evaluation, made once)"
+                         + _train_part(st["before"]))
             if cfg.eval_before and st["before"] is None:
                 st["before"] = self.evaluate("before")
                 self._log({"type": "eval", "tag": "before", "epoch": 0, "global_step": 0, **st["before"]})

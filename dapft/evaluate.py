@@ -78,8 +78,10 @@ def _top(det: dict, k: int) -> dict:
 
 
 def coco_evaluate(ann_file: str | Path, results: list[dict], image_ids: list[int],
-                  evaluator: Evaluator = "faster-coco-eval") -> CocoMetrics:
-    """Score `results` against the annotation file on exactly `image_ids` (so --max-images is fair)."""
+                  evaluator: Evaluator = "faster-coco-eval", exclude: frozenset[int] = frozenset()) -> CocoMetrics:
+    """Score `results` against the annotation file on exactly `image_ids` (so --max-images is fair),
+    without the annotations whose ids are in `exclude` (those training skipped: degenerate boxes,
+    boxes outside their image)."""
     check_evaluator(evaluator)
     t0 = time.perf_counter()
     if evaluator == "faster-coco-eval":
@@ -88,7 +90,15 @@ def coco_evaluate(ann_file: str | Path, results: list[dict], image_ids: list[int
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
     with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(ann_file))
+        if exclude:
+            data = json.loads(Path(ann_file).read_text())
+            data["annotations"] = [a for a in data["annotations"] if a.get("id") not in exclude]
+            gt = COCO(data) if evaluator == "faster-coco-eval" else COCO()
+            if evaluator == "pycocotools":
+                gt.dataset = data
+                gt.createIndex()
+        else:
+            gt = COCO(str(ann_file))
         cat_ids = sorted(gt.getCatIds())
         names = [gt.loadCats(c)[0]["name"] for c in cat_ids]
         if results:
@@ -134,7 +144,7 @@ def evaluate_split(model, processor, split: CocoSplit, label_map: LabelMap, load
     output.mkdir(parents=True, exist_ok=True)
     write_results(output / "predictions.json", results)
     image_ids = [im["id"] for im in split.images]
-    metrics = coco_evaluate(split.source.annotations, results, image_ids, evaluator)
+    metrics = coco_evaluate(split.source.annotations, results, image_ids, evaluator, exclude=split.dropped_ids)
     payload = {**metrics.to_json(), "images": len(image_ids), "detections": len(results),
                "inference_seconds": round(infer_s, 3), "images_per_second": round(len(image_ids) / max(infer_s, 1e-9), 2),
                "skipped": split.skipped}

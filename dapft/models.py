@@ -254,6 +254,31 @@ def load_processor(path: str, family: Family):
         return getattr(transformers, family.processor)()
 
 
+def _offline(config):
+    """A copy of `config` that builds without downloading a pretrained backbone."""
+    import copy
+
+    config = copy.deepcopy(config)
+    if getattr(config, "use_pretrained_backbone", False):
+        config.use_pretrained_backbone = False
+    return config
+
+
+def _class_indexed(detector) -> list[str]:
+    """Names of the detector's tensors indexed by class: those whose shape follows the number of
+    labels, found by building the same architecture with one label more on the meta device (no
+    memory, no weights)."""
+    from transformers import AutoModelForObjectDetection
+
+    config = _offline(detector.config)
+    labels = {int(k): v for k, v in config.id2label.items()}
+    labels[len(labels)] = "__probe__"
+    config.id2label, config.label2id = labels, {v: k for k, v in labels.items()}
+    with torch.device("meta"):
+        probe = AutoModelForObjectDetection.from_config(config).state_dict()
+    return [k for k, v in detector.state_dict().items() if k in probe and probe[k].shape != v.shape]
+
+
 def load_detector(model: str | Path, *, id2label: dict[int, str] | None = None, log: Callable[[str], None] = print):
     """Load a detector, its image processor and its family adapter.
 
@@ -277,16 +302,22 @@ def load_detector(model: str | Path, *, id2label: dict[int, str] | None = None, 
     detector = AutoModelForObjectDetection.from_pretrained(
         path, id2label=new_labels, label2id={v: k for k, v in new_labels.items()}, ignore_mismatched_sizes=True)
     rows = match_names(new_labels, old_labels)  # new class index -> old one, by name
-    old_state = original.state_dict()
+    old_state, state = original.state_dict(), detector.state_dict()
     n_old, n_new = len(old_labels), len(new_labels)
+    class_keys = _class_indexed(detector)
+    if n_old == n_new:
+        # Same shapes: from_pretrained kept every class row by position, under the new names. Start
+        # the class-indexed tensors afresh, as it does when the number of classes changes.
+        fresh = AutoModelForObjectDetection.from_config(_offline(detector.config)).state_dict()
+        with torch.no_grad():
+            for name in class_keys:
+                state[name].copy_(fresh[name])
     copied = 0
     with torch.no_grad():
-        for name, param in detector.state_dict().items():
-            old = old_state.get(name)
-            if old is None or old.shape == param.shape or old.ndim == 0 or old.shape[1:] != param.shape[1:]:
-                continue
-            extra = old.shape[0] - n_old  # DETR's no-object row, RT-DETR's denoising padding row
-            if extra < 0 or param.shape[0] - n_new != extra:
+        for name in class_keys:
+            param, old = state[name], old_state.get(name)
+            extra = old.shape[0] - n_old if old is not None else -1  # DETR's no-object row, RT-DETR's padding row
+            if extra < 0 or param.shape[0] - n_new != extra or old.shape[1:] != param.shape[1:]:
                 continue
             for new_i, old_i in rows.items():
                 param[new_i] = old[old_i]
@@ -296,6 +327,7 @@ def load_detector(model: str | Path, *, id2label: dict[int, str] | None = None, 
     from rich.markup import escape  # class names are user text: "[bracketed]" names must print as they are
 
     kept = escape(", ".join(new_labels[i] for i in sorted(rows)) or "none")
-    log(f"label set changed ({n_old} -> {n_new} classes): the classifier was resized and re-initialised; "
+    log(f"label set changed ({n_old} -> {n_new} classes): the classifier was "
+        f"{'resized and ' if n_old != n_new else ''}re-initialised; "
         f"classes kept from the checkpoint by name: {kept} ({copied} class-indexed tensors carried over)")
     return detector, load_processor(path, family), family

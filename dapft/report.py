@@ -67,6 +67,9 @@ def metrics_table(rows: dict[str, dict[str, float]], keys=HEADLINE, deltas_from:
     return "\n".join(lines)
 
 
+_SKIP_NOTE = " (degenerate boxes and boxes outside their image are left out of training and evaluation alike; crowd regions are ignored in matching, as COCO does; clipped boxes train clipped)"
+
+
 def write_eval_report(output: Path, metrics: CocoMetrics, info: dict) -> Path:
     plot_pr_curves(metrics, output / "pr_curves.png")
     plot_per_class_ap(metrics, output / "per_class_ap.png")
@@ -83,7 +86,7 @@ def write_eval_report(output: Path, metrics: CocoMetrics, info: dict) -> Path:
     ]
     if info.get("skipped"):
         lines += ["Annotations skipped or changed as COCO/DETR training would: "
-                  + ", ".join(f"{k} {v}" for k, v in info["skipped"].items()), ""]
+                  + ", ".join(f"{k} {v}" for k, v in info["skipped"].items()) + _SKIP_NOTE, ""]
     path = output / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
@@ -244,7 +247,8 @@ def write_run_report(run_dir: Path, cfg, family: str, state: dict, freezing) -> 
     skipped = {split: counts for split, counts in state.get("skipped", {}).items() if counts}
     if skipped:
         lines += ["Annotations skipped or changed (as COCO / DETR training would): " + "; ".join(
-            f"{split}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) for split, counts in skipped.items()), ""]
+            f"{split}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) for split, counts in skipped.items())
+            + _SKIP_NOTE, ""]
     lines += [f"Training time: {state['elapsed']:.0f} s.", "", "![curves](curves.png)", ""]
     if per_class_after:
         lines += ["## AP per class (last evaluation)", "", per_class_table(per_class_before, per_class_after), ""]

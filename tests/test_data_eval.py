@@ -276,3 +276,32 @@ def test_16_bit_images_keep_their_contents(tmp_path):
     assert rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255 and 120 < rgb.mean() < 135  # not all white
     Image.fromarray((ramp >> 8).astype(np.uint8)).convert("RGB").save(tmp_path / "plain.png")
     np.testing.assert_allclose(rgb.astype(int), np.asarray(load_rgb(tmp_path / "plain.png")).astype(int), atol=1)
+
+
+@pytest.mark.parametrize("evaluator", ["pycocotools", "faster-coco-eval"])
+def test_boxes_skipped_in_training_are_left_out_of_evaluation_too(tmp_path, shapes_root, evaluator):
+    from dapft.evaluate import evaluate_model
+
+    clean = json.loads((shapes_root / "annotations" / "instances_val2017.json").read_text())
+    bad = json.loads(json.dumps(clean))
+    first = bad["images"][0]
+    next_id = max(a["id"] for a in bad["annotations"]) + 1
+    bad["annotations"] += [  # a negative width, a NaN, one entirely outside the image
+        {"id": next_id, "image_id": first["id"], "category_id": 1, "bbox": [10, 10, -5, 8], "area": 40, "iscrowd": 0},
+        {"id": next_id + 1, "image_id": first["id"], "category_id": 2, "bbox": [10, 10, float("nan"), 8],
+         "area": 40, "iscrowd": 0},
+        {"id": next_id + 2, "image_id": first["id"], "category_id": 3, "bbox": [first["width"] + 5, 3, 6, 6],
+         "area": 36, "iscrowd": 0}]
+    ann = tmp_path / "bad.json"
+    ann.write_text(json.dumps(bad))
+    common = dict(images=str(shapes_root / "val2017"), max_images=6, batch_size=3, num_workers=0,
+                  progress=False, device="cpu", evaluator=evaluator)
+    with_bad = evaluate_model("dapft/tiny-rtdetr-shapes", None, annotations=str(ann), output=str(tmp_path / "a"), **common)
+    ann_clean = tmp_path / "clean.json"
+    ann_clean.write_text(json.dumps(clean))
+    without = evaluate_model("dapft/tiny-rtdetr-shapes", None, annotations=str(ann_clean), output=str(tmp_path / "b"),
+                             **common)
+    assert without["stats"]["AP"] > 0.05
+    assert with_bad["stats"] == without["stats"]  # the three boxes count neither as misses nor as ground truth
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "degenerate_boxes 2" in report and "boxes_outside_image 1" in report and "left out of" in report

@@ -108,7 +108,7 @@ def test_denoising_and_encoder_losses_unchanged_under_dap(family):
     install_loss(model, family_of(model.config), "dap", DAPCriterion(family_of(model.config), model.config))
     torch.manual_seed(3)
     with_dap = model(pixel_values=x, labels=targets).loss_dict
-    kept = [k for k in with_dap if not k.startswith(("loss_dap", "dap"))]
+    kept = [k for k in with_dap if k.startswith("loss_") and not k.startswith("loss_dap")]  # not DAP, not diagnostics
     assert kept, "this family keeps denoising or encoder terms"
     assert all(("_dn_" in k) or k.endswith("_enc") or "_aux_" in k for k in kept)
     fam = family_of(model.config)
@@ -153,6 +153,38 @@ def test_changing_the_label_set_keeps_classes_with_the_same_name(tmp_path):
     torch.testing.assert_close(w_new[2], w_old[0])  # cat
     torch.testing.assert_close(w_new[4], w_old[3])  # no-object
     assert new.config.id2label[1] == "fish"
+
+
+@pytest.mark.parametrize("family", ["detr", "rt_detr", "deformable_detr_box_refine"])
+def test_a_new_label_set_of_the_same_size_is_not_kept_by_position(tmp_path, family):
+    # Same number of classes, other names: from_pretrained would keep every class row by position
+    # (a 'cat' row answering for 'fish'). Only rows whose class name is in both sets may be kept.
+    torch.manual_seed(0)
+    trained = tiny_model(family, {0: "cat", 1: "dog", 2: "bird"})
+    with torch.no_grad():  # as if trained: no row equals what a fresh initialisation gives
+        for param in trained.parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+    trained.save_pretrained(tmp_path)
+    from transformers import AutoModelForObjectDetection
+
+    from dapft.models import _class_indexed
+
+    old = AutoModelForObjectDetection.from_pretrained(tmp_path)
+    new, _, _ = load_detector(tmp_path, id2label={0: "fish", 1: "dog", 2: "cat"}, log=lambda _: None)
+    keys = _class_indexed(new)
+    assert keys
+    before, after = old.state_dict(), new.state_dict()
+    for k in keys:
+        torch.testing.assert_close(after[k][1], before[k][1])  # dog: same row
+        torch.testing.assert_close(after[k][2], before[k][0])  # cat: moved from row 0
+        assert not torch.equal(after[k][0], before[k][0]), k  # fish: not cat's old row
+        if after[k].shape[0] > 3:  # DETR's no-object, RT-DETR's denoising padding
+            torch.testing.assert_close(after[k][3:], before[k][3:])
+    # 'fish' starts as transformers initialises a class (biases are constants: 0, or a focal
+    # prior for RT-DETR), not from any trained row.
+    fresh = AutoModelForObjectDetection.from_config(new.config).state_dict()
+    for k in (k for k in keys if k.endswith("bias")):
+        torch.testing.assert_close(after[k][0], fresh[k][0])
 
 
 def test_unsupported_family_is_refused_with_the_reason():
