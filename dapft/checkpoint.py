@@ -68,7 +68,7 @@ def verify_checkpoint(path: Path) -> dict:
             raise CheckpointError(f"{path}: file {name} is missing; the checkpoint is incomplete")
         if f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
             raise CheckpointError(f"{f}: contents do not match the manifest (corrupt or modified); "
-                                  "delete the checkpoint or restore it")
+                                  f"restore it, or, to use a deliberately edited checkpoint, delete its {MANIFEST}")
     return manifest
 
 

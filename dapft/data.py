@@ -152,6 +152,10 @@ def load_split(source: SplitSource, *, check_images: bool = True, max_images: in
             skipped["clipped_boxes"] += 1
         per_image[ann["image_id"]].append({**ann, "bbox": [x0, y0, x1 - x0, y1 - y0]})
 
+    if not any(per_image.values()) and not skipped["crowd_annotations"]:
+        subset = f" among its first {max_images} images (--max-*-images)" if max_images is not None else ""
+        raise DataError(f"{ann_file}: no usable annotations{subset} ({sum(skipped.values())} skipped); COCO AP "
+                        "and training both need ground-truth boxes: annotate the split or choose another")
     if check_images:
         paths = [source.images / im["file_name"] for im in images]
         with ThreadPoolExecutor(8) as pool:

@@ -226,14 +226,39 @@ def family_of(config) -> Family:
 BUNDLED_DIR = Path(__file__).parent / "checkpoints"
 
 
+_VERIFIED: set[tuple[str, float]] = set()
+
+
 def resolve_model(name: str | Path) -> str:
     """A local `save_pretrained` directory, a bundled short name ('dapft/tiny-rtdetr-shapes'), or a
-    Hub id (as transformers resolves it)."""
-    if Path(name).is_dir():
-        return str(Path(name))
+    Hub id (as transformers resolves it). A local checkpoint that carries dapft's SHA-256 manifest
+    (every checkpoint dapft writes) is verified before anything loads from it; a name that can only
+    be a local path or a bundled model, and is neither, is refused here rather than after the Hub's
+    retries."""
+    import difflib
+
+    from dapft.checkpoint import MANIFEST, verify_checkpoint
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        manifest = path / MANIFEST
+        if manifest.is_file() and (str(path.resolve()), manifest.stat().st_mtime) not in _VERIFIED:
+            verify_checkpoint(path)
+            _VERIFIED.add((str(path.resolve()), manifest.stat().st_mtime))
+        return str(path)
+    if path.exists():
+        raise ValueError(f"--model {name}: a file; give the directory that holds config.json and the weights")
     short = str(name)
-    if short.startswith("dapft/") and (BUNDLED_DIR / short.split("/", 1)[1]).is_dir():
-        return str(BUNDLED_DIR / short.split("/", 1)[1])
+    if short.startswith("dapft/"):
+        if (BUNDLED_DIR / short.split("/", 1)[1]).is_dir():
+            return str(BUNDLED_DIR / short.split("/", 1)[1])
+        close = difflib.get_close_matches(short, bundled_models(), n=1)
+        raise ValueError(f"--model {name}: no bundled detector of that name"
+                         + (f"; did you mean {close[0]}?" if close else "")
+                         + f" (bundled: {', '.join(bundled_models()) or 'none'})")
+    local_parent = Path(short).parent != Path(".") and Path(short).parent.is_dir()  # 'runs/x' with runs/ here
+    if short.startswith(("/", ".", "~")) or short.count("/") > 1 or "\\" in short or local_parent:
+        raise ValueError(f"--model {name}: no such directory (a Hub id is 'organisation/name')")
     return short
 
 

@@ -241,9 +241,12 @@ def write_run_report(run_dir: Path, cfg, family: str, state: dict, freezing) -> 
                   "them at IoU >= 0.5 (that query then counts as a false positive)") + ".", ""]
     if state.get("stopped_early"):
         lines += [f"**{state['stopped_early'].capitalize()}.**", ""]
-    if best:
+    if best and (run_dir / "checkpoint-best").is_dir():
         lines += [f"Best: AP {100 * best['AP']:.2f} after epoch {best['epoch']} (`checkpoint-best/`); "
                   f"last: `checkpoint-last/`. Both load with `AutoModelForObjectDetection.from_pretrained`.", ""]
+    elif best:  # killed while writing it, and no better evaluation came after the resume
+        lines += [f"Best: AP {100 * best['AP']:.2f} after epoch {best['epoch']}, but `checkpoint-best/` is missing "
+                  "(the run was stopped while writing it); `checkpoint-last/` holds the last weights.", ""]
     skipped = {split: counts for split, counts in state.get("skipped", {}).items() if counts}
     if skipped:
         lines += ["Annotations skipped or changed (as COCO / DETR training would): " + "; ".join(

@@ -65,6 +65,42 @@ def test_errors_are_one_clear_line(tmp_path, tiny_detr):
     assert "Traceback" in proc.stderr
 
 
+def test_a_model_that_cannot_exist_is_refused_at_once_with_what_to_do(tmp_path, shapes_root):
+    common = ["--data", shapes_root, "--output", tmp_path / "e", "--no-progress", "--device", "cpu"]
+    for model, words in (("dapft/tiny-rtdetr-shape", "did you mean dapft/tiny-rtdetr-shapes?"),
+                         (str(tmp_path / "nowhere"), "no such directory")):
+        t0 = time.time()
+        proc = dapft("eval", "--model", model, *common, check=False)
+        assert proc.returncode == 1 and words in " ".join(proc.stderr.split()), proc.stderr
+        assert "Traceback" not in proc.stderr and time.time() - t0 < 20  # no Hub retries
+
+
+def test_a_corrupted_checkpoint_is_refused_before_it_is_used(tmp_path, tiny_detr, shapes_root):
+    run = tmp_path / "run"
+    dapft("finetune", "--model", tiny_detr, "--data", shapes_root, "--output", run, "--max-steps", "1",
+          "--no-eval-before", "--max-eval-images", "2", *COMMON)
+    weights = run / "checkpoint-best" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-64:] = bytes(64)  # same size, other numbers: would load and score as a (wrong) model
+    weights.write_bytes(bytes(data))
+    proc = dapft("eval", "--model", run / "checkpoint-best", "--data", shapes_root, "--output", tmp_path / "e",
+                 "--no-progress", "--device", "cpu", check=False)
+    message = " ".join(proc.stderr.split())
+    assert proc.returncode == 1 and "do not match the manifest" in message and "dapft_checkpoint.json" in message
+    assert not (tmp_path / "e" / "metrics.json").exists()
+
+
+def test_a_split_without_annotations_is_refused(tmp_path, tiny_detr, shapes_root):
+    data = tmp_path / "data"
+    shutil.copytree(shapes_root, data)
+    val = data / "annotations" / "instances_val2017.json"
+    content = json.loads(val.read_text())
+    content["annotations"] = []
+    val.write_text(json.dumps(content))
+    proc = dapft("finetune", "--model", tiny_detr, "--data", data, "--output", tmp_path / "run", *COMMON, check=False)
+    assert proc.returncode == 1 and "no usable annotations" in proc.stderr and not (tmp_path / "run").exists()
+
+
 def test_finetune_then_eval_of_the_checkpoint_matches_the_report(tmp_path, tiny_detr, shapes_root):
     run = tmp_path / "run"
     dapft("finetune", "--model", tiny_detr, "--data", shapes_root, "--output", run, "--loss", "dap+box",
