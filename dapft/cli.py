@@ -12,7 +12,7 @@ from rich.markup import escape
 from dapft.runtime import console
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+    add_completion=False, no_args_is_help=True, rich_markup_mode=None,
     help="Fine-tune DETR-family detectors with the Differentiable Average Precision (DAP) loss.",
 )
 _debug = {"on": False}
@@ -266,5 +266,8 @@ def run() -> None:
             sys.exit(130)
         if _debug["on"] or "--debug" in sys.argv:
             raise
-        console.print(f"[bold red]error:[/] {escape(str(exc))}")  # user text may hold [brackets]
+        message = str(exc)
+        if len(message) > 800:  # a library's message with a whole tensor in it: the start says what it is
+            message = message[:800] + " ... (cut; --debug shows all of it)"
+        console.print(f"[bold red]error:[/] {escape(message)}")  # user text may hold [brackets]
         sys.exit(1)

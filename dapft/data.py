@@ -83,13 +83,82 @@ def _check_image(path: Path) -> tuple[Path, str | None, tuple[int, int] | None]:
     if not path.is_file():
         return path, "missing", None
     try:
-        with Image.open(path) as im:  # reads the header only
+        with Image.open(path) as im:
+            im.load()  # a full decode: a truncated file fails here, not in a worker mid-run
             return path, None, im.size
     except Exception as exc:  # noqa: BLE001 - any decoder failure means unreadable
         return path, f"unreadable ({exc.__class__.__name__}: {exc})", None
 
 
-def load_split(source: SplitSource, *, check_images: bool = True, max_images: int | None = None) -> CocoSplit:
+def _verdict_cache(images: Path) -> Path:
+    """Where the images already decoded in full are remembered (by file size and mtime), so that
+    a second run over the same data starts at once: one small JSON per image folder."""
+    import hashlib
+    import os
+
+    root = Path(os.environ.get("DAPFT_CACHE", Path.home() / ".cache" / "dapft")).expanduser()
+    return root / "checked-images" / (hashlib.sha1(str(images.resolve()).encode()).hexdigest()[:16] + ".json")
+
+
+def check_images(images: Path, entries: list[dict], ann_file: Path, progress: bool = False) -> None:
+    """Decode every image of `entries` fully (threads; decoders release the GIL), unless the cache
+    says this very file (same size and mtime) decoded before; then check each against its declared
+    width and height."""
+    import os
+
+    cache_file = _verdict_cache(images)
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    todo, sizes = {}, {}  # path -> file_name still to decode; path -> (width, height)
+    for im in entries:
+        path = images / im["file_name"]
+        try:
+            st = path.stat()
+        except OSError:
+            todo[path] = im["file_name"]
+            continue
+        known = cache.get(im["file_name"])
+        if known and known[:2] == [st.st_size, st.st_mtime_ns]:
+            sizes[path] = tuple(known[2:])
+        else:
+            todo[path] = im["file_name"]
+    bad = []
+    if todo:
+        from dapft.runtime import make_progress
+
+        with make_progress(disable=not progress or len(todo) < 200) as bar, \
+                ThreadPoolExecutor(min(32, (os.cpu_count() or 2) * 2)) as pool:
+            task = bar.add_task("checking images", total=len(todo), info="full decode, once")
+            for path, why, size in pool.map(_check_image, todo):
+                bar.advance(task)
+                if why:
+                    bad.append((path, why))
+                    continue
+                sizes[path] = size
+                st = path.stat()
+                cache[todo[path]] = [st.st_size, st.st_mtime_ns, *size]
+        try:
+            from dapft.runtime import atomic_write_text
+
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cache_file, json.dumps(cache))
+        except OSError:
+            pass  # a read-only home: the check runs again next time, nothing else changes
+    if bad:
+        listing = "; ".join(f"{p} ({why})" for p, why in bad[:5])
+        raise DataError(f"{ann_file}: {len(bad)} of {len(entries)} images cannot be read: {listing}"
+                        f"{' ...' if len(bad) > 5 else ''}. Fix or remove them from 'images'")
+    for im in entries:
+        size = sizes[images / im["file_name"]]
+        if size != (im["width"], im["height"]):
+            raise DataError(f"{images / im['file_name']}: the image is {size[0]}x{size[1]} but {ann_file} says "
+                            f"{im['width']}x{im['height']}; fix 'width'/'height' of image id {im['id']}")
+
+
+def load_split(source: SplitSource, *, check: bool = True, max_images: int | None = None,
+               progress: bool = False) -> CocoSplit:
     """Read a COCO annotation file and check everything that would otherwise fail mid-run."""
     ann_file = source.annotations
     try:
@@ -156,19 +225,8 @@ def load_split(source: SplitSource, *, check_images: bool = True, max_images: in
         subset = f" among its first {max_images} images (--max-*-images)" if max_images is not None else ""
         raise DataError(f"{ann_file}: no usable annotations{subset} ({sum(skipped.values())} skipped); COCO AP "
                         "and training both need ground-truth boxes: annotate the split or choose another")
-    if check_images:
-        paths = [source.images / im["file_name"] for im in images]
-        with ThreadPoolExecutor(8) as pool:
-            results = list(pool.map(_check_image, paths))
-        bad = [(p, why) for p, why, _ in results if why]
-        if bad:
-            listing = "; ".join(f"{p} ({why})" for p, why in bad[:5])
-            raise DataError(f"{ann_file}: {len(bad)} of {len(paths)} images cannot be read: {listing}"
-                            f"{' ...' if len(bad) > 5 else ''}. Fix or remove them from 'images'")
-        for (path, _, size), im in zip(results, images):
-            if size != (im["width"], im["height"]):
-                raise DataError(f"{path}: the image is {size[0]}x{size[1]} but {ann_file} says "
-                                f"{im['width']}x{im['height']}; fix 'width'/'height' of image id {im['id']}")
+    if check:
+        check_images(source.images, images, ann_file, progress)
     return CocoSplit(source, images, per_image, data["categories"], {k: v for k, v in skipped.items() if v},
                      frozenset(dropped))
 

@@ -289,8 +289,8 @@ class Trainer:
         # Data first: bad input must fail before a model is downloaded or loaded.
         train_src = resolve_split(cfg.data, "train", cfg.train_images, cfg.train_annotations)
         val_src = resolve_split(cfg.data, "val", cfg.val_images, cfg.val_annotations)
-        self.train_split = load_split(train_src, max_images=cfg.max_train_images)
-        self.val_split = load_split(val_src, max_images=cfg.max_eval_images)
+        self.train_split = load_split(train_src, max_images=cfg.max_train_images, progress=cfg.progress)
+        self.val_split = load_split(val_src, max_images=cfg.max_eval_images, progress=cfg.progress)
         # A fixed subset of the training images, scored as the validation split is (no augmentation):
         # tells "the loss did not move the model" from "it moved, but the change did not transfer".
         self.train_eval_split = (load_split(train_src, max_images=cfg.train_eval_images)
@@ -595,6 +595,13 @@ class Trainer:
                 out = self.ddp_model(**inputs)
         except FloatingPointError as exc:  # raised inside the loss, which does not know the step
             raise FloatingPointError(f"step {self.state['global_step'] + 1}: {exc}; " + self._diverged_hint()) from exc
+        except (ValueError, RuntimeError) as exc:
+            # A model's own loss code may meet NaN outputs first (transformers' box checks raise
+            # ValueError with the whole tensor in the message): say what happened, not that.
+            if "nan" in str(exc).lower() or not all(torch.isfinite(p).all() for p in self.model.parameters()):
+                raise FloatingPointError(f"step {self.state['global_step'] + 1}: the model's outputs are not finite "
+                                         f"({type(exc).__name__} in its loss); " + self._diverged_hint()) from exc
+            raise
         loss = out.loss / self.cfg.grad_accum
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {self.state['global_step'] + 1}: {out.loss_dict}; "
@@ -605,8 +612,9 @@ class Trainer:
         return terms
 
     def _diverged_hint(self) -> str:
-        return (f"training diverged at lr {self.cfg.lr:g} (the checkpoints in {self.out} are from before it); "
-                "start again with a lower --lr or --clip-grad-norm")
+        saved = (f"the checkpoints in {self.out} are from before it" if (self.out / "checkpoint-last").is_dir()
+                 else "nothing was saved yet")
+        return f"training diverged at lr {self.cfg.lr:g} ({saved}); start again with a lower --lr or --clip-grad-norm"
 
     def _optimizer_step(self) -> float:
         self.scaler.unscale_(self.optimizer)

@@ -171,7 +171,7 @@ def evaluate_model(model: str, data: str | None = None, *, split: str = "val", i
                               f"its own, e.g. --output {out / 'eval' / 'dapft-eval'}")
     dev = pick_device(device)
     source = resolve_split(data, split, images, annotations)
-    coco = load_split(source, max_images=max_images)
+    coco = load_split(source, max_images=max_images, progress=progress)
     detector, processor, _family = load_detector(model, log=console.print)
     mapping = LabelMap.build(coco.categories, detector.config.id2label, label_map, where=str(source.annotations))
     detector.to(dev)

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 import warnings
 
 import pytest
@@ -9,6 +11,8 @@ import pytest
 from dapft.shapes import make_shapes_dataset
 
 warnings.filterwarnings("ignore", message=".*TypedStorage.*")
+# The image-check verdicts of this test session (inherited by the CLI subprocesses), not ~/.cache's.
+os.environ["DAPFT_CACHE"] = tempfile.mkdtemp(prefix="dapft-cache-")
 
 # COCO names with COCO's original (gapped) ids, so both label conventions can be exercised.
 COCO_SUBSET = {1: "person", 18: "dog", 44: "bottle", 90: "toothbrush", 13: "stop sign", 85: "clock"}

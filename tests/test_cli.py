@@ -57,6 +57,22 @@ def test_help_reads_well():
         assert all(o in text for o in opts), cmd
 
 
+def test_help_is_whole_in_an_80_column_terminal():
+    import click
+    import typer.main
+
+    from dapft.cli import app
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        text = subprocess.run([sys.executable, "-m", "dapft", name, "--help"], capture_output=True, text=True,
+                              env={**ENV, "COLUMNS": "80"}).stdout
+        assert max(map(len, text.splitlines())) <= 80, name
+        flags = [o for p in command.params if isinstance(p, click.Option) for o in p.opts + p.secondary_opts]
+        missing = [f for f in flags if f not in text]
+        assert not missing, (name, missing)  # no option name cut short
+
+
 def test_errors_are_one_clear_line(tmp_path, tiny_detr):
     proc = dapft("eval", "--model", tiny_detr, "--data", tmp_path / "nowhere", "--no-progress", check=False)
     assert proc.returncode == 1
@@ -99,6 +115,16 @@ def test_a_split_without_annotations_is_refused(tmp_path, tiny_detr, shapes_root
     val.write_text(json.dumps(content))
     proc = dapft("finetune", "--model", tiny_detr, "--data", data, "--output", tmp_path / "run", *COMMON, check=False)
     assert proc.returncode == 1 and "no usable annotations" in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_diverging_run_stops_with_one_short_error(tmp_path, shapes_root):
+    # lr 1000 turns RT-DETR's outputs to NaN by the second step; its own loss code then raises a
+    # ValueError carrying the whole NaN tensor. The user gets what happened and what to do.
+    proc = dapft("finetune", "--model", "dapft/tiny-rtdetr-shapes", "--data", shapes_root, "--output", tmp_path / "r",
+                 "--lr", "1000", "--max-steps", "6", "--no-eval-before", "--max-eval-images", "2", *COMMON, check=False)
+    message = " ".join(proc.stderr.split())
+    assert proc.returncode == 1 and "not finite" in message and "lower --lr" in message, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) < 15
 
 
 def test_finetune_then_eval_of_the_checkpoint_matches_the_report(tmp_path, tiny_detr, shapes_root):

@@ -152,6 +152,24 @@ def test_unreadable_image_is_named(shapes_root, tmp_path):
         load_split(resolve_split(root, "val"))
 
 
+def test_a_truncated_image_is_found_before_training_and_the_verdicts_are_remembered(shapes_root, tmp_path):
+    import os
+
+    root, _, data = _copy(shapes_root, tmp_path)
+    load_split(resolve_split(root, "val"))  # decodes every image once, remembers each by size and mtime
+    path = root / "val2017" / data["images"][3]["file_name"]
+    whole = path.read_bytes()
+    stat = path.stat()
+    # The same size and mtime, other contents: the remembered verdict stands (a re-run starts at once).
+    path.write_bytes(whole[: len(whole) // 2] + bytes(len(whole) - len(whole) // 2))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    load_split(resolve_split(root, "val"))
+    # A file that changed (here: cut short, its header intact) is decoded again, in full.
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=rf"{data['images'][3]['file_name']} \(unreadable"):
+        load_split(resolve_split(root, "val"))
+
+
 def test_unknown_category_is_named(shapes_root, tmp_path):
     root, ann, data = _copy(shapes_root, tmp_path)
     data["annotations"][4]["category_id"] = 99
