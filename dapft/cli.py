@@ -252,8 +252,9 @@ def run() -> None:
         console.print(str(exc), style="red", markup=False, highlight=False)
         sys.exit(130)
     except KeyboardInterrupt:
-        console.print("interrupted (nothing saved since the last checkpoint); continue a fine-tuning run with "
-                      "the same command and --resume", markup=False, highlight=False)
+        console.print("interrupted (what was written before stays; a fine-tuning run continues from its last "
+                      "checkpoint with the same command and --resume, a sweep with the same command)",
+                      markup=False, highlight=False)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001
         import click

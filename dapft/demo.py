@@ -20,7 +20,7 @@ def demo(output: str | Path = "runs/demo", *, model: str = DEFAULT_MODEL, train_
     out = Path(output)
     data = out / "data"
     if not (data / "annotations" / "instances_val2017.json").exists():
-        console.print(f"generating shapes data (seed {seed}) in {data}")
+        console.print(f"generating shapes data (seed {seed}) in {data}", markup=False)
         make_shapes_dataset(data, train_images=train_images, val_images=val_images, seed=seed)
     run = out / "run"
     cfg = FinetuneConfig(model=model, data=str(data), output=str(run), loss=loss, epochs=epochs, seed=seed,

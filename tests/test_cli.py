@@ -277,6 +277,26 @@ def test_sweep_over_loss_and_seed_pairs_each_setting_with_the_original_loss(tmp_
     assert "paired by seed" in text and "loss=dap+box_matcher=momentum" in text
 
 
+def test_ctrl_c_in_a_sweep_saves_the_run_and_the_same_command_continues_it(tmp_path, tiny_detr, shapes_root):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--model", tiny_detr, "--data", shapes_root, "--output", out, "--seed", "0,1", "--loss", "dap+box",
+            "--epochs", "2", "--max-eval-images", "2", "--num-workers", "0", "--no-progress", "--device", "cpu"]
+    proc = subprocess.Popen([sys.executable, "-m", "dapft", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    log = out / "seed=0" / "log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (log.exists() and '"type": "step"' in log.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    message = " ".join(err.split())
+    assert proc.returncode == 130 and "run the same dapft sweep command again" in message, err[-2000:]
+    assert (out / "seed=0" / "checkpoint-last").is_dir() and not (out / "seed=0" / "report.json").exists()
+    proc = dapft(*args)
+    assert "seed=0 (resuming)" in proc.stderr
+    assert len(json.loads((out / "sweep.json").read_text())["runs"]) == 2
+
+
 def test_sweep_refuses_bad_lists_before_any_run(tmp_path, tiny_detr, shapes_root):
     base = ["sweep", "--model", tiny_detr, "--data", shapes_root, "--output", tmp_path / "s", "--device", "cpu"]
     for flags, words in ((["--seed", "0,x"], "--seed takes comma-separated int values"),
