@@ -27,7 +27,8 @@ from dapft.evaluate import check_evaluator, evaluate_split
 from dapft.freeze import FreezeSpec, apply_freezing
 from dapft.metrics import STAT_NAMES
 from dapft.models import load_detector
-from dapft.runtime import amp_dtype, atomic_write_text, console, make_progress, pick_device, seed_everything, write_json
+from dapft.runtime import (amp_dtype, atomic_write_text, check_writable, console, make_progress, pick_device,
+                           seed_everything, write_json)
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -295,6 +296,8 @@ class Trainer:
         # tells "the loss did not move the model" from "it moved, but the change did not transfer".
         self.train_eval_split = (load_split(train_src, max_images=cfg.train_eval_images)
                                  if cfg.train_eval_images else None)
+        if self.dist.is_main:
+            check_writable(self.out)  # a read-only or full disk shows now, not at the first checkpoint
 
         seed_everything(cfg.seed)
         id2label = {i: c["name"] for i, c in enumerate(sorted(self.train_split.categories, key=lambda c: c["id"]))}

@@ -161,7 +161,7 @@ def evaluate_model(model: str, data: str | None = None, *, split: str = "val", i
     from dapft.data import CocoDetection, load_split, make_loader, resolve_split
     from dapft.models import load_detector
     from dapft.report import write_eval_report
-    from dapft.runtime import amp_dtype, console, make_progress, pick_device
+    from dapft.runtime import amp_dtype, check_writable, console, make_progress, pick_device
 
     out = Path(output)
     check_evaluator(evaluator)
@@ -170,6 +170,8 @@ def evaluate_model(model: str, data: str | None = None, *, split: str = "val", i
         raise FileExistsError(f"{out}: a fine-tuning run's directory; write this evaluation into a folder of "
                               f"its own, e.g. --output {out / 'eval' / 'dapft-eval'}")
     dev = pick_device(device)
+    amp = amp_dtype(precision, dev)  # an unknown --precision fails here, not after inference
+    check_writable(out)
     source = resolve_split(data, split, images, annotations)
     coco = load_split(source, max_images=max_images, progress=progress)
     detector, processor, _family = load_detector(model, log=console.print)
@@ -179,7 +181,7 @@ def evaluate_model(model: str, data: str | None = None, *, split: str = "val", i
                          num_workers=num_workers)
     with make_progress(disable=not progress) as bar:
         metrics = evaluate_split(detector, processor, coco, mapping, loader, device=dev, output=out,
-                                 evaluator=evaluator, amp_dtype=amp_dtype(precision, dev), progress=bar)
+                                 evaluator=evaluator, amp_dtype=amp, progress=bar)
     write_eval_report(out, metrics, {"model": model, "annotations": source.annotations, "images": len(coco.images),
                                      "skipped": coco.skipped})
     return json.loads((out / "metrics.json").read_text())

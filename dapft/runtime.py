@@ -38,13 +38,13 @@ def pick_device(name: str | None = None) -> torch.device:
 
 def amp_dtype(precision: str, device: torch.device):
     """bf16/fp16 autocast on GPU; float32 on CPU whatever is asked (CPU autocast is slow and inexact)."""
+    if precision not in ("auto", "bf16", "fp16", "fp32", "float32", "no"):
+        raise ValueError(f"--precision must be auto, bf16, fp16 or fp32, got {precision!r}")
     if device.type != "cuda" or precision in ("fp32", "float32", "no"):
         return None
     if precision in ("auto", "bf16"):
         return torch.bfloat16 if (precision == "bf16" or torch.cuda.is_bf16_supported()) else torch.float16
-    if precision == "fp16":
-        return torch.float16
-    raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
+    return torch.float16  # fp16
 
 
 def seed_everything(seed: int) -> None:
@@ -59,6 +59,19 @@ def make_progress(disable: bool = False) -> Progress:
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
         console=console, disable=disable, transient=False,
     )
+
+
+def check_writable(folder: Path, flag: str = "--output") -> None:
+    """Before any long work: the folder can be made and written to (a read-only or full disk shows
+    here, not after an hour of inference or training). Leaves the folder, empty, in place."""
+    import tempfile
+
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dapft-write-check-"):
+            pass
+    except OSError as exc:
+        raise OSError(f"{flag} {folder}: cannot write there ({exc.strerror or exc}); choose another {flag}") from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

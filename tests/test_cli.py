@@ -127,6 +127,20 @@ def test_a_diverging_run_stops_with_one_short_error(tmp_path, shapes_root):
     assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) < 15
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_inference(tmp_path, tiny_detr, shapes_root):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for cmd in (["eval"], ["finetune", "--max-steps", "1"]):
+        proc = dapft(*cmd, "--model", tiny_detr, "--data", shapes_root, "--output", blocker / "out",
+                     "--no-progress", "--device", "cpu", "--precision", "fp32", check=False)
+        message = " ".join(proc.stderr.split())
+        assert proc.returncode == 1 and "cannot write there" in message and "choose another --output" in message
+        assert "evaluating" not in proc.stderr and "Traceback" not in proc.stderr
+    proc = dapft("eval", "--model", tiny_detr, "--data", shapes_root, "--output", tmp_path / "e", "--precision",
+                 "fp64", check=False)
+    assert proc.returncode == 1 and "precision must be" in proc.stderr and not (tmp_path / "e").exists()
+
+
 def test_finetune_then_eval_of_the_checkpoint_matches_the_report(tmp_path, tiny_detr, shapes_root):
     run = tmp_path / "run"
     dapft("finetune", "--model", tiny_detr, "--data", shapes_root, "--output", run, "--loss", "dap+box",

@@ -33,6 +33,8 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 def test_cpu_never_autocasts(precision):
     # CPU autocast is slower than float32 there and changes results: every precision means fp32.
     assert amp_dtype(precision, torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="--precision must be"):
+        amp_dtype("fp64", torch.device("cpu"))  # refused on any device: a GPU run would fail on it later
 
 
 def test_gpu_precisions_map_to_their_autocast_dtype():
