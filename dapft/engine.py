@@ -73,7 +73,8 @@ class FinetuneConfig:
     recipe: str | None = None
     resume: bool = False
     progress: bool = True
-    freeze_backbone: bool | None = None  # True: whole backbone frozen; False: all stages train (norms: recipe); None: recipe
+    # True: the whole backbone frozen; False: all its stages train (norm layers: the recipe's); None: the recipe
+    freeze_backbone: bool | None = None
     ema: bool | None = None  # model EMA on/off; None: the recipe's (on for RT-DETR, D-FINE, LW, RF)
     ema_decay: float | None = None
     patience: int | None = None  # stop after this many evaluations without a better AP
@@ -495,15 +496,14 @@ class Trainer:
                  + (f"model EMA decay {cfg.ema_decay:g} (warm-up {cfg.extra.get('ema_warmup_steps', 0)} steps): "
                     "evaluated and saved" if self.ema is not None else "no model EMA"))
         with _CtrlC(self.log) as self._ctrl_c:
-            if cfg.before_metrics is not None and st["before"] is None:
-                # The sweep's shared evaluation; only this run's own training subset, if any, is scored.
-                st["before"] = {**{k: cfg.before_metrics[k] for k in STAT_NAMES}, **self.evaluate("before", val=False)}
-                self.log(f"before fine-tuning: AP {100 * st['before']['AP']:.2f} (the sweep's evaluation, made once)"
-                         + _train_part(st["before"]))
-            if cfg.eval_before and st["before"] is None:
-                st["before"] = self.evaluate("before")
+            if st["before"] is None and (cfg.eval_before or cfg.before_metrics is not None):
+                shared = cfg.before_metrics is not None
+                # A sweep's shared evaluation: only this run's own training subset, if any, is scored.
+                st["before"] = ({**{k: cfg.before_metrics[k] for k in STAT_NAMES}, **self.evaluate("before", val=False)}
+                                if shared else self.evaluate("before"))
                 self._log({"type": "eval", "tag": "before", "epoch": 0, "global_step": 0, **st["before"]})
-                self.log(f"before fine-tuning: AP {100 * st['before']['AP']:.2f}" + _train_part(st["before"]))
+                self.log(f"before fine-tuning: AP {100 * st['before']['AP']:.2f}"
+                         + (" (the sweep's evaluation, made once)" if shared else "") + _train_part(st["before"]))
             self.model.train()
             t_start = time.perf_counter() - st["elapsed"]
             stop = False

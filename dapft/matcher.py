@@ -160,8 +160,9 @@ def disagreement_with_top_query(indices: Indices, scores: Tensor, pred_boxes: Te
         labels = t["class_labels"].to(scores.device)
         class_scores = scores[b][:, labels].float()  # (Q, G): each query's score for each ground truth's class
         overlapping = iou >= iou_threshold
-        top = class_scores.masked_fill(~overlapping, -1.0).argmax(0)
-        for g in torch.nonzero(overlapping.any(0)).flatten().tolist():
-            total += 1
-            differ += assigned.get(g) != int(top[g])
+        top = class_scores.masked_fill(~overlapping, -1.0).argmax(0).tolist()  # one host copy an image
+        for g, overlapped in enumerate(overlapping.any(0).tolist()):
+            if overlapped:
+                total += 1
+                differ += assigned.get(g) != top[g]
     return differ, total

@@ -67,7 +67,8 @@ def metrics_table(rows: dict[str, dict[str, float]], keys=HEADLINE, deltas_from:
     return "\n".join(lines)
 
 
-_SKIP_NOTE = " (degenerate boxes and boxes outside their image are left out of training and evaluation alike; crowd regions are ignored in matching, as COCO does; clipped boxes train clipped)"
+_SKIP_NOTE = (" (degenerate boxes and boxes outside their image are left out of training and evaluation alike; "
+              "crowd regions are ignored in matching, as COCO does; clipped boxes train clipped)")
 
 
 def write_eval_report(output: Path, metrics: CocoMetrics, info: dict) -> Path:

@@ -72,8 +72,9 @@ def sweep(base: FinetuneConfig, grid: dict[str, list]) -> dict:
             try:
                 report = finetune(cfg)
             except TrainingInterrupted as exc:  # its checkpoint is saved; the sweep resumes it
-                raise TrainingInterrupted(f"sweep interrupted in {run_dir.name} ({exc}); run the same dapft sweep "
-                                          "command again to continue: finished runs are kept, this one resumes") from exc
+                raise TrainingInterrupted(
+                    f"sweep interrupted in {run_dir.name} ({exc}); run the same dapft sweep command again to "
+                    "continue: finished runs are kept, this one resumes") from exc
         if before is None and report.get("before") is not None:
             before = report["before"]
             write_json(before_file, before)

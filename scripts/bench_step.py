@@ -8,8 +8,9 @@
 
 Both losses are timed in the same process (or, with --finetune, in runs started one after the
 other), alternating, on the same inputs; the table reports the median step time of each and their
-ratio, and on CUDA (bare loop) each loss's peak `torch.cuda.max_memory_allocated`. Real-size models use random weights (no download): the step time does not depend on the
-weights, and they keep COCO's label set (80 / 91 classes: DAP's candidates are queries x classes).
+ratio, and on CUDA (bare loop) each loss's peak `torch.cuda.max_memory_allocated`. Real-size models
+use random weights (no download): the step time does not depend on the weights, and they keep
+COCO's label set (80 / 91 classes: DAP's candidates are queries x classes).
 Targets are 7 boxes an image (about COCO's mean); --finetune uses the shapes data set (1-8 objects
 an image) mapped onto COCO classes, and reads each step's own `step_seconds` from log.jsonl.
 """

@@ -181,7 +181,8 @@ def test_train_eval_images_scores_a_fixed_training_subset_before_and_after(tmp_p
         ev = tmp_path / f"eval-{which}"
         dapft("eval", "--model", model, "--data", shapes_root, "--split", "train", "--max-images", "6",
               "--output", ev, "--evaluator", "pycocotools", "--num-workers", "0", "--no-progress", "--batch-size", "4")
-        assert json.loads((ev / "metrics.json").read_text())["stats"]["AP"] == pytest.approx(report[which]["AP"], abs=1e-9)
+        scored = json.loads((ev / "metrics.json").read_text())["stats"]["AP"]
+        assert scored == pytest.approx(report[which]["AP"], abs=1e-9)
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_detr, shapes_root):

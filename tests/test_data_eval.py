@@ -314,7 +314,8 @@ def test_boxes_skipped_in_training_are_left_out_of_evaluation_too(tmp_path, shap
     ann.write_text(json.dumps(bad))
     common = dict(images=str(shapes_root / "val2017"), max_images=6, batch_size=3, num_workers=0,
                   progress=False, device="cpu", evaluator=evaluator)
-    with_bad = evaluate_model("dapft/tiny-rtdetr-shapes", None, annotations=str(ann), output=str(tmp_path / "a"), **common)
+    with_bad = evaluate_model("dapft/tiny-rtdetr-shapes", None, annotations=str(ann), output=str(tmp_path / "a"),
+                              **common)
     ann_clean = tmp_path / "clean.json"
     ann_clean.write_text(json.dumps(clean))
     without = evaluate_model("dapft/tiny-rtdetr-shapes", None, annotations=str(ann_clean), output=str(tmp_path / "b"),

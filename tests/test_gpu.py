@@ -56,7 +56,8 @@ def test_a_dap_step_takes_half_precision_outputs(family, matcher):
     model = tiny_model(family, dict(enumerate(CLASSES))).train()
     fam = family_of(model.config)
     install_loss(model, fam, "dap", DAPCriterion(fam, model.config, matcher=matcher))
-    targets = [{"class_labels": torch.tensor([0, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2]])}]
+    boxes = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2]])
+    targets = [{"class_labels": torch.tensor([0, 3]), "boxes": boxes}]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(pixel_values=torch.randn(1, 3, 64, 64), labels=targets)
     assert out.logits.dtype == torch.bfloat16 or out.pred_boxes.dtype == torch.bfloat16
@@ -175,7 +176,8 @@ def test_a_resumed_cuda_run_ends_where_an_uninterrupted_one_does(tmp_path, shape
     _dapft(*args, "--output", tmp_path / "cut", "--max-steps", "5")
     _dapft(*args, "--output", tmp_path / "cut", "--resume", "--max-steps", "12")  # 2 epochs of 6 steps
     for run in ("full", "cut"):
-        assert json.loads((tmp_path / run / "checkpoint-last" / "dapft_checkpoint.json").read_text())["global_step"] == 12
+        manifest = tmp_path / run / "checkpoint-last" / "dapft_checkpoint.json"
+        assert json.loads(manifest.read_text())["global_step"] == 12
     full, cut = (load_file(tmp_path / r / "checkpoint-last" / "model.safetensors") for r in ("full", "cut"))
     start = load_file(Path(__file__).parents[1] / "dapft" / "checkpoints" / "tiny-rtdetr-shapes" / "model.safetensors")
     # CUDA kernels with atomic adds (grid_sample's backward) are not bit-reproducible, so the two
