@@ -14,6 +14,7 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert, box_iou
 
 from dapft import differentiable_ap
+from dapft.dap import COCO_IOU_THRESHOLDS as COCO_THRESHOLDS
 
 NUM_BINS = 4096
 SIGMA = 1e-5  # bins are 1/4096 wide and scores sit at bin centres: 12 sigma from every edge
@@ -139,3 +140,50 @@ def test_low_iou_matches_are_false_positives_at_strict_thresholds():
     dap = differentiable_ap(scores, torch.ones(g, dtype=torch.bool), torch.full((g,), 0.57), g,
                             sigma=SIGMA, num_bins=NUM_BINS, localization="step")
     assert float(dap) == pytest.approx(0.2, abs=1e-4)
+
+
+def test_ious_exactly_on_a_threshold_and_a_score_of_one_count_as_coco_counts_them():
+    # COCO matches at IoU >= threshold. Boxes here overlap their ground truth at exactly 0.5 and
+    # exactly 0.75 (areas 5000 / 10000 and 7500 / 10000: exact in float32 too); one detection scores
+    # 1.0, in the last score bin. A `>` comparison, or a lost last bin, changes the AP.
+    ious = {0: 0.5, 1: 0.75, 2: 1.0, 3: 0.5, 4: 0.75}
+    scores = {0: 1.0, 1: 0.8 + 0.5 / NUM_BINS, 2: 0.6 + 0.5 / NUM_BINS, 3: 0.4 + 0.5 / NUM_BINS,
+              4: 0.2 + 0.5 / NUM_BINS}
+    images, gts, dets = [], [], []
+    for i, iou in ious.items():
+        images.append({"id": i + 1, "width": 400, "height": 400})
+        gts.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [100, 100, 100, 100],
+                    "area": 10000, "iscrowd": 0})
+        dets.append({"image_id": i + 1, "category_id": 1, "bbox": [100, 100, 100 * iou, 100], "score": scores[i],
+                     "positive": True})
+    dets.append({"image_id": 1, "category_id": 1, "bbox": [300, 300, 50, 50], "score": 0.7 + 0.5 / NUM_BINS,
+                 "positive": False})
+    dataset = {"images": images, "annotations": gts, "categories": [{"id": 1, "name": "c1"}]}
+    ev = _evaluate(dataset, dets)
+    matched = np.concatenate([e["dtMatches"] for e in ev.evalImgs[: len(images)] if e is not None], axis=1)
+    assert matched[0].astype(bool).sum() == 5 and matched[5].astype(bool).sum() == 3  # 0.5: all; 0.75: three
+    s, positive, iou_t, _ = _dap_inputs(dataset, dets)
+    assert sorted(set(iou_t.tolist())) == [0.0, 0.5, 0.75, 1.0]  # exactly on the thresholds
+    dap = differentiable_ap(s, positive, iou_t, len(gts), sigma=SIGMA, num_bins=NUM_BINS, localization="step")
+    assert float(dap) == pytest.approx(_all_point_ap(ev, 0), abs=1e-4)
+
+
+def test_l_int_by_hand_including_an_iou_above_the_last_threshold():
+    # Eq. 6: anchors (0, 0.5, 0.55, ..., 0.95, 1) with values y_0 = 0, y_k = p_1 + ... + p_k and the
+    # extrapolated y_11 = 2 y_10 - y_9. With precision p_k = 1.0, 0.9, ..., 0.1 at one score bin:
+    # y = 0, 1.0, 1.9, 2.7, 3.4, 4.0, 4.5, 4.9, 5.2, 5.4, 5.5, 5.6.
+    from dapft.dap import _anchor_values, interpolation_weights
+
+    thresholds = torch.tensor(COCO_THRESHOLDS, dtype=torch.float64)
+    precision = torch.linspace(1.0, 0.1, 10, dtype=torch.float64)[:, None]  # (K, N=1)
+    y = _anchor_values(precision)[:, 0]
+    torch.testing.assert_close(y, torch.tensor([0, 1.0, 1.9, 2.7, 3.4, 4.0, 4.5, 4.9, 5.2, 5.4, 5.5, 5.6],
+                                               dtype=torch.float64))
+    ious = torch.tensor([0.25, 0.62, 0.95, 0.97, 1.0], dtype=torch.float64)
+    values = interpolation_weights(ious, thresholds) @ y
+    # 0.25: halfway from 0 to y_1; 0.62: 0.4 of the way from y_3 to y_4; 0.97: 0.4 of the way from
+    # y_10 to the extrapolated y_11; 1.0: y_11 itself.
+    expected = [0.5, 2.7 + 0.4 * 0.7, 5.5, 5.5 + 0.4 * 0.1, 5.6]
+    torch.testing.assert_close(values, torch.tensor(expected, dtype=torch.float64))
+    step = interpolation_weights(ious, thresholds, "step") @ y  # Eq. 4: the thresholds reached
+    torch.testing.assert_close(step, torch.tensor([0, 2.7, 5.5, 5.5, 5.5], dtype=torch.float64))

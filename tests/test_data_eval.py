@@ -324,3 +324,23 @@ def test_boxes_skipped_in_training_are_left_out_of_evaluation_too(tmp_path, shap
     assert with_bad["stats"] == without["stats"]  # the three boxes count neither as misses nor as ground truth
     report = (tmp_path / "a" / "report.md").read_text()
     assert "degenerate_boxes 2" in report and "boxes_outside_image 1" in report and "left out of" in report
+
+
+def test_max_images_scores_exactly_that_subset(tmp_path, shapes_root):
+    # The first 5 images by id, evaluated from the whole file, score as a file holding only them:
+    # images without detections must not count as misses.
+    from dapft.evaluate import evaluate_model
+
+    whole = json.loads((shapes_root / "annotations" / "instances_val2017.json").read_text())
+    first = sorted(im["id"] for im in whole["images"])[:5]
+    subset = {**whole, "images": [im for im in whole["images"] if im["id"] in first],
+              "annotations": [a for a in whole["annotations"] if a["image_id"] in first]}
+    (tmp_path / "subset.json").write_text(json.dumps(subset))
+    common = dict(images=str(shapes_root / "val2017"), batch_size=3, num_workers=0, progress=False, device="cpu",
+                  evaluator="pycocotools")
+    cut = evaluate_model("dapft/tiny-rtdetr-shapes", None, annotations=str(shapes_root / "annotations" /
+                         "instances_val2017.json"), max_images=5, output=str(tmp_path / "a"), **common)
+    alone = evaluate_model("dapft/tiny-rtdetr-shapes", None, annotations=str(tmp_path / "subset.json"),
+                           output=str(tmp_path / "b"), **common)
+    assert cut["images"] == 5 and cut["stats"]["AP"] > 0.05
+    assert cut["stats"] == alone["stats"]
