@@ -185,6 +185,26 @@ def test_train_eval_images_scores_a_fixed_training_subset_before_and_after(tmp_p
         assert scored == pytest.approx(report[which]["AP"], abs=1e-9)
 
 
+def test_the_schedule_follows_the_recipe_a_tenth_then_a_hundredth(tmp_path, tiny_detr, shapes_root):
+    import yaml
+
+    common = ["--model", tiny_detr, "--data", shapes_root, "--epochs", "2", "--max-train-images", "8",
+              "--no-eval-before", "--max-eval-images", "2", *COMMON]  # batch 4: 2 steps an epoch
+    recipe = tmp_path / "recipe.yaml"  # DETR's recipe with other numbers, given as --recipe FILE
+    recipe.write_text(yaml.safe_dump({**yaml.safe_load((Path(__file__).parents[1] / "dapft" / "recipes" / "detr.yaml").read_text()),
+                                      "pretrain_lr": 3e-3, "backbone_lr_multiplier": 0.2, "weight_decay": 0.05}))
+    for name, extra, lr, backbone, wd in (("family", [], 1e-5, 0.1, 1e-4),  # recipes/detr.yaml: 1e-4 / 10
+                                          ("file", ["--recipe", recipe], 3e-4, 0.2, 0.05)):
+        run = tmp_path / name
+        dapft("finetune", *common, "--output", run, *extra)
+        steps = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if '"type": "step"' in x]
+        assert [s["epoch"] for s in steps] == [1, 1, 2, 2]
+        assert [s["lr"] for s in steps] == pytest.approx([lr, lr, lr / 10, lr / 10])  # /100 of pre-training last
+        groups = torch.load(run / "checkpoint-last" / "trainer_state.pt", weights_only=True)["optimizer"]["param_groups"]
+        assert [g["lr"] for g in groups] == pytest.approx([lr / 10, lr * backbone / 10])  # the rest, the backbone
+        assert all(g["weight_decay"] == pytest.approx(wd) for g in groups)
+
+
 def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_detr, shapes_root):
     args = ["finetune", "--model", tiny_detr, "--data", shapes_root, "--loss", "dap+box", "--epochs", "3",
             "--save-every", "2", "--no-eval-before", "--max-eval-images", "4", "--seed", "5", *COMMON]
