@@ -191,8 +191,8 @@ def test_the_schedule_follows_the_recipe_a_tenth_then_a_hundredth(tmp_path, tiny
     common = ["--model", tiny_detr, "--data", shapes_root, "--epochs", "2", "--max-train-images", "8",
               "--no-eval-before", "--max-eval-images", "2", *COMMON]  # batch 4: 2 steps an epoch
     recipe = tmp_path / "recipe.yaml"  # DETR's recipe with other numbers, given as --recipe FILE
-    recipe.write_text(yaml.safe_dump({**yaml.safe_load((Path(__file__).parents[1] / "dapft" / "recipes" / "detr.yaml").read_text()),
-                                      "pretrain_lr": 3e-3, "backbone_lr_multiplier": 0.2, "weight_decay": 0.05}))
+    detr = yaml.safe_load((Path(__file__).parents[1] / "dapft" / "recipes" / "detr.yaml").read_text())
+    recipe.write_text(yaml.safe_dump({**detr, "pretrain_lr": 3e-3, "backbone_lr_multiplier": 0.2, "weight_decay": 0.05}))
     for name, extra, lr, backbone, wd in (("family", [], 1e-5, 0.1, 1e-4),  # recipes/detr.yaml: 1e-4 / 10
                                           ("file", ["--recipe", recipe], 3e-4, 0.2, 0.05)):
         run = tmp_path / name
