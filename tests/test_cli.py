@@ -205,6 +205,21 @@ def test_the_schedule_follows_the_recipe_a_tenth_then_a_hundredth(tmp_path, tiny
         assert all(g["weight_decay"] == pytest.approx(wd) for g in groups)
 
 
+def test_momentum_matcher_resumes_with_its_estimate(tmp_path, tiny_detr, shapes_root):
+    args = ["finetune", "--model", tiny_detr, "--data", shapes_root, "--loss", "dap+box", "--matcher", "momentum",
+            "--epochs", "2", "--lr", "1e-3", "--max-train-images", "16", "--no-eval-before", "--max-eval-images", "2",
+            "--seed", "4", *COMMON]
+    dapft(*args, "--output", tmp_path / "full")
+    dapft(*args, "--output", tmp_path / "cut", "--max-steps", "3")  # stops mid-epoch 1 of 4 steps
+    dapft(*args, "--output", tmp_path / "cut", "--resume", "--max-steps", "8")
+    _assert_same_weights(_weights(tmp_path / "full"), _weights(tmp_path / "cut"))
+    estimates = [torch.load(tmp_path / r / "checkpoint-last" / "trainer_state.pt", weights_only=True)["criterion"]
+                 for r in ("full", "cut")]
+    ema = [e[k] for e in estimates for k in e if k.endswith("precision_ema")]
+    assert len(ema) == 2 and torch.equal(ema[0], ema[1])
+    assert not torch.equal(ema[0], torch.ones_like(ema[0]))  # it moved from its start (precision 1)
+
+
 def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_detr, shapes_root):
     args = ["finetune", "--model", tiny_detr, "--data", shapes_root, "--loss", "dap+box", "--epochs", "3",
             "--save-every", "2", "--no-eval-before", "--max-eval-images", "4", "--seed", "5", *COMMON]
