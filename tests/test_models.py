@@ -99,6 +99,32 @@ def test_original_terms_are_the_models_own(family):
     torch.testing.assert_close(model(pixel_values=x, labels=targets).loss, own.loss)
 
 
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_dap_plus_box_adds_exactly_the_models_own_box_terms(family):
+    # `dap+box`: DAP, the terms DAP keeps anyway, and the model's own L1 and GIoU box terms of every
+    # decoder layer, weighted as the model weights them; none of its classification terms.
+    x, targets = _batch()
+    model, _ = _model(family, "original")
+    fam = family_of(model.config)
+    torch.manual_seed(1)
+    own = model(pixel_values=x, labels=targets).loss_dict
+    install_loss(model, fam, "dap+box", DAPCriterion(fam, model.config))
+    torch.manual_seed(1)
+    mixed = model(pixel_values=x, labels=targets)
+    weights = fam.weights(model.config)
+    expected = sum(v for k, v in mixed.loss_dict.items() if k.startswith("loss_dap"))
+    box_terms = 0
+    for k, v in own.items():
+        base = next((b for b in weights if k.startswith(b)), None)
+        if base is None or weights[base] == 0:
+            continue
+        if base in ("loss_bbox", "loss_giou") or fam.is_kept(k, model.config.decoder_layers - 1):
+            expected = expected + weights[base] * v
+            box_terms += base in ("loss_bbox", "loss_giou")
+    assert box_terms >= model.config.decoder_layers * 2  # both box terms of every decoder layer at least
+    torch.testing.assert_close(mixed.loss, expected)
+
+
 @pytest.mark.parametrize("family", ["rt_detr", "rt_detr_v2", "d_fine", "lw_detr", "rf_detr"])
 def test_denoising_and_encoder_losses_unchanged_under_dap(family):
     x, targets = _batch()
