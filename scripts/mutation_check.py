@@ -48,6 +48,8 @@ MUTANTS = [
     ("criterion", "pos_index = (img_idx * queries + q_idx) * num_classes + gt_labels",
      "pos_index = (img_idx * queries + q_idx) * num_classes + (gt_labels + 1) % num_classes",
      "positives put on the wrong class"),
+    ("criterion", "+ torch.arange(num_classes, device=device)).expand",
+     "+ torch.arange(num_classes, device=device).flip(0)).expand", "per-class candidate labels in the wrong order"),
     ("engine", "return 0.1 if epochs >= 2 and epoch == epochs - 1 else 1.0", "return 1.0",
      "no /100 learning rate in the last epoch"),
     ("engine", 'self.criterion.load_state_dict(trainer_state["criterion"])', "pass",
