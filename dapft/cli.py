@@ -46,7 +46,9 @@ def finetune(
     val_annotations: Optional[str] = typer.Option(None, help="Validation COCO JSON (instead of --data)."),
     output: str = typer.Option("runs/finetune", "--output", "-o", help="Run directory."),
     loss: str = typer.Option("dap", help="dap | original | dap+original | dap+box."),
-    matcher: str = typer.Option("constant", help="AP-cost matcher: constant | momentum | original."),
+    matcher: str = typer.Option(
+        "original", help="original (the model's own Hungarian matcher; measured best, REPRODUCTION.md) | constant "
+                         "(the paper's default) | momentum."),
     sigma: float = typer.Option(0.05, help="Std of the Gaussian smoothing each score."),
     bins: int = typer.Option(256, help="Number of score thresholds N."),
     average: str = typer.Option("pooled", help="pooled (the paper) | per_class (COCO's class mean)."),
@@ -145,7 +147,7 @@ def sweep(
     data: Optional[str] = DATA,
     output: str = typer.Option("runs/sweep", "--output", "-o", help="One run directory per setting under it."),
     loss: str = typer.Option("dap", help="dap | original | dap+original | dap+box. " + _LIST),
-    matcher: str = typer.Option("constant", help="constant | momentum | original. " + _LIST),
+    matcher: str = typer.Option("original", help="original | constant | momentum. " + _LIST),
     sigma: str = typer.Option("0.05", help="E.g. 0.01,0.02,0.05,0.1. " + _LIST),
     bins: str = typer.Option("256", help="E.g. 32,64,256. " + _LIST),
     seed: str = typer.Option("0", help="E.g. 0,1,2,3,4: repeated runs, paired across settings. " + _LIST),

@@ -117,7 +117,7 @@ class DAPCriterion(nn.Module):
         except NonFiniteCostError as exc:
             layer, group = divmod(exc.image // batch, groups)
             where = f"decoder layer {layer} of {num_layers}" + (f", query group {group}" if groups > 1 else "")
-            raise FloatingPointError(f"the AP matching cost of {where} is not finite (NaN or inf in the model's "
+            raise FloatingPointError(f"the matching cost of {where} is not finite (NaN or inf in the model's "
                                      f"scores or boxes, image {exc.image % batch} of the batch)") from exc
         layer_daps = daps.view(num_layers, groups).mean(1)  # Group DETR: the mean of its groups' APs
         out: dict[str, Tensor] = {}

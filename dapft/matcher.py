@@ -84,6 +84,10 @@ class APCostMatcher(nn.Module):
         logits = None if logits is None else logits.float()
         with torch.autocast(scores.device.type, enabled=False):
             if self.mode == "original":
+                # scipy would fail on a NaN cost far from the cause (and without saying which image)
+                finite = torch.isfinite(logits).flatten(1).all(1) & torch.isfinite(pred_boxes).flatten(1).all(1)
+                if not bool(finite.all()):
+                    raise NonFiniteCostError(int((~finite).nonzero()[0]))
                 return self.original({"logits": logits, "pred_boxes": pred_boxes}, targets)
             # One device-to-host copy for the whole batch (the criterion passes every decoder layer
             # and query group of a step as one batch), then one small assignment per image.

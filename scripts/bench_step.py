@@ -58,8 +58,8 @@ def real_model(name: str):
     return AutoModelForObjectDetection.from_config(cfg)
 
 
-def bench(model, family, loss, x, targets, steps, amp, device):
-    crit = DAPCriterion(family, model.config).to(device) if loss != "original" else None
+def bench(model, family, loss, x, targets, steps, amp, device, matcher="original"):
+    crit = DAPCriterion(family, model.config, matcher=matcher).to(device) if loss != "original" else None
     install_loss(model, family, loss, crit)
     times = []
     if device.type == "cuda":
@@ -89,7 +89,8 @@ def finetune_step_times(model_dir, data, label_map, loss: str, args, device, out
     cmd = [sys.executable, "-m", "dapft", "finetune", "--model", str(model_dir), "--data", str(data),
            "--output", str(out), "--loss", loss, "--max-steps", str(args.steps + 2), "--batch-size", str(args.batch),
            "--no-eval-before", "--max-eval-images", "1", "--num-workers", "1", "--no-progress",
-           "--device", str(device), "--no-augment", "--precision", "bf16" if device.type == "cuda" else "fp32"]
+           "--device", str(device), "--no-augment", "--precision", "bf16" if device.type == "cuda" else "fp32",
+           "--matcher", args.matcher]
     if label_map is not None:
         cmd += ["--label-map", str(label_map)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -139,6 +140,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, help="images a step (default: 4 tiny, 2 real-size CPU, 8 CUDA)")
     ap.add_argument("--image", type=int, help="image side in pixels (default: 128 tiny, 384 CPU, 800 CUDA)")
     ap.add_argument("--families", default=",".join(TINY_FAMILIES))
+    ap.add_argument("--matcher", default="original", help="DAP's matcher (finetune's default: original)")
     args = ap.parse_args()
     from transformers.utils import logging as hf_logging
 
@@ -157,7 +159,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if cuda else "cpu"
     how = "through dapft finetune (step_seconds)" if args.finetune else "bare forward+loss+backward"
     print(f"device {device} ({name}), torch {torch.__version__}, batch {args.batch}, {args.image} px, "
-          f"{'bf16 autocast' if amp else 'fp32'}, {how}, median of {args.steps} steps after 2 warm-up, "
+          f"{'bf16 autocast' if amp else 'fp32'}, {how}, matcher {args.matcher}, median of {args.steps} steps "
+          "after 2 warm-up, "
           f"{time.strftime('%Y-%m-%d')}\n")
     memory = cuda and not args.finetune  # peak GPU memory of the step, read in this process
     print("| model | original ms | dap ms | dap / original |" + (" original peak GiB | dap peak GiB |" if memory else ""))
@@ -180,7 +183,7 @@ def main() -> None:
                 targets = _targets(args.batch, len(model.config.id2label), 7, device, g)
                 for _ in range(2):
                     for loss, times in (("original", orig), ("dap", dap)):
-                        t, peak = bench(model, family, loss, x, targets, args.steps // 2, amp, device)
+                        t, peak = bench(model, family, loss, x, targets, args.steps // 2, amp, device, args.matcher)
                         times += t
                         peaks[loss] = max(peaks[loss], peak)
                 model.to("cpu")

@@ -492,7 +492,8 @@ def test_a_label_set_change_under_dap_alone_is_warned_about(tmp_path, shapes_roo
     assert "label set changed" in proc.stderr and "dap+original trains them" not in proc.stderr
 
 
-def test_a_model_that_outputs_nan_boxes_stops_with_the_step_and_the_layer(tmp_path, tiny_detr, shapes_root):
+@pytest.mark.parametrize("matcher", ["original", "constant"])
+def test_a_model_that_outputs_nan_boxes_stops_with_the_step_and_the_layer(tmp_path, tiny_detr, shapes_root, matcher):
     from dapft.engine import FinetuneConfig, Trainer
 
     class NanBoxes(Trainer):
@@ -504,8 +505,9 @@ def test_a_model_that_outputs_nan_boxes_stops_with_the_step_and_the_layer(tmp_pa
             self.model.bbox_predictor.register_forward_hook(nan_from_step_2)
 
     cfg = FinetuneConfig(model=str(tiny_detr), data=str(shapes_root), output=str(tmp_path / "run"), epochs=1,
-                         batch_size=4, device="cpu", num_workers=0, progress=False, eval_before=False, loss="dap")
-    with pytest.raises(FloatingPointError, match=r"step 2: the AP matching cost of decoder layer 0 of 2.*lower --lr"):
+                         batch_size=4, device="cpu", num_workers=0, progress=False, eval_before=False, loss="dap",
+                         matcher=matcher)
+    with pytest.raises(FloatingPointError, match=r"step 2: the matching cost of decoder layer 0 of 2.*lower --lr"):
         NanBoxes(cfg).train()
 
 
