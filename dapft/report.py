@@ -110,6 +110,16 @@ def _smooth(values: list[float]) -> list[float]:
     return ((sums[1:] - sums[np.arange(1, len(values) + 1) - count]) / count).tolist()
 
 
+def _per_step(ax, steps: list[dict], key: str, color: str, ylabel: str, title: str) -> None:
+    x, values = [r["global_step"] for r in steps], [r[key] for r in steps]
+    ax.plot(x, values, lw=0.6, alpha=0.35, color=color, label="per batch")
+    ax.plot(x, _smooth(values), lw=1.5, color=color, label="smoothed")
+    ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    if steps:
+        ax.legend()
+
+
 def plot_training_curves(run_dir: Path, path: Path) -> None:
     records = _read_log(run_dir)
     steps = [r for r in records if r["type"] == "step"]
@@ -117,23 +127,9 @@ def plot_training_curves(run_dir: Path, path: Path) -> None:
     has_dap = bool(steps) and "dap" in steps[0]
     fig, axes = plt.subplots(1, 3 if has_dap else 2, figsize=(15 if has_dap else 10, 3.8))
     a, b = axes[0], axes[-1]
-    if steps:
-        x = [r["global_step"] for r in steps]
-        loss = [r["loss"] for r in steps]
-        a.plot(x, loss, lw=0.6, alpha=0.35, color="C0", label="per batch")
-        a.plot(x, _smooth(loss), lw=1.5, color="C0", label="smoothed")
-    a.set(xlabel="optimizer step", ylabel="loss", title="Training loss (all terms)")
-    a.grid(alpha=0.3)
-    a.legend()
-    if has_dap:
-        # DAP on its own axis: next to a total loss several times larger it would read flat.
-        c = axes[1]
-        dap = [r["dap"] for r in steps]
-        c.plot(x, dap, lw=0.6, alpha=0.35, color="C2", label="per batch")
-        c.plot(x, _smooth(dap), lw=1.5, color="C2", label="smoothed")
-        c.set(xlabel="optimizer step", ylabel="DAP", title="DAP of the training batches (last layer)")
-        c.grid(alpha=0.3)
-        c.legend()
+    _per_step(a, steps, "loss", "C0", "loss", "Training loss (all terms)")
+    if has_dap:  # DAP on its own axis: next to a total loss several times larger it would read flat
+        _per_step(axes[1], steps, "dap", "C2", "DAP", "DAP of the training batches (last layer)")
     if evals:
         for key in ("AP", "AP50", "AP75"):
             b.plot([r["global_step"] for r in evals], [100 * r[key] for r in evals], marker="o", label=key)
@@ -141,7 +137,7 @@ def plot_training_curves(run_dir: Path, path: Path) -> None:
             train = [r for r in evals if "train_AP" in r]
             b.plot([r["global_step"] for r in train], [100 * r["train_AP"] for r in train], marker="s", ls="--",
                    color="C0", alpha=0.6, label="AP, training subset")
-    b.set(xlabel="optimizer step", ylabel="COCO AP (val)", title="Validation AP (step 0 = before)")
+    b.set(xlabel="optimizer step", ylabel="COCO AP", title="Validation AP (step 0 = before)")
     b.grid(alpha=0.3)
     b.legend()
     fig.tight_layout()

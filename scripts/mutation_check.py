@@ -25,15 +25,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 # (module, original text, mutated text, what it breaks). Each original must occur exactly once.
 # Left out as equivalent: the loss not divided by --grad-accum (AdamW's update does not depend on
-# the loss scale, and the gradient is clipped to the same norm either way).
+# the loss scale, and the gradient is clipped to the same norm either way); L_int's segment taken
+# left instead of right of an anchor (L_int is continuous: both sides give the same value there).
 MUTANTS = [
     ("dap", "reached = (ious[:, None] >= iou_thresholds[None, :]).sum(1)",
      "reached = (ious[:, None] > iou_thresholds[None, :]).sum(1)", "IoU thresholds compared with > (COCO: >=)"),
     ("dap", "tail = 2 * cum[..., -1:, :] - prev[..., -1:, :]", "tail = cum[..., -1:, :]",
      "L_int's extrapolated anchor y_{K+1} replaced by y_K"),
-    ("dap", "seg = (torch.searchsorted(anchors, ious.detach().contiguous(), right=True) - 1).clamp(0, k)",
-     "seg = (torch.searchsorted(anchors, ious.detach().contiguous(), right=False) - 1).clamp(0, k)",
-     "L_int segment chosen on the wrong side of an anchor"),
     ("matcher", "score_gq = scores[gt_image, :, gt_labels]", "score_gq = scores[gt_image].amax(-1)",
      "momentum matcher scores the best class, not the ground truth's"),
     ("matcher", "precision = self.precision_ema if self.mode == \"momentum\" else None", "precision = None",

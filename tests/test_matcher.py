@@ -54,6 +54,23 @@ def test_momentum_mode_prefers_the_score_that_precision_rewards():
     assert mom[0, 0] < mom[1, 0]
 
 
+def test_momentum_matcher_reads_the_ground_truths_class_score_and_its_estimate():
+    # Two queries on the same box. Query 0 is confident about the wrong class (0.95 for class 1,
+    # 0.1 for class 0); query 1 scores the ground truth's class 0 at 0.9. With an estimated
+    # precision rising with the score, the ground truth (class 0) must go to query 1; a matcher
+    # that read each query's best class, or ignored its estimate, could not tell.
+    pred = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2]]])
+    scores = torch.tensor([[[0.1, 0.95], [0.9, 0.05]]])
+    targets = [_targets([[0.5, 0.5, 0.2, 0.2]], [0])]
+    matcher = APCostMatcher("momentum")
+    with torch.no_grad():
+        matcher.precision_ema.copy_(torch.linspace(0.05, 1.0, matcher.precision_ema.shape[-1]).expand_as(
+            matcher.precision_ema))
+    assert matcher(scores, pred, targets)[0][0].tolist() == [1]
+    scores_swapped = scores.flip(1)  # the same queries in the other order: the choice follows the score
+    assert matcher(scores_swapped, pred, targets)[0][0].tolist() == [0]
+
+
 def test_momentum_state_round_trips_through_the_state_dict():
     m = APCostMatcher("momentum", momentum=0.9)
     _, _, precision = differentiable_ap(torch.rand(50), torch.rand(50) < 0.5, torch.rand(50), 30,
