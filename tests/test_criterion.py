@@ -26,7 +26,7 @@ class Recording(DAPCriterion):
         return self.answer
 
 
-def _oracle_dap(family, logits, boxes, targets, average, matcher):
+def _oracle_dap(family, logits, boxes, targets, average, matcher, curves=False):
     """differentiable_ap of one set of detections, built by hand from the model's outputs."""
     scores = family.scores(logits)  # (B, Q, C)
     batch, queries, num_classes = scores.shape
@@ -48,7 +48,7 @@ def _oracle_dap(family, logits, boxes, targets, average, matcher):
     all_labels = torch.cat([t["class_labels"] for t in targets])
     num_gt = torch.bincount(all_labels, minlength=num_classes) if average == "per_class" else len(all_labels)
     return differentiable_ap(torch.stack(flat), torch.tensor(positive), torch.stack(ious), num_gt,
-                             labels=torch.tensor(labels), average=average)
+                             labels=torch.tensor(labels), average=average, return_curves=curves)
 
 
 def _targets(model, x):
@@ -101,3 +101,27 @@ def test_criterion_equals_differentiable_ap_on_hand_built_candidates(name, avera
         for j in range(len(layers)):
             if j != i:
                 assert crit_logits[j].grad is None or not crit_logits[j].grad.any()
+
+
+@pytest.mark.parametrize("name", ["deformable_detr_box_refine", "lw_detr"])  # layers whose curves differ
+def test_the_momentum_estimate_moves_with_the_last_decoder_layer(name):
+    # Eq. 13: MP <- m MP + (1 - m) P, with P the interpolated precision of the last decoder layer's
+    # batch (the mean over its query groups), the estimate starting at MP = 1.
+    torch.manual_seed(0)
+    model = tiny_model(name, LABELS, num_queries=6).train()
+    family = family_of(model.config)
+    criterion = Recording(family, model.config, matcher="momentum", momentum=0.9)
+    install_loss(model, family, "dap", criterion)
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    model(pixel_values=x, labels=_targets(model, x))
+    layers, targets, groups = criterion.seen
+    matcher = APCostMatcher("momentum")  # what the criterion matched with: the estimate at its start
+    last = layers[-1]
+    curves = [_oracle_dap(family, lg, bx, targets, "pooled", matcher, curves=True)[2]
+              for lg, bx in zip(last["logits"].detach().chunk(groups, 1), last["pred_boxes"].detach().chunk(groups, 1))]
+    precision = torch.stack([c.reshape(-1, *c.shape[-2:]).mean(0) for c in curves]).mean(0)  # (K, N)
+    first = [_oracle_dap(family, lay["logits"].detach(), lay["pred_boxes"].detach(), targets, "pooled", matcher,
+                         curves=True)[2].reshape(precision.shape) for lay in layers[:1]][0]
+    assert not torch.allclose(first, precision)  # the layers differ, so the choice of layer shows
+    torch.testing.assert_close(criterion.matcher.precision_ema, 0.9 + 0.1 * precision, atol=1e-6, rtol=0)
+
