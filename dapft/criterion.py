@@ -138,7 +138,8 @@ class DAPCriterion(nn.Module):
         """How one set's AP-cost matching differs from the model's own matcher ('match_vs_model') and
         from the overlapping query the model scores highest ('match_vs_top'), as fractions of ground
         truths: logged per step and summarised in the run's report."""
-        model_indices = self.model_matcher({"logits": logits, "pred_boxes": pred_boxes}, targets)
+        same = self.matcher.mode == "original"  # then the matching is the model's own: nothing to compare
+        model_indices = indices if same else self.model_matcher({"logits": logits, "pred_boxes": pred_boxes}, targets)
         scores = self.family.scores(logits)
         out = {}
         for key, (differ, total) in (
