@@ -4,8 +4,10 @@ image processor (so resize, normalisation, padding and pixel mask are those it w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import random
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
+
+from dapft.runtime import atomic_write_text, make_progress
 
 
 class DataError(ValueError):
@@ -93,9 +97,6 @@ def _check_image(path: Path) -> tuple[Path, str | None, tuple[int, int] | None]:
 def _verdict_cache(images: Path) -> Path:
     """Where the images already decoded in full are remembered (by file size and mtime), so that
     a second run over the same data starts at once: one small JSON per image folder."""
-    import hashlib
-    import os
-
     root = Path(os.environ.get("DAPFT_CACHE", Path.home() / ".cache" / "dapft")).expanduser()
     return root / "checked-images" / (hashlib.sha1(str(images.resolve()).encode()).hexdigest()[:16] + ".json")
 
@@ -104,8 +105,6 @@ def check_images(images: Path, entries: list[dict], ann_file: Path, progress: bo
     """Decode every image of `entries` fully (threads; decoders release the GIL), unless the cache
     says this very file (same size and mtime) decoded before; then check each against its declared
     width and height."""
-    import os
-
     cache_file = _verdict_cache(images)
     try:
         cache = json.loads(cache_file.read_text())
@@ -126,8 +125,6 @@ def check_images(images: Path, entries: list[dict], ann_file: Path, progress: bo
             todo[path] = im["file_name"]
     bad = []
     if todo:
-        from dapft.runtime import make_progress
-
         with make_progress(disable=not progress or len(todo) < 200) as bar, \
                 ThreadPoolExecutor(min(32, (os.cpu_count() or 2) * 2)) as pool:
             task = bar.add_task("checking images", total=len(todo), info="full decode, once")
@@ -140,8 +137,6 @@ def check_images(images: Path, entries: list[dict], ann_file: Path, progress: bo
                 st = path.stat()
                 cache[todo[path]] = [st.st_size, st.st_mtime_ns, *size]
         try:
-            from dapft.runtime import atomic_write_text
-
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(cache_file, json.dumps(cache))
         except OSError:
@@ -206,7 +201,7 @@ def load_split(source: SplitSource, *, check: bool = True, max_images: int | Non
             skipped["crowd_annotations"] += 1  # COCO ignores crowd regions in matching: kept for eval only
             continue
         x, y, w, h = bbox
-        if not (math.isfinite(x) and math.isfinite(y) and math.isfinite(w) and math.isfinite(h)) or w <= 0 or h <= 0:
+        if not all(map(math.isfinite, bbox)) or w <= 0 or h <= 0:
             skipped["degenerate_boxes"] += 1  # zero, negative or NaN / inf extent
             dropped.add(ann.get("id"))
             continue
