@@ -551,10 +551,13 @@ class Trainer:
                             stop = True
                             break
                         t_step, n_step = time.perf_counter(), 0
-                    if not stop:
+                    # An epoch is complete also when --max-steps lands on its last batch: a
+                    # resumed run must not evaluate the same weights again as that epoch's end.
+                    complete = not stop or st["batch_in_epoch"] >= self.batches_per_epoch
+                    if complete:
                         st["epoch"] += 1
                         st["batch_in_epoch"] = 0
-                    tag = f"epoch{st['epoch']:03d}" if not stop else f"step{st['global_step']}"
+                    tag = f"epoch{st['epoch']:03d}" if complete else f"step{st['global_step']}"
                     metrics = self.evaluate(tag)
                     self._log({"type": "eval", "tag": "epoch", "epoch": st["epoch"], "global_step": st["global_step"],
                                **metrics})

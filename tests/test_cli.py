@@ -220,6 +220,24 @@ def test_momentum_matcher_resumes_with_its_estimate(tmp_path, tiny_detr, shapes_
     assert not torch.equal(ema[0], torch.ones_like(ema[0]))  # it moved from its start (precision 1)
 
 
+def test_checkpoint_best_holds_the_best_evaluation_and_a_half_swapped_last_still_resumes(tmp_path, shapes_root):
+    run = tmp_path / "run"
+    args = ["finetune", "--model", "dapft/tiny-rtdetr-shapes", "--data", shapes_root, "--output", run, "--loss",
+            "dap", "--epochs", "3", "--lr", "3e-4", "--max-train-images", "16", "--no-eval-before",
+            "--evaluator", "pycocotools", *COMMON]
+    dapft(*args, "--max-steps", "8")  # two of the three epochs
+    # A kill between checkpoint-last's two renames leaves only the previous copy, under its old name.
+    (run / "checkpoint-last").rename(run / ".checkpoint-last.old")
+    dapft(*args, "--resume")
+    report = json.loads((run / "report.json").read_text())
+    aps = [h["AP"] for h in report["history"]]
+    assert len(aps) == 3 and len(set(aps)) > 1  # the evaluations differ, so "best" means something
+    ev = tmp_path / "eval"
+    dapft("eval", "--model", run / "checkpoint-best", "--data", shapes_root, "--output", ev, "--evaluator",
+          "pycocotools", "--num-workers", "0", "--no-progress", "--batch-size", "4", "--device", "cpu")
+    assert json.loads((ev / "metrics.json").read_text())["stats"]["AP"] == pytest.approx(max(aps), abs=1e-9)
+
+
 def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_detr, shapes_root):
     args = ["finetune", "--model", tiny_detr, "--data", shapes_root, "--loss", "dap+box", "--epochs", "3",
             "--save-every", "2", "--no-eval-before", "--max-eval-images", "4", "--seed", "5", *COMMON]
