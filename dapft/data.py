@@ -4,6 +4,7 @@ image processor (so resize, normalisation, padding and pixel mask are those it w
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -150,6 +151,14 @@ def check_images(images: Path, entries: list[dict], ann_file: Path, progress: bo
         if size != (im["width"], im["height"]):
             raise DataError(f"{images / im['file_name']}: the image is {size[0]}x{size[1]} but {ann_file} says "
                             f"{im['width']}x{im['height']}; fix 'width'/'height' of image id {im['id']}")
+
+
+def first_images(split: CocoSplit, n: int) -> CocoSplit:
+    """The split's first `n` images by id (as `load_split(max_images=n)` takes them), from a split
+    already loaded and checked: no second pass over the annotation file or the images."""
+    images = sorted(split.images, key=lambda im: im["id"])[:n]
+    return dataclasses.replace(split, images=images, annotations={im["id"]: split.annotations[im["id"]]
+                                                                  for im in images})
 
 
 def load_split(source: SplitSource, *, check: bool = True, max_images: int | None = None,

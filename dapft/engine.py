@@ -21,7 +21,7 @@ from rich.markup import escape
 from dapft import distributed as dist_utils
 from dapft.checkpoint import CheckpointError, find_resumable, load_trainer_state, save_checkpoint, verify_checkpoint
 from dapft.criterion import LOSS_CONFIGS, DAPCriterion, install_loss
-from dapft.data import CocoDetection, EpochSampler, LabelMap, load_split, make_loader, resolve_split
+from dapft.data import CocoDetection, EpochSampler, LabelMap, first_images, load_split, make_loader, resolve_split
 from dapft.ema import ModelEMA
 from dapft.evaluate import check_evaluator, evaluate_split
 from dapft.freeze import FreezeSpec, apply_freezing
@@ -297,7 +297,7 @@ class Trainer:
         self.val_split = load_split(val_src, max_images=cfg.max_eval_images, progress=cfg.progress)
         # A fixed subset of the training images, scored as the validation split is (no augmentation):
         # tells "the loss did not move the model" from "it moved, but the change did not transfer".
-        self.train_eval_split = (load_split(train_src, max_images=cfg.train_eval_images)
+        self.train_eval_split = (first_images(self.train_split, cfg.train_eval_images)
                                  if cfg.train_eval_images else None)
         if self.dist.is_main:
             check_writable(self.out)  # a read-only or full disk shows now, not at the first checkpoint

@@ -120,8 +120,8 @@ def _per_step(ax, steps: list[dict], key: str, color: str, ylabel: str, title: s
         ax.legend()
 
 
-def plot_training_curves(run_dir: Path, path: Path) -> None:
-    records = _read_log(run_dir)
+def plot_training_curves(records: list[dict], path: Path) -> None:
+    """curves.png from a run's log records (log.jsonl)."""
     steps = [r for r in records if r["type"] == "step"]
     evals = [r for r in records if r["type"] == "eval"]
     has_dap = bool(steps) and "dap" in steps[0]
@@ -175,9 +175,10 @@ def _recipe_line(cfg, freezing) -> str:
     return f"Backbone: {freezing.summary()}. {ema}."
 
 
-def matching_summary(run_dir: Path) -> dict | None:
-    """Mean over the run's steps of the matching-disagreement fractions the DAP criterion logs."""
-    steps = [r for r in _read_log(run_dir) if r["type"] == "step" and "match_vs_model" in r]
+def matching_summary(records: list[dict]) -> dict | None:
+    """Mean over a run's steps (its log records) of the matching-disagreement fractions the DAP
+    criterion logs."""
+    steps = [r for r in records if r["type"] == "step" and "match_vs_model" in r]
     if not steps:
         return None
     top = [r["match_vs_top"] for r in steps if "match_vs_top" in r]
@@ -196,8 +197,9 @@ def write_run_report(run_dir: Path, cfg, family: str, state: dict, freezing) -> 
     before = {k: state["before"][k] for k in STAT_NAMES} if state.get("before") else None
     train = {tag: {k: source[f"train_{k}"] for k in STAT_NAMES} for tag, source in
              (("before", state.get("before") or {}), ("after", history[-1] if history else {})) if "train_AP" in source}
-    plot_training_curves(run_dir, run_dir / "curves.png")
-    matching = matching_summary(run_dir)
+    records = _read_log(run_dir)  # read once: long runs log many thousand steps
+    plot_training_curves(records, run_dir / "curves.png")
+    matching = matching_summary(records)
     rows = {}
     if before:
         rows["before (r_o)"] = before
