@@ -194,14 +194,20 @@ def lr_factor(epoch: int, epochs: int) -> float:
 
 
 def _optimizer(model, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    backbone, rest = [], []
+    # Deformable DETR's official configs train the deformable sampling offsets and reference points
+    # at a tenth of the rate (lr_linear_proj_mult): a recipe's linear_proj_lr_multiplier, matched by
+    # parameter name as the original code does.
+    proj_names = tuple(cfg.extra.get("linear_proj_names", ("sampling_offsets", "reference_points")))
+    multipliers = {"rest": 1.0, "backbone": cfg.backbone_lr_multiplier,
+                   "linear_proj": float(cfg.extra.get("linear_proj_lr_multiplier", 1.0))}
+    params: dict[str, list] = {k: [] for k in multipliers}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (backbone if "backbone" in name else rest).append(p)
-    groups = [{"params": rest, "lr": cfg.lr, "base_lr": cfg.lr}]
-    if backbone:
-        lr = cfg.lr * cfg.backbone_lr_multiplier
-        groups.append({"params": backbone, "lr": lr, "base_lr": lr})
+            group = ("backbone" if "backbone" in name else
+                     "linear_proj" if multipliers["linear_proj"] != 1.0 and any(n in name for n in proj_names) else "rest")
+            params[group].append(p)
+    groups = [{"params": params[k], "lr": cfg.lr * m, "base_lr": cfg.lr * m, "name": k}
+              for k, m in multipliers.items() if params[k] or k == "rest"]
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 

@@ -103,10 +103,14 @@ def coco_evaluate(ann_file: str | Path, results: list[dict], image_ids: list[int
         names = [gt.loadCats(c)[0]["name"] for c in cat_ids]
         if results:
             dt = gt.loadRes(results)
-        else:  # no detections at all: every AP is 0, which COCOeval cannot express from an empty list
-            zeros = {k: 0.0 for k in STAT_NAMES}
-            return CocoMetrics(zeros, {n: 0.0 for n in names}, np.zeros((10, 101, len(cat_ids), 4, 3)),
-                               names, evaluator, time.perf_counter() - t0)
+        else:  # loadRes refuses an empty list; COCOeval itself scores "found nothing" (0, or -1 where no ground truth)
+            empty = {"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": []}
+            if evaluator == "faster-coco-eval":
+                dt = COCO(empty)
+            else:
+                dt = COCO()
+                dt.dataset = empty
+                dt.createIndex()
         ev = COCOeval(gt, dt, "bbox")
         ev.params.imgIds = sorted(image_ids)
         ev.evaluate()

@@ -24,9 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 # (module, original text, mutated text, what it breaks). Each original must occur exactly once.
-# Left out as equivalent: the loss not divided by --grad-accum (AdamW's update does not depend on
-# the loss scale, and the gradient is clipped to the same norm either way); L_int's segment taken
-# left instead of right of an anchor (L_int is continuous: both sides give the same value there).
+# Left out as equivalent: L_int's segment taken left instead of right of an anchor (L_int is
+# continuous: both sides give the same value there).
 MUTANTS = [
     ("dap", "reached = (ious[:, None] >= iou_thresholds[None, :]).sum(1)",
      "reached = (ious[:, None] > iou_thresholds[None, :]).sum(1)", "IoU thresholds compared with > (COCO: >=)"),
@@ -52,6 +51,18 @@ MUTANTS = [
      "no /100 learning rate in the last epoch"),
     ("engine", 'self.criterion.load_state_dict(trainer_state["criterion"])', "pass",
      "matcher estimate not restored on --resume"),
+    ("engine", "loss = out.loss / self.cfg.grad_accum", "loss = out.loss", "loss not divided by --grad-accum"),
+    ("engine", '"backbone": cfg.backbone_lr_multiplier,', '"backbone": 1.0,', "backbone trained at the full rate"),
+    ("engine", '"linear_proj": float(cfg.extra.get("linear_proj_lr_multiplier", 1.0))', '"linear_proj": 1.0',
+     "Deformable DETR's sampling offsets and reference points at the full rate"),
+    ("engine", 'self.cfg.clip_grad_norm if self.cfg.clip_grad_norm > 0 else float("inf")',
+     'max(self.cfg.clip_grad_norm, 0.1)', "--clip-grad-norm 0 still clips"),
+    ("engine", "own if own is not None and own.is_file() else", "own if own is not None and own.is_file() and recipe else",
+     "a checkpoint's own recipe ignored"),
+    ("evaluate", 'idx = det["scores"].topk(k).indices', "idx = torch.arange(k)",
+     "the 100-detection cap keeps the first queries, not the best"),
+    ("evaluate", "p = precision[:, :, k, 0, -1]", "p = precision[:, :, k, 0, 0]",
+     "per-class AP read at 1 detection an image, not 100"),
     ("evaluate", "ev.params.imgIds = sorted(image_ids)", "pass",
      "evaluation scores every image, not the --max-eval-images subset"),
     ("evaluate", 'data["annotations"] = [a for a in data["annotations"] if a.get("id") not in exclude]', "pass",
@@ -65,7 +76,11 @@ TESTS = {
                 "tests/test_cli.py::test_momentum_matcher_resumes_with_its_estimate"],
     "criterion": ["tests/test_criterion.py", "tests/test_models.py"],
     "engine": ["tests/test_cli.py::test_the_schedule_follows_the_recipe_a_tenth_then_a_hundredth",
-               "tests/test_cli.py::test_momentum_matcher_resumes_with_its_estimate"],
+               "tests/test_cli.py::test_momentum_matcher_resumes_with_its_estimate",
+               "tests/test_cli.py::test_grad_accum_2_of_batch_4_is_one_batch_of_8_for_the_original_loss",
+               "tests/test_cli.py::test_clip_grad_norm_bounds_the_gradient_the_optimizer_sees_and_0_turns_it_off",
+               "tests/test_recipes.py::test_real_size_detr_like_trains_layer2_to_4_and_the_transformer_only",
+               "tests/test_recipes.py::test_a_checkpoints_own_recipe_comes_before_the_familys_and_recipe_file_before_both"],
     "evaluate": ["tests/test_data_eval.py"],
 }
 

@@ -35,10 +35,16 @@ BUNDLED = {
                  name="tiny-detr-shapes"),
     "rt_detr": dict(arch=dict(d_model=64, decoder_layers=3, num_queries=30, width=16), lr=2e-4, epochs=40, batch=8,
                     name="tiny-rtdetr-shapes"),
-    # Deformable DETR with iterative box refinement: the paper's Deformable baseline, and a family
-    # whose focal loss ignores localisation quality (where the paper reports its larger gains).
-    "deformable_detr_box_refine": dict(arch=dict(d_model=64, decoder_layers=3, num_queries=30, width=16), lr=2e-4,
-                                       epochs=50, batch=4, name="tiny-deformable-detr-shapes"),
+    # Deformable DETR with iterative box refinement (the paper's Deformable baseline; focal loss, which
+    # ignores localisation quality). It starts from the backbone the bundled RT-DETR learnt on the same
+    # training images, as Deformable DETR starts from an ImageNet backbone (trained at x0.1): from a
+    # random backbone it stayed on the class-prior plateau on 2 CPU cores (REPRODUCTION.md). Not the
+    # two-stage variant: transformers computes no loss for its encoder proposals, so from scratch they
+    # would never learn to select anything.
+    "deformable_detr_box_refine": dict(arch=dict(d_model=64, decoder_layers=3, num_queries=100, width=16,
+                                                 encoder_layers=3, n_points=4), lr=2e-4,
+                                       epochs=40, batch=4, backbone_from="tiny-rtdetr-shapes",
+                                       backbone_lr_multiplier=1.0, name="tiny-deformable-detr-shapes"),
 }
 DATA = dict(train_images=800, val_images=200, image_size=192, seed=0)
 PROCESSED_SIZE = 160  # the processor's resize: shortest edge (DETR) or square side (RT-DETR)
@@ -79,6 +85,29 @@ def reference_detr_init(path: Path) -> None:
     model.save_pretrained(path)
 
 
+def transplant_backbone(path: Path, source: Path) -> None:
+    """Give the checkpoint at `path` the backbone of the trained checkpoint `source`: its config,
+    its weights, and its processor's pixel normalisation (the features were learnt on those inputs)."""
+    import torch
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForObjectDetection
+
+    config, src_config = AutoConfig.from_pretrained(path), AutoConfig.from_pretrained(source)
+    config.backbone_config = src_config.backbone_config
+    torch.manual_seed(0)
+    model = AutoModelForObjectDetection.from_config(config)
+    weights = AutoModelForObjectDetection.from_pretrained(source).state_dict()
+    backbone = {k: v for k, v in weights.items() if k.startswith("model.backbone.")}
+    missing = [k for k in model.state_dict() if k.startswith("model.backbone.") and k not in backbone]
+    if missing:
+        raise SystemExit(f"{source} has no weights for {len(missing)} backbone tensors, e.g. {missing[0]}")
+    model.load_state_dict(backbone, strict=False)
+    model.save_pretrained(path)
+    processor, src_processor = AutoImageProcessor.from_pretrained(path), AutoImageProcessor.from_pretrained(source)
+    for key in ("do_normalize", "image_mean", "image_std"):
+        setattr(processor, key, getattr(src_processor, key))
+    processor.save_pretrained(path)
+
+
 def main() -> None:
     from dapft.runtime import quiet_transformers
 
@@ -100,6 +129,8 @@ def main() -> None:
         save_tiny_checkpoint(family, init, dict(enumerate(CLASSES)), image_size=PROCESSED_SIZE, **spec["arch"])
         if family == "detr":
             reference_detr_init(init)
+        if "backbone_from" in spec:
+            transplant_backbone(init, REPO / "dapft" / "checkpoints" / spec["backbone_from"])
         run = work / f"train-{family}"
         epochs = args.epochs or spec["epochs"]
         t0 = time.time()
@@ -109,7 +140,7 @@ def main() -> None:
         # model's own, so that the plateau below reads the training, not the average's lag.
         report = finetune(FinetuneConfig(
             model=str(init), data=str(data), output=str(run), loss="original", epochs=epochs,
-            batch_size=spec["batch"], lr=spec["lr"], backbone_lr_multiplier=1.0, seed=0, device="cpu",
+            batch_size=spec["batch"], lr=spec["lr"], backbone_lr_multiplier=spec.get("backbone_lr_multiplier", 1.0), seed=0, device="cpu",
             num_workers=args.num_workers, eval_before=False, freeze_backbone=False, ema=False,
             resume=(run / "checkpoint-last").exists()))
         best = report["best"]
@@ -127,7 +158,8 @@ def main() -> None:
             # Its own recipe, so that `dapft finetune` applies the paper's schedule relative to how
             # this model was trained: rate / 10 (/ 100 in the last epoch), 10% of its epochs.
             (dest / "dapft_recipe.yaml").write_text(yaml.safe_dump({
-                "family": model_family, "pretrain_lr": spec["lr"], "backbone_lr_multiplier": 1.0, "weight_decay": 1e-4,
+                "family": model_family, "pretrain_lr": spec["lr"],
+                "backbone_lr_multiplier": spec.get("backbone_lr_multiplier", 1.0), "weight_decay": 1e-4,
                 "optimizer": "adamw", "clip_grad_norm": 0.1, "pretrain_epochs": epochs,
                 "epochs": max(1, round(epochs / 10)), "batch_size": spec["batch"], "auxiliary_loss": True}))
             (dest / "bundled.json").write_text(json.dumps({

@@ -387,6 +387,105 @@ def test_gradient_accumulation_steps_once_per_accumulated_batches(tmp_path, tiny
         assert s["images_per_second"] == pytest.approx(8 / s["step_seconds"], rel=0.01)
 
 
+@pytest.fixture(scope="module")
+def two_boxes_root(tmp_path_factory, shapes_root):
+    """Eight training images with exactly two annotations each: DETR's loss normalises by the
+    batch's box count, so only equal counts make two batches of 4 one batch of 8."""
+    root = tmp_path_factory.mktemp("two_boxes")
+    shutil.copytree(shapes_root / "val2017", root / "val2017")
+    shutil.copytree(shapes_root / "annotations", root / "annotations")
+    ann = root / "annotations" / "instances_train2017.json"
+    data = json.loads(ann.read_text())
+    by_image = {}
+    for a in data["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    keep = [im for im in data["images"] if len(by_image.get(im["id"], [])) >= 2][:8]
+    assert len(keep) == 8
+    (root / "train2017").mkdir()
+    for im in keep:
+        shutil.copy(shapes_root / "train2017" / im["file_name"], root / "train2017" / im["file_name"])
+    data["images"], data["annotations"] = keep, [a for im in keep for a in by_image[im["id"]][:2]]
+    ann.write_text(json.dumps(data))
+    return root
+
+
+def _step_gradients(model, data, tmp_path, **settings) -> list[dict[str, torch.Tensor]]:
+    """The gradient of each optimizer step of a run, all taken at the starting weights (the
+    optimizer never steps), in the run's own data order."""
+    from dapft.engine import FinetuneConfig, Trainer
+
+    class Recorder(Trainer):
+        def _optimizer_step(self):
+            self.grads.append({n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None})
+            self.optimizer.zero_grad(set_to_none=True)
+            return 0.0
+
+    cfg = FinetuneConfig(model=str(model), data=str(data), output=str(tmp_path / "run"), device="cpu", num_workers=0,
+                         progress=False, eval_before=False, max_eval_images=1, augment=False, seed=0, **settings)
+    trainer = Recorder(cfg)
+    trainer.grads = []
+    trainer.train()
+    shutil.rmtree(tmp_path / "run")
+    return trainer.grads
+
+
+def _relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """|a - b| / |b| over the whole gradient (single tensors such as attention key biases have a
+    true gradient of zero, and float32 noise there says nothing)."""
+    assert a.keys() == b.keys()
+    flat_a, flat_b = (torch.cat([g[n].flatten() for n in sorted(g)]) for g in (a, b))
+    return float((flat_a - flat_b).norm() / flat_b.norm())
+
+
+def test_grad_accum_2_of_batch_4_is_one_batch_of_8_for_the_original_loss(tmp_path, tiny_detr, two_boxes_root):
+    eight, = _step_gradients(tiny_detr, two_boxes_root, tmp_path, loss="original", batch_size=8, max_steps=1)
+    accumulated, = _step_gradients(tiny_detr, two_boxes_root, tmp_path, loss="original", batch_size=4,
+                                   grad_accum=2, max_steps=1)
+    assert _relative_difference(accumulated, eight) < 1e-5  # measured 8e-8
+
+
+def test_grad_accum_averages_each_micro_batchs_own_dap(tmp_path, tiny_detr, two_boxes_root):
+    # README's decision: with --grad-accum N each micro-batch is its own DAP, and the step averages
+    # the N gradients (AP is not a sum over images; more processes give a larger batch's exact AP).
+    first, second = _step_gradients(tiny_detr, two_boxes_root, tmp_path, loss="dap", batch_size=4, max_steps=2)
+    accumulated, = _step_gradients(tiny_detr, two_boxes_root, tmp_path, loss="dap", batch_size=4, grad_accum=2,
+                                   max_steps=1)
+    eight, = _step_gradients(tiny_detr, two_boxes_root, tmp_path, loss="dap", batch_size=8, max_steps=1)
+    mean = {n: (first[n] + second[n]) / 2 for n in first}
+    assert _relative_difference(accumulated, mean) < 1e-5
+    assert _relative_difference(accumulated, eight) > 1e-3, "the DAP of 8 images pools their ranking"
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.1])
+def test_clip_grad_norm_bounds_the_gradient_the_optimizer_sees_and_0_turns_it_off(tmp_path, tiny_detr, shapes_root,
+                                                                                  clip):
+    from dapft.engine import FinetuneConfig, Trainer
+
+    class Watcher(Trainer):
+        def setup(self):
+            super().setup()
+            step = self.optimizer.step
+
+            def watched(*args, **kwargs):
+                grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+                self.seen.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+                return step(*args, **kwargs)
+
+            self.optimizer.step = watched
+
+    cfg = FinetuneConfig(model=str(tiny_detr), data=str(shapes_root), output=str(tmp_path / "run"), loss="original",
+                         clip_grad_norm=clip, batch_size=4, max_steps=2, device="cpu", num_workers=0, progress=False,
+                         eval_before=False, max_eval_images=1, lr=1e-3)
+    trainer = Watcher(cfg)
+    trainer.seen = []
+    trainer.train()
+    logged = [json.loads(x)["grad_norm"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+              if '"type": "step"' in x]
+    assert len(trainer.seen) == len(logged) == 2 and min(logged) > 1.0  # the log keeps the norm before clipping
+    expected = logged if clip == 0 else [clip, clip]
+    assert trainer.seen == pytest.approx(expected, rel=1e-3)
+
+
 def test_a_diverging_run_stops_at_the_bad_step_and_keeps_finite_checkpoints(tmp_path, tiny_detr, shapes_root):
     from dapft.engine import FinetuneConfig, Trainer
 

@@ -80,8 +80,9 @@ def test_explicit_label_map_file(shapes_root, tmp_path):
         LabelMap.build(split.categories, {i: f"x{i}" for i in range(6)})
 
 
-def test_both_evaluators_agree_on_imperfect_predictions(shapes_root):
-    split = load_split(resolve_split(shapes_root, "val"))
+def _noisy_results(split) -> list[dict]:
+    """80% of the ground truth found with jittered boxes (10% with the wrong class), five random
+    false positives an image: a detector's typical mix."""
     rng = np.random.default_rng(0)
     results = []
     for im in split.images:
@@ -95,6 +96,12 @@ def test_both_evaluators_agree_on_imperfect_predictions(shapes_root):
         for _ in range(5):
             results.append({"image_id": im["id"], "category_id": int(rng.integers(1, 7)),
                             "bbox": list(rng.uniform(0, 100, 2)) + list(rng.uniform(5, 60, 2)), "score": float(rng.random())})
+    return results
+
+
+def test_both_evaluators_agree_on_imperfect_predictions(shapes_root):
+    split = load_split(resolve_split(shapes_root, "val"))
+    results = _noisy_results(split)
     ids = [im["id"] for im in split.images]
     a = coco_evaluate(split.source.annotations, results, ids, "pycocotools")
     b = coco_evaluate(split.source.annotations, results, ids, "faster-coco-eval")
@@ -344,3 +351,60 @@ def test_max_images_scores_exactly_that_subset(tmp_path, shapes_root):
                            output=str(tmp_path / "b"), **common)
     assert cut["images"] == 5 and cut["stats"]["AP"] > 0.05
     assert cut["stats"] == alone["stats"]
+
+
+@pytest.mark.parametrize("evaluator", ["pycocotools", "faster-coco-eval"])
+def test_per_class_ap_is_cocoevals_ap_of_that_category_alone(shapes_root, evaluator):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    split = load_split(resolve_split(shapes_root, "val"))
+    results = _noisy_results(split)
+    ids = [im["id"] for im in split.images]
+    ours = coco_evaluate(split.source.annotations, results, ids, evaluator)
+    gt = COCO(str(split.source.annotations))
+    assert set(ours.per_class) == {c["name"] for c in gt.loadCats(gt.getCatIds())}
+    for cat in gt.loadCats(gt.getCatIds()):
+        ev = COCOeval(gt, gt.loadRes(results), "bbox")
+        ev.params.imgIds, ev.params.catIds = ids, [cat["id"]]
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+        assert ours.per_class[cat["name"]] == pytest.approx(ev.stats[0], abs=1e-4), cat["name"]
+    assert len(set(round(v, 4) for v in ours.per_class.values())) > 1  # not one number for every class
+
+
+def test_at_most_100_detections_an_image_the_best_and_the_same_ap(shapes_root):
+    # COCO scores 100 detections an image (maxDets): a model with 120 queries keeps its 100 best, and
+    # the AP is the one pycocotools computes from all 120.
+    from dapft.evaluate import predict
+    from dapft.tiny import tiny_model, tiny_processor
+
+    split = load_split(resolve_split(shapes_root, "val"))
+    torch.manual_seed(0)
+    model = tiny_model("detr", dict(enumerate(CLASSES)), num_queries=120)
+    processor = tiny_processor("detr", 128)
+    mapping = LabelMap.build(split.categories, model.config.id2label)
+    loader = make_loader(CocoDetection(split, mapping), processor, batch_size=4, train=False, num_workers=0)
+    capped = predict(model, processor, loader, mapping, device=torch.device("cpu"))
+    every = predict(model, processor, loader, mapping, device=torch.device("cpu"), max_detections=10**6)
+    ids = [im["id"] for im in split.images]
+    for i in ids:
+        mine = sorted(r["score"] for r in capped if r["image_id"] == i)
+        scores = sorted(r["score"] for r in every if r["image_id"] == i)
+        assert len(scores) == 120 and mine == scores[-100:]
+    a = coco_evaluate(split.source.annotations, capped, ids, "pycocotools")
+    b = coco_evaluate(split.source.annotations, every, ids, "pycocotools")
+    assert a.stats == b.stats
+
+
+@pytest.mark.parametrize("evaluator", ["pycocotools", "faster-coco-eval"])
+def test_no_detections_at_all_score_zero_as_detections_that_match_nothing(shapes_root, evaluator):
+    split = load_split(resolve_split(shapes_root, "val"))
+    ids = [im["id"] for im in split.images]
+    empty = coco_evaluate(split.source.annotations, [], ids, evaluator)
+    # One far-off, tiny detection in one image: COCOeval's own answer for "found nothing".
+    nothing = coco_evaluate(split.source.annotations, [{"image_id": ids[0], "category_id": 1, "bbox": [0, 0, 1, 1],
+                                                         "score": 0.01}], ids, evaluator)
+    assert empty.stats == pytest.approx(nothing.stats, abs=1e-12) and empty.stats["AP"] == 0
+    assert empty.stats["AP_large"] == -1  # COCO's "no such ground truth" (this split has no large object), not 0
+    assert empty.per_class == pytest.approx(nothing.per_class) and set(empty.per_class) == set(nothing.per_class)
+    assert empty.precision.shape == nothing.precision.shape

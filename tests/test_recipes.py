@@ -75,6 +75,17 @@ def test_real_size_detr_like_trains_layer2_to_4_and_the_transformer_only(family,
     # (DETR's first decoder self-attention sees zero inputs: its q/k/v weights get no gradient.)
     assert transformer and len(changed & set(transformer)) >= 0.9 * len(transformer)
     assert report["parameters"]["frozen"][:2] == ["stem", "stage 0"]
+    # Deformable DETR's official rate of a tenth for its sampling offsets and reference points.
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    name_of = {id(p): n for n, p in trainer.model.named_parameters()}
+    projections = {n for n, p in trainer.model.named_parameters()
+                   if p.requires_grad and ("sampling_offsets" in n or "reference_points" in n)}
+    if family == "deformable_detr":
+        assert len(projections) == 26  # 12 layers' sampling offsets and the reference points (weight, bias)
+        assert {name_of[id(p)] for p in groups["linear_proj"]["params"]} == projections
+        assert groups["linear_proj"]["base_lr"] == pytest.approx(groups["rest"]["base_lr"] * 0.1)
+    else:
+        assert "linear_proj" not in groups and not projections
 
 
 def test_a_transformers_resnet_frozen_whole_by_its_class_is_trained_as_the_recipe_says():
@@ -145,3 +156,24 @@ def test_a_non_finite_matching_cost_names_the_layer():
     targets = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}] * 2
     with pytest.raises(FloatingPointError, match="decoder layer 1 of 3.*image 1"):
         criterion(layers, targets)
+
+
+def test_a_checkpoints_own_recipe_comes_before_the_familys_and_recipe_file_before_both(tmp_path):
+    import yaml
+
+    from dapft.engine import resolve
+    from dapft.tiny import save_tiny_checkpoint
+
+    model = save_tiny_checkpoint("detr", tmp_path / "model", LABELS, image_size=96)
+    family = load_recipe("detr")
+    assert resolve(FinetuneConfig(model=str(model)), "detr").lr == pytest.approx(family["pretrain_lr"] / 10)
+    (model / "dapft_recipe.yaml").write_text(yaml.safe_dump({**family, "pretrain_lr": 5e-3, "epochs": 3,
+                                                             "batch_size": 5, "backbone_lr_multiplier": 0.5}))
+    own = resolve(FinetuneConfig(model=str(model)), "detr")
+    assert (own.lr, own.epochs, own.batch_size, own.backbone_lr_multiplier) == (pytest.approx(5e-4), 3, 5, 0.5)
+    file = tmp_path / "mine.yaml"
+    file.write_text(yaml.safe_dump({**family, "pretrain_lr": 7e-3, "epochs": 2, "batch_size": 6}))
+    given = resolve(FinetuneConfig(model=str(model), recipe=str(file)), "detr")
+    assert (given.lr, given.epochs, given.batch_size) == (pytest.approx(7e-4), 2, 6)
+    flags = resolve(FinetuneConfig(model=str(model), recipe=str(file), lr=1e-6, epochs=1), "detr")
+    assert (flags.lr, flags.epochs) == (1e-6, 1)  # a flag over any recipe
