@@ -203,8 +203,8 @@ def _optimizer(model, cfg: FinetuneConfig) -> torch.optim.Optimizer:
     params: dict[str, list] = {k: [] for k in multipliers}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            group = ("backbone" if "backbone" in name else
-                     "linear_proj" if multipliers["linear_proj"] != 1.0 and any(n in name for n in proj_names) else "rest")
+            projection = multipliers["linear_proj"] != 1.0 and any(n in name for n in proj_names)
+            group = "backbone" if "backbone" in name else "linear_proj" if projection else "rest"
             params[group].append(p)
     groups = [{"params": params[k], "lr": cfg.lr * m, "base_lr": cfg.lr * m, "name": k}
               for k, m in multipliers.items() if params[k] or k == "rest"]

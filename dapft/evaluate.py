@@ -103,7 +103,7 @@ def coco_evaluate(ann_file: str | Path, results: list[dict], image_ids: list[int
         names = [gt.loadCats(c)[0]["name"] for c in cat_ids]
         if results:
             dt = gt.loadRes(results)
-        else:  # loadRes refuses an empty list; COCOeval itself scores "found nothing" (0, or -1 where no ground truth)
+        else:  # loadRes refuses an empty list; COCOeval scores "found nothing" itself (0; -1 where no ground truth)
             empty = {"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": []}
             if evaluator == "faster-coco-eval":
                 dt = COCO(empty)

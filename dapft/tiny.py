@@ -41,12 +41,12 @@ def tiny_config(family: str, id2label: dict[int, str], *, num_queries: int = 20,
     """A small config of `family` (one of TINY_FAMILIES) for the given labels (`n_points`: the
     deformable attention's sampling points, Deformable DETR only)."""
     labels = dict(id2label=dict(id2label), label2id={v: k for k, v in id2label.items()})
-    detr_like = dict(d_model=d_model, encoder_layers=encoder_layers, decoder_layers=decoder_layers, encoder_attention_heads=2,
-                     decoder_attention_heads=2, encoder_ffn_dim=2 * d_model, decoder_ffn_dim=2 * d_model,
-                     num_queries=num_queries, auxiliary_loss=True, dropout=0.0, **labels)
-    rt_like = dict(d_model=d_model, encoder_hidden_dim=d_model, encoder_layers=encoder_layers, encoder_ffn_dim=2 * d_model,
-                   encoder_attention_heads=2, decoder_layers=decoder_layers, decoder_attention_heads=2,
-                   decoder_ffn_dim=2 * d_model, num_queries=num_queries, decoder_in_channels=[d_model] * 3,
+    detr_like = dict(d_model=d_model, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
+                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=2 * d_model,
+                     decoder_ffn_dim=2 * d_model, num_queries=num_queries, auxiliary_loss=True, dropout=0.0, **labels)
+    rt_like = dict(d_model=d_model, encoder_hidden_dim=d_model, encoder_layers=encoder_layers,
+                   encoder_ffn_dim=2 * d_model, encoder_attention_heads=2, decoder_layers=decoder_layers,
+                   decoder_attention_heads=2, decoder_ffn_dim=2 * d_model, num_queries=num_queries, decoder_in_channels=[d_model] * 3,
                    num_denoising=10, encoder_in_channels=[2 * width, 4 * width, 6 * width], feat_strides=[8, 16, 32],
                    **labels)
     if family == "detr":
@@ -58,8 +58,8 @@ def tiny_config(family: str, id2label: dict[int, str], *, num_queries: int = 20,
         return DabDetrConfig(backbone_config=_convnext(["stage4"], width), hidden_size=d_model, **cfg)
     if family.startswith("deformable_detr"):
         return DeformableDetrConfig(
-            backbone_config=_convnext(["stage2", "stage3", "stage4"], width), num_feature_levels=3, encoder_n_points=n_points,
-            decoder_n_points=n_points, with_box_refine=family != "deformable_detr",
+            backbone_config=_convnext(["stage2", "stage3", "stage4"], width), num_feature_levels=3,
+            encoder_n_points=n_points, decoder_n_points=n_points, with_box_refine=family != "deformable_detr",
             two_stage=family == "deformable_detr_two_stage", two_stage_num_proposals=num_queries, **detr_like)
     if family in ("rt_detr", "rt_detr_v2"):
         backbone = RTDetrResNetConfig(embedding_size=width, hidden_sizes=[width, 2 * width, 4 * width, 6 * width],

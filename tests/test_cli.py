@@ -88,7 +88,8 @@ def test_a_model_that_cannot_exist_is_refused_at_once_with_what_to_do(tmp_path, 
         t0 = time.time()
         proc = dapft("eval", "--model", model, *common, check=False)
         assert proc.returncode == 1 and words in " ".join(proc.stderr.split()), proc.stderr
-        assert "Traceback" not in proc.stderr and time.time() - t0 < 20  # no Hub retries
+        # No Hub retries (minutes offline); the bound leaves room for a loaded machine's start-up.
+        assert "Traceback" not in proc.stderr and time.time() - t0 < 60
 
 
 def test_a_corrupted_checkpoint_is_refused_before_it_is_used(tmp_path, tiny_detr, shapes_root):
