@@ -22,7 +22,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dapft.engine import FinetuneConfig, finetune  # noqa: E402
+from dapft.engine import FinetuneConfig, finetune, load_recipe  # noqa: E402
 from dapft.shapes import CLASSES, make_shapes_dataset  # noqa: E402
 from dapft.tiny import save_tiny_checkpoint  # noqa: E402
 
@@ -37,10 +37,10 @@ BUNDLED = {
                     name="tiny-rtdetr-shapes"),
     # Deformable DETR with iterative box refinement (the paper's Deformable baseline; focal loss, which
     # ignores localisation quality). It starts from the backbone the bundled RT-DETR learnt on the same
-    # training images, as Deformable DETR starts from an ImageNet backbone (trained at x0.1): from a
-    # random backbone it stayed on the class-prior plateau on 2 CPU cores (REPRODUCTION.md). Not the
-    # two-stage variant: transformers computes no loss for its encoder proposals, so from scratch they
-    # would never learn to select anything.
+    # training images, as Deformable DETR starts from an ImageNet backbone, and trains it with the rest.
+    # Not bundled yet: every variant tried stays on the class-prior plateau on 2 CPU cores
+    # (REPRODUCTION.md). Not the two-stage variant: transformers computes no loss for its encoder
+    # proposals, so from scratch they would never learn to select anything.
     "deformable_detr_box_refine": dict(arch=dict(d_model=64, decoder_layers=3, num_queries=100, width=16,
                                                  encoder_layers=3, n_points=4), lr=2e-4,
                                        epochs=40, batch=4, backbone_from="tiny-rtdetr-shapes",
@@ -140,7 +140,8 @@ def main() -> None:
         # model's own, so that the plateau below reads the training, not the average's lag.
         report = finetune(FinetuneConfig(
             model=str(init), data=str(data), output=str(run), loss="original", epochs=epochs,
-            batch_size=spec["batch"], lr=spec["lr"], backbone_lr_multiplier=spec.get("backbone_lr_multiplier", 1.0), seed=0, device="cpu",
+            batch_size=spec["batch"], lr=spec["lr"], seed=0, device="cpu",
+            backbone_lr_multiplier=spec.get("backbone_lr_multiplier", 1.0),
             num_workers=args.num_workers, eval_before=False, freeze_backbone=False, ema=False,
             resume=(run / "checkpoint-last").exists()))
         best = report["best"]
@@ -161,7 +162,9 @@ def main() -> None:
                 "family": model_family, "pretrain_lr": spec["lr"],
                 "backbone_lr_multiplier": spec.get("backbone_lr_multiplier", 1.0), "weight_decay": 1e-4,
                 "optimizer": "adamw", "clip_grad_norm": 0.1, "pretrain_epochs": epochs,
-                "epochs": max(1, round(epochs / 10)), "batch_size": spec["batch"], "auxiliary_loss": True}))
+                "epochs": max(1, round(epochs / 10)), "batch_size": spec["batch"], "auxiliary_loss": True,
+                # the family's per-parameter rates it was trained with (Deformable DETR's offsets)
+                **{k: v for k, v in load_recipe(model_family).items() if k.startswith("linear_proj")}}))
             (dest / "bundled.json").write_text(json.dumps({
                 "family": family, "data": {"kind": "shapes", **DATA}, "val": report["best"],
                 "val_history": [round(ap, 5) for ap in history], "last_quarter_gain": round(gain, 5),
