@@ -89,14 +89,19 @@ def coco_evaluate(ann_file: str | Path, results: list[dict], image_ids: list[int
     else:
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
+    def from_dict(data: dict):  # faster-coco-eval's COCO takes a dict; pycocotools' only a file name
+        if evaluator == "faster-coco-eval":
+            return COCO(data)
+        coco = COCO()
+        coco.dataset = data
+        coco.createIndex()
+        return coco
+
     with contextlib.redirect_stdout(io.StringIO()):
         if exclude:
             data = json.loads(Path(ann_file).read_text())
             data["annotations"] = [a for a in data["annotations"] if a.get("id") not in exclude]
-            gt = COCO(data) if evaluator == "faster-coco-eval" else COCO()
-            if evaluator == "pycocotools":
-                gt.dataset = data
-                gt.createIndex()
+            gt = from_dict(data)
         else:
             gt = COCO(str(ann_file))
         cat_ids = sorted(gt.getCatIds())
@@ -104,13 +109,7 @@ def coco_evaluate(ann_file: str | Path, results: list[dict], image_ids: list[int
         if results:
             dt = gt.loadRes(results)
         else:  # loadRes refuses an empty list; COCOeval scores "found nothing" itself (0; -1 where no ground truth)
-            empty = {"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": []}
-            if evaluator == "faster-coco-eval":
-                dt = COCO(empty)
-            else:
-                dt = COCO()
-                dt.dataset = empty
-                dt.createIndex()
+            dt = from_dict({"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": []})
         ev = COCOeval(gt, dt, "bbox")
         ev.params.imgIds = sorted(image_ids)
         ev.evaluate()

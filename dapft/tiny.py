@@ -46,9 +46,9 @@ def tiny_config(family: str, id2label: dict[int, str], *, num_queries: int = 20,
                      decoder_ffn_dim=2 * d_model, num_queries=num_queries, auxiliary_loss=True, dropout=0.0, **labels)
     rt_like = dict(d_model=d_model, encoder_hidden_dim=d_model, encoder_layers=encoder_layers,
                    encoder_ffn_dim=2 * d_model, encoder_attention_heads=2, decoder_layers=decoder_layers,
-                   decoder_attention_heads=2, decoder_ffn_dim=2 * d_model, num_queries=num_queries, decoder_in_channels=[d_model] * 3,
-                   num_denoising=10, encoder_in_channels=[2 * width, 4 * width, 6 * width], feat_strides=[8, 16, 32],
-                   **labels)
+                   decoder_attention_heads=2, decoder_ffn_dim=2 * d_model, num_queries=num_queries,
+                   decoder_in_channels=[d_model] * 3, num_denoising=10,
+                   encoder_in_channels=[2 * width, 4 * width, 6 * width], feat_strides=[8, 16, 32], **labels)
     if family == "detr":
         return DetrConfig(backbone_config=_convnext(["stage4"], width), **detr_like)
     if family == "conditional_detr":
