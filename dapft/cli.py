@@ -54,6 +54,8 @@ def finetune(
     average: str = typer.Option("pooled", help="pooled (the paper) | per_class (COCO's class mean)."),
     momentum: float = typer.Option(0.99, help="EMA factor m of the momentum matcher (Eq. 13)."),
     epochs: Optional[int] = typer.Option(None, help="Default: the recipe's (10% of pre-training, at most 12)."),
+    lr_drop: Optional[int] = typer.Option(
+        None, help="Drop the rate tenfold after N epochs (default: for the last epoch only, the paper's)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (smoke runs)."),
     batch_size: Optional[int] = typer.Option(None, help="Global batch size (default: the recipe's)."),
     grad_accum: int = typer.Option(1, help="Gradient accumulation steps."),
@@ -68,6 +70,7 @@ def finetune(
     num_workers: int = typer.Option(2, help="Data loading workers per process."),
     augment: bool = typer.Option(True, help="Flip, random crop and multi-scale resize in training."),
     eval_before: bool = typer.Option(True, help="Evaluate before training (the paper's r_o)."),
+    eval_every: int = typer.Option(1, help="Evaluate every N epochs, and always after the last."),
     max_eval_images: Optional[int] = typer.Option(None, help="Evaluate on the first N validation images."),
     max_train_images: Optional[int] = typer.Option(None, help="Train on the first N training images."),
     train_eval_images: Optional[int] = typer.Option(

@@ -53,6 +53,9 @@ class FinetuneConfig:
     average: str = "pooled"
     momentum: float = 0.99
     epochs: int | None = None
+    # The rate drops tenfold after this many epochs (DETR's --lr_drop); None: for the last epoch only
+    # (the paper's fine-tuning schedule). From-scratch trainings use it for a step schedule.
+    lr_drop: int | None = None
     max_steps: int | None = None
     batch_size: int | None = None
     grad_accum: int = 1
@@ -66,6 +69,7 @@ class FinetuneConfig:
     num_workers: int = 2
     augment: bool = True
     eval_before: bool = True
+    eval_every: int = 1  # evaluate every N epochs, and always after the last
     max_eval_images: int | None = None
     max_train_images: int | None = None
     train_eval_images: int | None = None  # also score this many training images (the first by id) at each evaluation
@@ -89,7 +93,7 @@ class FinetuneConfig:
 # What `--resume` may change: where and how the run reports and works, and when it stops. Everything
 # else (model, data, loss and its settings, schedule, recipe, precision) is the run's: a resumed run
 # takes it from the run's config.json, and a flag that asks for another value is refused by name.
-RESUMABLE_CHANGES = ("progress", "num_workers", "save_every", "device", "max_steps", "patience")
+RESUMABLE_CHANGES = ("progress", "num_workers", "save_every", "eval_every", "device", "max_steps", "patience")
 # Where the run is and how it was asked for; a sweep's shared evaluation before fine-tuning.
 _NOT_SETTINGS = ("output", "resume", "command", "given", "extra", "before_metrics")
 
@@ -164,7 +168,7 @@ def check_choices(cfg: FinetuneConfig) -> None:
 
 # Lower bounds of the numeric settings (0 steps, epochs or images would silently mean the recipe's
 # value, no limit, or an AP computed on nothing).
-_AT_LEAST = {"epochs": 1, "max_steps": 1, "batch_size": 1, "grad_accum": 1, "bins": 2, "max_eval_images": 1,
+_AT_LEAST = {"epochs": 1, "lr_drop": 1, "eval_every": 1, "max_steps": 1, "batch_size": 1, "grad_accum": 1, "bins": 2, "max_eval_images": 1,
              "max_train_images": 1, "train_eval_images": 1, "save_every": 1, "patience": 1, "num_workers": 0, "lr": 0.0,
              "backbone_lr_multiplier": 0.0, "weight_decay": 0.0, "clip_grad_norm": 0.0}
 
@@ -188,9 +192,14 @@ def resolve(cfg: FinetuneConfig, family: str) -> FinetuneConfig:
     return out
 
 
-def lr_factor(epoch: int, epochs: int) -> float:
-    """One tenth of the original rate throughout (in cfg.lr), one hundredth in the last epoch."""
-    return 0.1 if epochs >= 2 and epoch == epochs - 1 else 1.0
+def lr_factor(epoch: int, epochs: int, lr_drop: int | None = None) -> float:
+    """The factor on cfg.lr in (0-based) `epoch`: 0.1 once `lr_drop` epochs are done. By default the
+    drop comes for the last epoch only (the paper: a tenth of the original rate, in cfg.lr, then a
+    hundredth in the last epoch); a one-epoch run keeps cfg.lr, since dropping would leave no epoch
+    at the fine-tuning rate at all."""
+    if lr_drop is None:
+        lr_drop = epochs - 1 if epochs >= 2 else epochs
+    return 0.1 if epoch >= lr_drop else 1.0
 
 
 def _optimizer(model, cfg: FinetuneConfig) -> torch.optim.Optimizer:
@@ -524,7 +533,7 @@ class Trainer:
                         break  # a resumed run that had already reached --max-steps or its patience
                     epoch = st["epoch"]
                     for group in self.optimizer.param_groups:
-                        group["lr"] = group["base_lr"] * lr_factor(epoch, cfg.epochs)
+                        group["lr"] = group["base_lr"] * lr_factor(epoch, cfg.epochs, cfg.lr_drop)
                     per_process = cfg.batch_size // self.dist.world_size
                     self.sampler.set_epoch(epoch, skip_samples=st["batch_in_epoch"] * per_process)
                     bar.update(step_task, completed=st["batch_in_epoch"] // cfg.grad_accum, total=self.steps_per_epoch)
@@ -564,6 +573,12 @@ class Trainer:
                         st["epoch"] += 1
                         st["batch_in_epoch"] = 0
                     tag = f"epoch{st['epoch']:03d}" if complete else f"step{st['global_step']}"
+                    if complete and not stop and st["epoch"] < cfg.epochs and st["epoch"] % cfg.eval_every:
+                        # --eval-every: no evaluation after this epoch; its end is still a checkpoint.
+                        st["elapsed"] = time.perf_counter() - t_start
+                        self._save()
+                        bar.update(epoch_task, completed=st["epoch"])
+                        continue
                     metrics = self.evaluate(tag)
                     self._log({"type": "eval", "tag": "epoch", "epoch": st["epoch"], "global_step": st["global_step"],
                                **metrics})

@@ -206,6 +206,35 @@ def test_the_schedule_follows_the_recipe_a_tenth_then_a_hundredth(tmp_path, tiny
         assert all(g["weight_decay"] == pytest.approx(wd) for g in groups)
 
 
+def test_a_one_epoch_run_trains_at_the_fine_tuning_rate_and_lr_drop_sets_a_step_schedule(tmp_path, tiny_detr,
+                                                                                         shapes_root):
+    common = ["--model", tiny_detr, "--data", shapes_root, "--max-train-images", "8", "--no-eval-before",
+              "--max-eval-images", "2", *COMMON]  # batch 4: 2 steps an epoch
+    lr = 1e-5  # recipes/detr.yaml: 1e-4 / 10
+    for name, extra, expected in (("one", ["--epochs", "1"], [lr, lr]),  # no drop: it would leave no epoch at lr
+                                  ("drop", ["--epochs", "3", "--lr-drop", "1"], [lr] * 2 + [lr / 10] * 4)):
+        run = tmp_path / name
+        dapft("finetune", *common, "--output", run, *extra)
+        steps = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if '"type": "step"' in x]
+        assert [s["lr"] for s in steps] == pytest.approx(expected)
+
+
+def test_eval_every_evaluates_every_n_epochs_and_after_the_last(tmp_path, tiny_detr, shapes_root):
+    run = tmp_path / "run"
+    args = ["finetune", "--model", tiny_detr, "--data", shapes_root, "--output", run, "--epochs", "7",
+            "--eval-every", "3", "--max-train-images", "4", "--no-eval-before", "--max-eval-images", "2",
+            "--loss", "dap+box", "--lr", "1e-3", *COMMON]  # one step an epoch
+    dapft(*args, "--max-steps", "4")  # stops after epoch 4, which it evaluates as the run's end
+    dapft(*args, "--resume")
+    report = json.loads((run / "report.json").read_text())
+    assert [h["epoch"] for h in report["history"]] == [3, 4, 6, 7]
+    evals = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if '"type": "eval"' in x]
+    assert [e["epoch"] for e in evals] == [3, 4, 6, 7]
+    assert sorted(p.name for p in (run / "eval").iterdir()) == ["epoch003", "epoch004", "epoch006", "epoch007"]
+    steps = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if '"type": "step"' in x]
+    assert len(steps) == 7  # every epoch trained; each epoch's end is a checkpoint, evaluated or not
+
+
 def test_momentum_matcher_resumes_with_its_estimate(tmp_path, tiny_detr, shapes_root):
     args = ["finetune", "--model", tiny_detr, "--data", shapes_root, "--loss", "dap+box", "--matcher", "momentum",
             "--epochs", "2", "--lr", "1e-3", "--max-train-images", "16", "--no-eval-before", "--max-eval-images", "2",
