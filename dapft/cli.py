@@ -30,7 +30,7 @@ DATA = typer.Option(None, "--data", help="COCO root: ROOT/{train,val}2017/ and R
 
 
 def _finetune_config(**kw):
-    from dapft.engine import FinetuneConfig
+    from dapft.config import FinetuneConfig
 
     return FinetuneConfig(**kw)
 
@@ -67,7 +67,8 @@ def finetune(
     seed: int = typer.Option(0, help="Seed of data order, augmentation and dropout."),
     device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if available)."),
     precision: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32 (CPU always fp32)."),
-    num_workers: int = typer.Option(2, help="Data loading workers per process."),
+    num_workers: Optional[int] = typer.Option(
+        None, help="Data loading workers per process (default: from the CPUs each process may use, at most 8)."),
     augment: bool = typer.Option(True, help="Flip, random crop and multi-scale resize in training."),
     eval_before: bool = typer.Option(True, help="Evaluate before training (the paper's r_o)."),
     eval_every: int = typer.Option(1, help="Evaluate every N epochs, and always after the last."),
@@ -125,7 +126,7 @@ def eval_(
     label_map: Optional[str] = typer.Option(None, help="JSON {dataset_category_id: model_label_index}."),
     device: Optional[str] = typer.Option(None, help="cuda, cpu (default: cuda if available)."),
     precision: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32."),
-    num_workers: int = typer.Option(2, help="Data loading workers."),
+    num_workers: Optional[int] = typer.Option(None, help="Data loading workers (default: from the CPUs, at most 8)."),
     progress: bool = typer.Option(True, help="Rich progress bar."),
 ):
     """Evaluate a detector: COCO results JSON, metrics.json, report.md and plots."""
@@ -165,7 +166,7 @@ def sweep(
     evaluator: str = typer.Option("faster-coco-eval", help="faster-coco-eval | pycocotools."),
     label_map: Optional[str] = typer.Option(None, help="JSON {dataset_category_id: model_label_index}."),
     device: Optional[str] = typer.Option(None),
-    num_workers: int = typer.Option(2),
+    num_workers: Optional[int] = typer.Option(None),
     max_eval_images: Optional[int] = typer.Option(None),
     max_train_images: Optional[int] = typer.Option(None),
     train_eval_images: Optional[int] = typer.Option(None, help="As in finetune: AP on N training images too."),
@@ -177,7 +178,7 @@ def sweep(
     each setting against the original loss, paired by seed, with 95% intervals."""
     import shlex
 
-    from dapft.engine import FinetuneConfig
+    from dapft.config import FinetuneConfig
     from dapft.sweep import sweep as run
 
     lists = {"loss": (loss, str), "matcher": (matcher, str), "sigma": (sigma, float), "bins": (bins, int),
@@ -213,7 +214,7 @@ def demo(
     epochs: Optional[int] = typer.Option(None, help="Fine-tuning epochs (default: the model's recipe)."),
     train_images: int = typer.Option(400, help="Generated training images."),
     val_images: int = typer.Option(200, help="Generated validation images."),
-    num_workers: int = typer.Option(2, help="Data loading workers."),
+    num_workers: Optional[int] = typer.Option(None, help="Data loading workers (default: from the CPUs)."),
     progress: bool = typer.Option(True, help="Rich progress bars."),
 ):
     """Offline demo on CPU: generate data, evaluate a bundled detector, fine-tune it with DAP, compare."""
@@ -253,9 +254,9 @@ def run() -> None:
         app(standalone_mode=False)
     except SystemExit:
         raise
-    except TrainingInterrupted as exc:  # Ctrl-C in a fine-tuning run, its checkpoint saved
+    except TrainingInterrupted as exc:  # Ctrl-C or SIGTERM in a fine-tuning run, its checkpoint saved
         console.print(str(exc), style="red", markup=False, highlight=False)
-        sys.exit(130)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         console.print("interrupted (what was written before stays; a fine-tuning run continues from its last "
                       "checkpoint with the same command and --resume, a sweep with the same command)",

@@ -1,6 +1,6 @@
-"""COCO-format data: locating splits, validating them before any long work, mapping the dataset's
-categories to a model's labels, augmentation with boxes, and batching through the checkpoint's own
-image processor (so resize, normalisation, padding and pixel mask are those it was trained with)."""
+"""COCO-format data: locating splits, validating them before any long work (files, image sizes,
+annotations), and mapping the dataset's categories to a model's labels. Reading, augmenting and
+batching images for the model is dapft.loader's."""
 
 from __future__ import annotations
 
@@ -9,19 +9,12 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 from dapft.runtime import atomic_write_text, make_progress
 
@@ -300,161 +293,3 @@ class LabelMap:
                 f"model's labels (e.g. {list(id2label.values())[:5]}). Pass a label-map JSON "
                 "{dataset_category_id: model_label_index}, or fine-tune, which resizes the classifier")
         return cls(mapping)
-
-
-# ----------------------------------------------------------------------------------------------
-# Dataset, augmentation, batching
-
-
-def load_rgb(path: Path) -> Image.Image:
-    """An image as 8-bit RGB. 16-bit and 32-bit integer images (16-bit PNGs open as mode I;16 or I)
-    are rescaled from their full range: PIL's own conversion clips them, and most become white."""
-    with Image.open(path) as im:
-        if im.mode.startswith("I"):
-            deep = np.asarray(im, dtype=np.float64)
-            top = 65535.0 if im.mode.startswith("I;16") or deep.max() <= 65535 else float(deep.max())
-            im = Image.fromarray(np.clip(deep / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
-        return im.convert("RGB")
-
-
-class RandomSizeCrop(v2.Transform):
-    """DETR's random crop: a crop of random size within [min_size, max_size] (clamped to the image)."""
-
-    def __init__(self, min_size: int, max_size: int):
-        super().__init__()
-        self.min_size, self.max_size = min_size, max_size
-
-    def make_params(self, flat_inputs):
-        h, w = v2.query_size(flat_inputs)
-        ch = random.randint(min(self.min_size, h), min(h, self.max_size))
-        cw = random.randint(min(self.min_size, w), min(w, self.max_size))
-        return {"top": random.randint(0, h - ch), "left": random.randint(0, w - cw), "height": ch, "width": cw}
-
-    def transform(self, inpt, params):
-        return TF.crop(inpt, **params)
-
-
-def train_augmentation(image_size: int) -> v2.Transform:
-    """The DETR family's training augmentation, scaled to the image size: horizontal flip, and half of
-    the time a random crop of 0.48-0.75 of the image (DETR: 384-600 px of ~800). Resizing, including
-    multi-scale, is left to the batch collator, which uses the checkpoint's processor."""
-    lo, hi = max(8, int(0.48 * image_size)), max(8, int(0.75 * image_size))
-    return v2.Compose([
-        v2.RandomHorizontalFlip(),
-        v2.RandomApply([RandomSizeCrop(lo, hi)], p=0.5),
-        v2.ClampBoundingBoxes(),
-        v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=lambda inputs: inputs[1]["labels"]),
-    ])
-
-
-class CocoDetection(Dataset):
-    """Images of a validated split with their annotations in model label space."""
-
-    def __init__(self, split: CocoSplit, label_map: LabelMap, augment: v2.Transform | None = None):
-        self.split, self.label_map, self.augment = split, label_map, augment
-
-    def __len__(self) -> int:
-        return len(self.split.images)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        # Training samplers pass (index, seed): the sample's augmentation then depends on that seed
-        # alone, not on worker count or on where a resumed run restarted.
-        index, seed = key if isinstance(key, tuple) else (key, None)
-        if seed is not None:
-            random.seed(seed)
-            torch.manual_seed(seed)
-        info = self.split.images[index]
-        path = self.split.source.images / info["file_name"]
-        try:
-            image = load_rgb(path)
-        except Exception as exc:  # noqa: BLE001
-            raise DataError(f"{path}: cannot read image ({exc})") from exc
-        anns = self.split.annotations[info["id"]]
-        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        labels = torch.tensor([self.label_map.to_model[a["category_id"]] for a in anns], dtype=torch.int64)
-        if self.augment is not None:
-            img_t = tv_tensors.Image(TF.pil_to_tensor(image))
-            bb = tv_tensors.BoundingBoxes(boxes, format="XYWH", canvas_size=(image.height, image.width))
-            img_t, target = self.augment(img_t, {"boxes": bb, "labels": labels})
-            image, boxes, labels = TF.to_pil_image(img_t), target["boxes"].as_subclass(torch.Tensor), target["labels"]
-        coco_anns = [{"bbox": b.tolist(), "category_id": int(c), "area": float(b[2] * b[3]), "iscrowd": 0}
-                     for b, c in zip(boxes, labels)]
-        return {"image": image, "image_id": info["id"], "annotations": coco_anns,
-                "orig_size": (info["height"], info["width"]), "seed": seed}
-
-
-class Collator:
-    """Batches through the checkpoint's image processor. In training, processors with a
-    shortest-edge size get DETR's multi-scale resize: one of 11 shortest edges from 0.6x to 1x of
-    the checkpoint's, chosen per batch (DETR chooses per image; per batch keeps padding small)."""
-
-    def __init__(self, processor, train: bool = False):
-        self.processor, self.train = processor, train
-        size = getattr(processor, "size", None) or {}
-        size = dict(size) if not isinstance(size, dict) else size
-        self.scales = None
-        if train and size.get("shortest_edge"):
-            base = size["shortest_edge"]
-            self.scales = [{"shortest_edge": int(round(base * (0.6 + 0.04 * k) / 2) * 2),
-                            "longest_edge": size.get("longest_edge")} for k in range(11)]
-
-    def __call__(self, batch: list[dict]) -> dict:
-        kwargs = {}
-        if self.scales:
-            seed = batch[0].get("seed")
-            rng = random.Random(seed) if seed is not None else random
-            kwargs["size"] = rng.choice(self.scales)
-        enc = self.processor(
-            images=[b["image"] for b in batch],
-            annotations=[{"image_id": b["image_id"], "annotations": b["annotations"]} for b in batch],
-            return_tensors="pt", **kwargs,
-        )
-        out = {"pixel_values": enc["pixel_values"], "labels": list(enc["labels"]),
-               "image_ids": [b["image_id"] for b in batch],
-               "orig_sizes": torch.tensor([b["orig_size"] for b in batch])}
-        if "pixel_mask" in enc:
-            out["pixel_mask"] = enc["pixel_mask"]
-        return out
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """Deterministic data order for (seed, epoch), sharded over processes, resumable mid-epoch.
-
-    Yields (index, sample_seed). With K processes, process r takes every K-th sample of the epoch's
-    permutation, so K processes of batch B see exactly the batches one process of batch K*B sees.
-    """
-
-    def __init__(self, size: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
-        self.size, self.seed, self.shuffle, self.rank, self.world = size, seed, shuffle, rank, world_size
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch: int, skip_samples: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip_samples
-
-    def _order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.size))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=g).tolist()
-        pad = (-len(order)) % self.world  # equal shards, as DistributedSampler does
-        return order + order[:pad]
-
-    def __iter__(self):
-        mine = self._order()[self.rank :: self.world][self.skip :]
-        for i in mine:
-            yield (i, (self.seed * 7_919 + self.epoch) * 1_000_003 + i)
-
-    def __len__(self) -> int:
-        return len(self._order()[self.rank :: self.world]) - self.skip
-
-
-def make_loader(dataset: Dataset, processor, *, batch_size: int, train: bool, num_workers: int = 2,
-                sampler=None, generator: torch.Generator | None = None) -> DataLoader:
-    # An explicit generator keeps DataLoader from drawing on the global RNG (which a resumed run
-    # must find exactly as the interrupted one left it).
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-        collate_fn=Collator(processor, train=train), num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(), persistent_workers=False,
-        generator=generator if generator is not None else torch.Generator().manual_seed(0), drop_last=False,
-    )

@@ -13,7 +13,7 @@ DEFAULT_MODEL = "dapft/tiny-rtdetr-shapes"
 
 
 def demo(output: str | Path = "runs/demo", *, model: str = DEFAULT_MODEL, train_images: int = 400,
-         val_images: int = 200, epochs: int | None = None, seed: int = 1, num_workers: int = 2, progress: bool = True,
+         val_images: int = 200, epochs: int | None = None, seed: int = 1, num_workers: int | None = None, progress: bool = True,
          loss: str = "dap") -> dict:
     """Fresh shapes data (seed 1: images the bundled detectors never saw, same distribution), then a
     DAP fine-tune with the paper's schedule from the detector's recipe (epochs=None keeps its 10%)."""

@@ -21,6 +21,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # processes on this machine (they share its CPUs for data loading)
 
     @property
     def is_main(self) -> bool:
@@ -42,7 +43,7 @@ def init_distributed(device_type: str) -> DistInfo:
         if device_type == "cuda":
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend)
-    return DistInfo(rank, world, local)
+    return DistInfo(rank, world, local, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
 def all_reduce_statistics(stats: DAPStatistics) -> DAPStatistics:
@@ -74,14 +75,15 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
-def any_process(flag: bool, info: DistInfo) -> bool:
-    """True on every process if it is true on any (so that all stop at the same step)."""
+def max_over_processes(value: int, info: DistInfo) -> int:
+    """The largest of every process's `value` (a signal number, 0 for none), on every process: so
+    that all stop at the same step."""
     if not info.enabled:
-        return flag
+        return value
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([int(flag)], device=device)
+    t = torch.tensor([int(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 def barrier(info: DistInfo) -> None:

@@ -28,19 +28,24 @@ def check_evaluator(evaluator: str) -> None:
 
 
 def to_coco_results(detections: list[dict], image_ids: list[int], label_map: LabelMap) -> list[dict]:
-    """Post-processed detections (boxes xyxy in original pixels, model labels) -> COCO results.
-    Detections of model classes the dataset does not have (DETR's 'N/A' slots, say) are dropped."""
+    """Post-processed detections (boxes xyxy in original pixels, model labels) -> COCO results, with
+    one copy to the host for the batch. Detections of model classes the dataset does not have
+    (DETR's 'N/A' slots, say) are dropped."""
+    if not detections:
+        return []
+    counts = [len(d["scores"]) for d in detections]
+    scores = torch.cat([d["scores"] for d in detections]).float().cpu().numpy()
+    labels = torch.cat([d["labels"] for d in detections]).cpu().numpy()
+    boxes = torch.cat([d["boxes"] for d in detections]).float().cpu().numpy()
     to_dataset = label_map.to_dataset
-    results = []
-    for det, image_id in zip(detections, image_ids):
-        boxes = det["boxes"].float().cpu().numpy()
-        for score, label, (x0, y0, x1, y1) in zip(det["scores"].tolist(), det["labels"].tolist(), boxes):
-            if int(label) not in to_dataset:
-                continue
-            results.append({"image_id": int(image_id), "category_id": to_dataset[int(label)],
-                            "bbox": [round(float(x0), 3), round(float(y0), 3), round(float(x1 - x0), 3),
-                                     round(float(y1 - y0), 3)], "score": float(score)})
-    return results
+    lookup = np.full(max(max(to_dataset, default=0), int(labels.max(initial=0))) + 1, -1, dtype=np.int64)
+    lookup[list(to_dataset)] = list(to_dataset.values())
+    category = lookup[labels]
+    image = np.repeat(np.asarray(image_ids, dtype=np.int64), counts)
+    keep = category >= 0
+    xywh = np.round(np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).astype(np.float64), 3)
+    return [{"image_id": i, "category_id": c, "bbox": b, "score": sc} for i, c, b, sc in
+            zip(image[keep].tolist(), category[keep].tolist(), xywh[keep].tolist(), scores[keep].tolist())]
 
 
 @torch.no_grad()
@@ -52,9 +57,7 @@ def predict(model, processor, loader, label_map: LabelMap, *, device: torch.devi
     task = progress.add_task("evaluating", total=len(loader.sampler), info="") if progress else None
     t0, seen = time.perf_counter(), 0
     for batch in loader:
-        inputs = {"pixel_values": batch["pixel_values"].to(device, non_blocking=True)}
-        if "pixel_mask" in batch:
-            inputs["pixel_mask"] = batch["pixel_mask"].to(device, non_blocking=True)
+        inputs = {k: batch[k] for k in ("pixel_values", "pixel_mask") if k in batch}
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = model(**inputs)
         outputs.logits, outputs.pred_boxes = outputs.logits.float(), outputs.pred_boxes.float()
@@ -159,9 +162,10 @@ def evaluate_model(model: str, data: str | None = None, *, split: str = "val", i
                    annotations: str | None = None, output: str | Path = "runs/eval", batch_size: int = 8,
                    evaluator: Evaluator = "faster-coco-eval", max_images: int | None = None,
                    label_map: str | None = None, device: str | None = None, precision: str = "auto",
-                   num_workers: int = 2, progress: bool = True) -> dict:
+                   num_workers: int | None = None, progress: bool = True) -> dict:
     """`dapft eval`: everything checked first, then inference, predictions.json, metrics, report."""
-    from dapft.data import CocoDetection, load_split, make_loader, resolve_split
+    from dapft.data import load_split, resolve_split
+    from dapft.loader import BatchLoader, CocoDetection, default_num_workers
     from dapft.models import load_detector
     from dapft.report import write_eval_report
     from dapft.runtime import amp_dtype, check_writable, console, make_progress, pick_device
@@ -180,8 +184,8 @@ def evaluate_model(model: str, data: str | None = None, *, split: str = "val", i
     detector, processor, _family = load_detector(model, log=console.print)
     mapping = LabelMap.build(coco.categories, detector.config.id2label, label_map, where=str(source.annotations))
     detector.to(dev)
-    loader = make_loader(CocoDetection(coco, mapping), processor, batch_size=batch_size, train=False,
-                         num_workers=num_workers)
+    loader = BatchLoader(CocoDetection(coco, mapping), processor, batch_size=batch_size, train=False,
+                         num_workers=default_num_workers() if num_workers is None else num_workers, device=dev)
     with make_progress(disable=not progress) as bar:
         metrics = evaluate_split(detector, processor, coco, mapping, loader, device=dev, output=out,
                                  evaluator=evaluator, amp_dtype=amp, progress=bar)

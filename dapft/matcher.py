@@ -84,11 +84,16 @@ class APCostMatcher(nn.Module):
         logits = None if logits is None else logits.float()
         with torch.autocast(scores.device.type, enabled=False):
             if self.mode == "original":
-                # scipy would fail on a NaN cost far from the cause (and without saying which image)
-                finite = torch.isfinite(logits).flatten(1).all(1) & torch.isfinite(pred_boxes).flatten(1).all(1)
-                if not bool(finite.all()):
-                    raise NonFiniteCostError(int((~finite).nonzero()[0]))
-                return self.original({"logits": logits, "pred_boxes": pred_boxes}, targets)
+                try:
+                    return self.original({"logits": logits, "pred_boxes": pred_boxes}, targets)
+                except ValueError:
+                    # NaN outputs fail in the model's box checks or in scipy, far from the cause and
+                    # without saying which image: look only then (a check every step would wait on
+                    # the device once more per step).
+                    finite = torch.isfinite(logits).flatten(1).all(1) & torch.isfinite(pred_boxes).flatten(1).all(1)
+                    if not bool(finite.all()):
+                        raise NonFiniteCostError(int((~finite).nonzero()[0])) from None
+                    raise
             # One device-to-host copy for the whole batch (the criterion passes every decoder layer
             # and query group of a step as one batch), then one small assignment per image.
             return self.assign(self.cost(scores, pred_boxes, targets).cpu(), [len(t["boxes"]) for t in targets])
@@ -154,19 +159,24 @@ def disagreement_with_top_query(indices: Indices, scores: Tensor, pred_boxes: Te
     the queries that overlap it at IoU >= iou_threshold; ground truths some query overlaps so).
 
     Where this is high, matching hands a ground truth to another query than the one the model ranks
-    first for it, and DAP then pushes that first query down as a false positive."""
-    differ = total = 0
-    for b, (assigned, t) in enumerate(zip(_assigned(indices), targets)):
-        if len(t["boxes"]) == 0:
-            continue
-        iou = box_iou(box_convert(pred_boxes[b].float(), "cxcywh", "xyxy"),
-                      box_convert(t["boxes"].to(pred_boxes.device).float(), "cxcywh", "xyxy"))  # (Q, G)
-        labels = t["class_labels"].to(scores.device)
-        class_scores = scores[b][:, labels].float()  # (Q, G): each query's score for each ground truth's class
-        overlapping = iou >= iou_threshold
-        top = class_scores.masked_fill(~overlapping, -1.0).argmax(0).tolist()  # one host copy an image
-        for g, overlapped in enumerate(overlapping.any(0).tolist()):
-            if overlapped:
-                total += 1
-                differ += assigned.get(g) != top[g]
+    first for it, and DAP then pushes that first query down as a false positive. Computed for the
+    whole batch at once, with one copy to the host (it runs every training step)."""
+    sizes = [len(t["boxes"]) for t in targets]
+    if sum(sizes) == 0:
+        return 0, 0
+    device = pred_boxes.device
+    gt_image = torch.repeat_interleave(torch.arange(len(targets), device=device), torch.tensor(sizes, device=device))
+    gt_boxes = torch.cat([t["boxes"] for t in targets]).to(device).float()
+    gt_labels = torch.cat([t["class_labels"] for t in targets]).to(device)
+    queries = pred_boxes.shape[1]
+    iou = box_iou(box_convert(pred_boxes.flatten(0, 1).float(), "cxcywh", "xyxy"),
+                  box_convert(gt_boxes, "cxcywh", "xyxy"))  # (B * Q, G): every query against every ground truth
+    iou = iou.view(len(targets), queries, -1)[gt_image, :, torch.arange(len(gt_boxes), device=device)]  # (G, Q)
+    class_scores = scores[gt_image, :, gt_labels].float()  # (G, Q): each query's score for the ground truth's class
+    overlapping = iou >= iou_threshold
+    top = class_scores.masked_fill(~overlapping, -1.0).argmax(1)
+    top, overlapped = torch.stack([top, overlapping.any(1).long()]).tolist()  # the one host copy
+    assigned = [a.get(g) for a, n in zip(_assigned(indices), sizes) for g in range(n)]
+    total = sum(overlapped)
+    differ = sum(1 for a, t, o in zip(assigned, top, overlapped) if o and a != t)
     return differ, total

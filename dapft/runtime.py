@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +85,30 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, payload) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, default=str))
+
+
+class StopRequests:
+    """SIGINT (Ctrl-C) and SIGTERM (what SLURM, Kubernetes and `timeout` send before they kill) for
+    the length of a run: the first asks the loop to save a resumable checkpoint at the next step
+    boundary and stop (`signum` says which came); a second one stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, log):
+        self.signum, self.log, self.previous = 0, log, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.log(f"{signal.Signals(signum).name}: saving a resumable checkpoint at the end of this step "
+                 "(Ctrl-C again to quit at once, losing the steps since the last checkpoint)")

@@ -12,7 +12,8 @@ import math
 import statistics
 from pathlib import Path
 
-from dapft.engine import FinetuneConfig, TrainingInterrupted, check_choices, finetune
+from dapft.config import FinetuneConfig, check_choices
+from dapft.engine import TrainingInterrupted, finetune
 from dapft.runtime import atomic_write_text, console, write_json
 
 # Settings a sweep may vary (FinetuneConfig fields), in the order run names list them.
@@ -74,7 +75,7 @@ def sweep(base: FinetuneConfig, grid: dict[str, list]) -> dict:
             except TrainingInterrupted as exc:  # its checkpoint is saved; the sweep resumes it
                 raise TrainingInterrupted(
                     f"sweep interrupted in {run_dir.name} ({exc}); run the same dapft sweep command again to "
-                    "continue: finished runs are kept, this one resumes") from exc
+                    "continue: finished runs are kept, this one resumes", exc.signum) from exc
         if before is None and report.get("before") is not None:
             before = report["before"]
             write_json(before_file, before)

@@ -25,7 +25,8 @@ def main() -> None:
     from transformers import AutoImageProcessor, AutoModelForObjectDetection
     from transformers.loss.loss_deformable_detr import DeformableDetrHungarianMatcher
 
-    from dapft.data import CocoDetection, LabelMap, load_split, make_loader, resolve_split
+    from dapft.data import LabelMap, load_split, resolve_split
+    from dapft.loader import BatchLoader, CocoDetection
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="a checkpoint directory")
@@ -37,7 +38,7 @@ def main() -> None:
     processor = AutoImageProcessor.from_pretrained(args.model)
     split = load_split(resolve_split(args.data, "train"))
     labels = LabelMap.build(split.categories, model.config.id2label)
-    loader = make_loader(CocoDetection(split, labels), processor, batch_size=8, train=False, num_workers=0)
+    loader = BatchLoader(CocoDetection(split, labels), processor, batch_size=8, train=False, num_workers=0)
     matcher = DeformableDetrHungarianMatcher(class_cost=1, bbox_cost=5, giou_cost=2)
     features, classes, head = [], [], []
     with torch.no_grad():

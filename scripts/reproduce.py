@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dapft.engine import FinetuneConfig  # noqa: E402
+from dapft.config import FinetuneConfig  # noqa: E402
 from dapft.models import BUNDLED_DIR, bundled_models  # noqa: E402
 from dapft.shapes import make_shapes_dataset  # noqa: E402
 from dapft.sweep import sweep  # noqa: E402

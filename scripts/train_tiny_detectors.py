@@ -22,7 +22,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dapft.engine import FinetuneConfig, finetune, load_recipe  # noqa: E402
+from dapft.config import FinetuneConfig, load_recipe  # noqa: E402
+from dapft.engine import finetune  # noqa: E402
 from dapft.shapes import CLASSES, make_shapes_dataset  # noqa: E402
 from dapft.tiny import save_tiny_checkpoint  # noqa: E402
 

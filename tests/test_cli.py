@@ -442,13 +442,14 @@ def two_boxes_root(tmp_path_factory, shapes_root):
 def _step_gradients(model, data, tmp_path, **settings) -> list[dict[str, torch.Tensor]]:
     """The gradient of each optimizer step of a run, all taken at the starting weights (the
     optimizer never steps), in the run's own data order."""
-    from dapft.engine import FinetuneConfig, Trainer
+    from dapft.config import FinetuneConfig
+    from dapft.engine import Trainer
 
     class Recorder(Trainer):
-        def _optimizer_step(self):
-            self.grads.append({n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None})
-            self.optimizer.zero_grad(set_to_none=True)
-            return 0.0
+        def _optimizer_step(self, terms, losses):
+            self.grads.append({n: p.grad.clone() for n, p in self.run.model.named_parameters() if p.grad is not None})
+            self.run.optimizer.zero_grad(set_to_none=True)
+            return {"grad_norm": 0.0, **{k: float(v) for k, v in terms.items()}}
 
     cfg = FinetuneConfig(model=str(model), data=str(data), output=str(tmp_path / "run"), device="cpu", num_workers=0,
                          progress=False, eval_before=False, max_eval_images=1, augment=False, seed=0, **settings)
@@ -489,19 +490,20 @@ def test_grad_accum_averages_each_micro_batchs_own_dap(tmp_path, tiny_detr, two_
 @pytest.mark.parametrize("clip", [0.0, 0.1])
 def test_clip_grad_norm_bounds_the_gradient_the_optimizer_sees_and_0_turns_it_off(tmp_path, tiny_detr, shapes_root,
                                                                                   clip):
-    from dapft.engine import FinetuneConfig, Trainer
+    from dapft.config import FinetuneConfig
+    from dapft.engine import Trainer
 
     class Watcher(Trainer):
         def setup(self):
             super().setup()
-            step = self.optimizer.step
+            step = self.run.optimizer.step
 
             def watched(*args, **kwargs):
-                grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+                grads = [p.grad for g in self.run.optimizer.param_groups for p in g["params"] if p.grad is not None]
                 self.seen.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
                 return step(*args, **kwargs)
 
-            self.optimizer.step = watched
+            self.run.optimizer.step = watched
 
     cfg = FinetuneConfig(model=str(tiny_detr), data=str(shapes_root), output=str(tmp_path / "run"), loss="original",
                          clip_grad_norm=clip, batch_size=4, max_steps=2, device="cpu", num_workers=0, progress=False,
@@ -517,14 +519,15 @@ def test_clip_grad_norm_bounds_the_gradient_the_optimizer_sees_and_0_turns_it_of
 
 
 def test_a_diverging_run_stops_at_the_bad_step_and_keeps_finite_checkpoints(tmp_path, tiny_detr, shapes_root):
-    from dapft.engine import FinetuneConfig, Trainer
+    from dapft.config import FinetuneConfig
+    from dapft.engine import Trainer
 
     class Diverging(Trainer):
         """Injects a NaN gradient from the third optimizer step on, as an unstable rate would."""
 
         def setup(self):
             super().setup()
-            param = next(p for p in self.model.parameters() if p.requires_grad)
+            param = next(p for p in self.run.model.parameters() if p.requires_grad)
             param.register_hook(lambda g: g * float("nan") if self.state["global_step"] >= 2 else g)
 
     cfg = FinetuneConfig(model=str(tiny_detr), data=str(shapes_root), output=str(tmp_path / "run"), epochs=1,
@@ -641,7 +644,8 @@ def test_a_label_set_change_under_dap_alone_is_warned_about(tmp_path, shapes_roo
 
 @pytest.mark.parametrize("matcher", ["original", "constant"])
 def test_a_model_that_outputs_nan_boxes_stops_with_the_step_and_the_layer(tmp_path, tiny_detr, shapes_root, matcher):
-    from dapft.engine import FinetuneConfig, Trainer
+    from dapft.config import FinetuneConfig
+    from dapft.engine import Trainer
 
     class NanBoxes(Trainer):
         """The box head outputs NaN from the second step on, as a diverging model would."""
@@ -649,7 +653,7 @@ def test_a_model_that_outputs_nan_boxes_stops_with_the_step_and_the_layer(tmp_pa
         def setup(self):
             super().setup()
             nan_from_step_2 = lambda m, i, out: out * float("nan") if self.state["global_step"] >= 1 else out  # noqa
-            self.model.bbox_predictor.register_forward_hook(nan_from_step_2)
+            self.run.model.bbox_predictor.register_forward_hook(nan_from_step_2)
 
     cfg = FinetuneConfig(model=str(tiny_detr), data=str(shapes_root), output=str(tmp_path / "run"), epochs=1,
                          batch_size=4, device="cpu", num_workers=0, progress=False, eval_before=False, loss="dap",

@@ -16,7 +16,8 @@ from torchvision.transforms.v2 import functional as TF
 from transformers import DetrImageProcessor, RTDetrImageProcessor
 
 from dapft.coco_names import contiguous_id2label, detr_id2label
-from dapft.data import CocoDetection, DataError, LabelMap, load_split, make_loader, resolve_split, train_augmentation
+from dapft.data import DataError, LabelMap, load_split, resolve_split
+from dapft.loader import BatchLoader, CocoDetection, train_augmentation
 from dapft.evaluate import coco_evaluate, to_coco_results
 from dapft.shapes import CLASSES, make_shapes_dataset
 
@@ -49,7 +50,7 @@ def test_ground_truth_as_predictions_scores_ap_one(coco_named_root, convention, 
     id2label, processor, kind = CONVENTIONS[convention]
     split = load_split(resolve_split(coco_named_root, "val"))
     mapping = LabelMap.build(split.categories, id2label)
-    loader = make_loader(CocoDetection(split, mapping), processor, batch_size=4, train=False, num_workers=0)
+    loader = BatchLoader(CocoDetection(split, mapping), processor, batch_size=4, train=False, num_workers=0)
     results = []
     for batch in loader:
         outputs = _ground_truth_as_outputs(batch, len(id2label), kind)
@@ -258,9 +259,9 @@ def test_collated_boxes_frame_the_objects_after_processing(shapes_root):
     split = load_split(resolve_split(shapes_root, "val"))
     mapping = LabelMap.build(split.categories, {i: n for i, n in enumerate(CLASSES)})
     proc = DetrImageProcessor(size={"shortest_edge": 160, "longest_edge": 256})
-    batch = next(iter(make_loader(CocoDetection(split, mapping), proc, batch_size=2, train=False, num_workers=0)))
+    batch = next(iter(BatchLoader(CocoDetection(split, mapping), proc, batch_size=2, train=False, num_workers=0)))
     lab = batch["labels"][0]
-    hh, ww = lab["size"].tolist()
+    hh, ww = batch["pixel_mask"][0].nonzero().max(0).values.add(1).tolist()  # the resized image, unpadded
     orig = split.annotations[batch["image_ids"][0]]
     scale = ww / Image.open(split.source.images / split.images[0]["file_name"]).width
     got = TF.convert_bounding_box_format(lab["boxes"] * torch.tensor([ww, hh, ww, hh]), "CXCYWH", "XYWH")
@@ -289,18 +290,20 @@ def test_label_map_collisions_and_unknown_categories_are_refused(shapes_root, tm
         LabelMap.build(split.categories, labels, f)
 
 
-def test_16_bit_images_keep_their_contents(tmp_path):
+@pytest.mark.parametrize("suffix", [".png", ".tiff"])  # torchvision's decoder, and PIL's for what it cannot read
+def test_16_bit_images_keep_their_contents(tmp_path, suffix):
     from PIL import Image
 
-    from dapft.data import load_rgb
+    from dapft.loader import read_image
 
     ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
-    Image.fromarray(ramp).save(tmp_path / "deep.png")
-    rgb = np.asarray(load_rgb(tmp_path / "deep.png"))
+    Image.fromarray(ramp).save(tmp_path / f"deep{suffix}")
+    rgb = read_image(tmp_path / f"deep{suffix}").permute(1, 2, 0).numpy()
     assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
     assert rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255 and 120 < rgb.mean() < 135  # not all white
-    Image.fromarray((ramp >> 8).astype(np.uint8)).convert("RGB").save(tmp_path / "plain.png")
-    np.testing.assert_allclose(rgb.astype(int), np.asarray(load_rgb(tmp_path / "plain.png")).astype(int), atol=1)
+    Image.fromarray((ramp >> 8).astype(np.uint8)).convert("RGB").save(tmp_path / f"plain{suffix}")
+    plain = read_image(tmp_path / f"plain{suffix}").permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(rgb.astype(int), plain.astype(int), atol=1)
 
 
 @pytest.mark.parametrize("evaluator", ["pycocotools", "faster-coco-eval"])
@@ -383,7 +386,7 @@ def test_at_most_100_detections_an_image_the_best_and_the_same_ap(shapes_root):
     model = tiny_model("detr", dict(enumerate(CLASSES)), num_queries=120)
     processor = tiny_processor("detr", 128)
     mapping = LabelMap.build(split.categories, model.config.id2label)
-    loader = make_loader(CocoDetection(split, mapping), processor, batch_size=4, train=False, num_workers=0)
+    loader = BatchLoader(CocoDetection(split, mapping), processor, batch_size=4, train=False, num_workers=0)
     capped = predict(model, processor, loader, mapping, device=torch.device("cpu"))
     every = predict(model, processor, loader, mapping, device=torch.device("cpu"), max_detections=10**6)
     ids = [im["id"] for im in split.images]

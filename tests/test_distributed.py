@@ -46,13 +46,14 @@ def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path, mat
 
 def _fitted_checkpoint(path: Path, shapes_root: Path) -> Path:
     """A tiny Deformable DETR briefly fitted with its own loss, so that DAP has a gradient."""
-    from dapft.data import CocoDetection, LabelMap, load_split, make_loader, resolve_split
+    from dapft.data import LabelMap, load_split, resolve_split
+    from dapft.loader import BatchLoader, CocoDetection
 
     torch.manual_seed(0)
     model = tiny_model("deformable_detr_box_refine", dict(enumerate(CLASSES))).train()
     proc = tiny_processor("deformable_detr", 128)
     split = load_split(resolve_split(shapes_root, "train"), max_images=8)
-    loader = make_loader(CocoDetection(split, LabelMap({c["id"]: c["id"] - 1 for c in split.categories})), proc,
+    loader = BatchLoader(CocoDetection(split, LabelMap({c["id"]: c["id"] - 1 for c in split.categories})), proc,
                          batch_size=8, train=False, num_workers=0)
     batch = next(iter(loader))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

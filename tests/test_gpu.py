@@ -102,13 +102,14 @@ def test_dap_on_cuda_equals_dap_on_cpu(average, exact):
 @pytest.fixture(scope="module")
 def trained_batch(shapes_root):
     """The bundled RT-DETR (trained: its DAP is far from 0 and 1) and a batch of shapes images."""
-    from dapft.data import CocoDetection, LabelMap, load_split, make_loader, resolve_split
+    from dapft.data import LabelMap, load_split, resolve_split
+    from dapft.loader import BatchLoader, CocoDetection
     from dapft.models import load_detector
 
     model, processor, family = load_detector("dapft/tiny-rtdetr-shapes", log=lambda _: None)
     split = load_split(resolve_split(shapes_root, "val"), max_images=8)
     mapping = LabelMap({c["id"]: c["id"] - 1 for c in split.categories})
-    batch = next(iter(make_loader(CocoDetection(split, mapping), processor, batch_size=8, train=False, num_workers=0)))
+    batch = next(iter(BatchLoader(CocoDetection(split, mapping), processor, batch_size=8, train=False, num_workers=0)))
     return model, family, batch
 
 
@@ -186,3 +187,27 @@ def test_a_resumed_cuda_run_ends_where_an_uninterrupted_one_does(tmp_path, shape
     worst = max(float((full[k] - cut[k]).abs().max()) for k in weights)
     moved = max(float((full[k] - start[k]).abs().max()) for k in weights)
     assert worst < 0.05 * moved, (worst, moved)
+
+
+@cuda
+@pytest.mark.parametrize("family", ["detr", "rt_detr", "rf_detr"])
+def test_batches_are_prepared_on_the_gpu_as_the_processor_prepares_them_there(family, shapes_root):
+    """On a CUDA run the workers hand over uint8 images and the batch is resized, normalised and
+    padded on the GPU: equal to the processor run on the GPU, and to the CPU's preparation within
+    one uint8 level (torchvision resizes uint8 on CUDA through float32 and rounds)."""
+    from dapft.data import LabelMap, load_split, resolve_split
+    from dapft.loader import BatchLoader, CocoDetection
+    from dapft.tiny import tiny_processor
+
+    processor = tiny_processor(family, 96)
+    split = load_split(resolve_split(shapes_root, "val"), max_images=8)
+    dataset = CocoDetection(split, LabelMap({c["id"]: c["id"] - 1 for c in split.categories}))
+    gpu, cpu = (next(iter(BatchLoader(dataset, processor, batch_size=8, train=False, num_workers=1, device=device)))
+                for device in ("cuda", "cpu"))
+    assert gpu["pixel_values"].is_cuda and all(t["boxes"].is_cuda for t in gpu["labels"])
+    theirs = processor(images=[dataset[i]["image"] for i in range(8)], return_tensors="pt", device="cuda")
+    assert torch.equal(gpu["pixel_values"], theirs["pixel_values"])
+    std = min(processor.image_std) if processor.do_normalize else 1.0
+    torch.testing.assert_close(gpu["pixel_values"].cpu(), cpu["pixel_values"], rtol=0, atol=1.01 / 255 / std)
+    for a, b in zip(gpu["labels"], cpu["labels"]):
+        torch.testing.assert_close(a["boxes"].cpu(), b["boxes"])

@@ -10,7 +10,8 @@ import torch
 
 from dapft.criterion import DAPCriterion
 from dapft.ema import ModelEMA
-from dapft.engine import FinetuneConfig, Trainer, load_recipe
+from dapft.config import FinetuneConfig, load_recipe
+from dapft.engine import Trainer
 from dapft.freeze import FreezeSpec, apply_freezing, backbone_part
 from dapft.models import FAMILIES, family_of
 from dapft.shapes import CLASSES
@@ -64,7 +65,7 @@ def test_real_size_detr_like_trains_layer2_to_4_and_the_transformer_only(family,
                          progress=False, eval_before=False, max_eval_images=2, augment=False)
     trainer = Trainer(cfg)
     report = trainer.train()
-    after = dict(trainer.model.named_parameters())
+    after = dict(trainer.run.model.named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
     backbone = [n for n in before if n.startswith("model.backbone.model.")]
     assert len(backbone) == 53
@@ -76,9 +77,9 @@ def test_real_size_detr_like_trains_layer2_to_4_and_the_transformer_only(family,
     assert transformer and len(changed & set(transformer)) >= 0.9 * len(transformer)
     assert report["parameters"]["frozen"][:2] == ["stem", "stage 0"]
     # Deformable DETR's official rate of a tenth for its sampling offsets and reference points.
-    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
-    name_of = {id(p): n for n, p in trainer.model.named_parameters()}
-    projections = {n for n, p in trainer.model.named_parameters()
+    groups = {g["name"]: g for g in trainer.run.optimizer.param_groups}
+    name_of = {id(p): n for n, p in trainer.run.model.named_parameters()}
+    projections = {n for n, p in trainer.run.model.named_parameters()
                    if p.requires_grad and ("sampling_offsets" in n or "reference_points" in n)}
     if family == "deformable_detr":
         assert len(projections) == 26  # 12 layers' sampling offsets and the reference points (weight, bias)
@@ -161,7 +162,7 @@ def test_a_non_finite_matching_cost_names_the_layer():
 def test_a_checkpoints_own_recipe_comes_before_the_familys_and_recipe_file_before_both(tmp_path):
     import yaml
 
-    from dapft.engine import resolve
+    from dapft.config import resolve
     from dapft.tiny import save_tiny_checkpoint
 
     model = save_tiny_checkpoint("detr", tmp_path / "model", LABELS, image_size=96)

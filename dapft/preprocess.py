@@ -1,0 +1,235 @@
+"""What a checkpoint's image processor does to a batch, done on the device the model runs on.
+
+The image processors of the DETR family in transformers (DETR, Conditional, DAB and Deformable DETR,
+RT-DETR, D-FINE, LW-DETR, RF-DETR) all do four things to a batch: resize each image (to a fixed
+size, or keeping its aspect ratio within a shortest and a longest edge), rescale and normalise it
+in float32, pad the batch to its largest image (bottom and right, zeros, with a pixel mask), and
+turn each box into centre format relative to the image. `BatchPreprocessor` reads those settings
+off the checkpoint's processor and makes the same torchvision calls, on uint8 tensors, so that on
+CPU the pixels are those of the processor bit for bit (tests/test_preprocess.py holds every family
+to its processor). Done per batch where the model runs, a GPU resizes and normalises a batch in a
+fraction of a millisecond, where the processor in data-loader workers cost several times decoding
+the image (BENCHMARKS.md); data-loader workers then only read, decode and augment.
+
+One deliberate difference from the processor: boxes are normalised by the image's own (resized)
+size, not by the padded batch canvas. The DETR family's original code trains so (its boxes are
+normalised before the batch is padded: predictions are relative to the visible image, which the
+model finds from the pixel mask), its published checkpoints predict so, and transformers'
+`post_process_object_detection` scales predictions back by the image's own size. transformers'
+processors since 4.37 rescale boxes to the padded canvas instead, which would teach a fine-tuned
+checkpoint boxes that its own post-processing then misplaces whenever a batch is padded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as tvF
+
+
+class UnsupportedProcessorError(ValueError):
+    """A processor setting dapft does not reproduce; the message names the setting."""
+
+
+def _get(obj, key: str, default=None):
+    """A field of a processor's `size` (a dict, or transformers' SizeDict) or of the processor."""
+    value = obj.get(key, default) if isinstance(obj, dict) else getattr(obj, key, default)
+    return default if value is None else value
+
+
+def _interpolation(resample) -> InterpolationMode:
+    if isinstance(resample, InterpolationMode):
+        return resample
+    from transformers.image_utils import pil_torch_interpolation_mapping
+
+    return pil_torch_interpolation_mapping[resample]
+
+
+@dataclass(frozen=True)
+class BatchPreprocessor:
+    """The resize, rescale, normalisation and padding of a checkpoint's image processor, as data."""
+
+    size: dict[str, int] | None  # None: no resize
+    interpolation: InterpolationMode = InterpolationMode.BILINEAR
+    rescale_factor: float | None = 1 / 255  # None: no rescale
+    mean: tuple[float, ...] | None = None  # None: no normalisation
+    std: tuple[float, ...] | None = None
+    pad: bool = True
+    pad_size: tuple[int, int] | None = None  # None: the batch's largest image
+    # RF-DETR's processor rescales to [0, 1] first and resizes the float image without antialiasing;
+    # the others resize the uint8 image with antialiasing, then rescale and normalise in one step.
+    rescale_first: bool = False
+
+    @classmethod
+    def from_processor(cls, processor) -> "BatchPreprocessor | ProcessorBatches":
+        """The processor's settings as a BatchPreprocessor, checked against the processor itself on
+        a probe batch (the order of its operations is code, not configuration, and may change between
+        transformers versions): the first of the known orders that reproduces it bit for bit. A
+        processor neither reproduces is used as it is, per batch (`ProcessorBatches`)."""
+        settings = cls._settings(processor)
+        for order in ({"rescale_first": False}, {"rescale_first": True}):
+            candidate = cls(**settings, **order)
+            if candidate._reproduces(processor):
+                return candidate
+        return ProcessorBatches(processor, candidate)
+
+    def _reproduces(self, processor) -> bool:
+        g = torch.Generator().manual_seed(0)
+        probe = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in ((37, 53), (61, 29))]
+        expected = processor(images=probe, return_tensors="pt")
+        try:
+            ours = self(probe)
+        except UnsupportedProcessorError:
+            return False
+        return all(k in ours and ours[k].shape == v.shape and torch.equal(ours[k], v) for k, v in expected.items()
+                   if k in ("pixel_values", "pixel_mask")) and ("pixel_mask" in ours) == ("pixel_mask" in expected)
+
+    @classmethod
+    def _settings(cls, processor) -> dict:
+        name = type(processor).__name__
+        fmt = str(_get(processor, "format", "coco_detection"))
+        if "coco_detection" not in fmt.lower():
+            raise UnsupportedProcessorError(f"{name}: format {fmt!r}; dapft trains detection (coco_detection)")
+        if not _get(processor, "do_convert_annotations", True):
+            raise UnsupportedProcessorError(
+                f"{name}: do_convert_annotations is false, but DETR-family losses need boxes relative to the image; "
+                "set it to true in preprocessor_config.json")
+        if _get(processor, "do_center_crop", False):
+            raise UnsupportedProcessorError(f"{name}: do_center_crop is not part of DETR-family preprocessing")
+        size = None
+        if _get(processor, "do_resize", True):
+            raw = _get(processor, "size", {})
+            size = {k: int(_get(raw, k)) for k in ("shortest_edge", "longest_edge", "max_height", "max_width",
+                                                   "height", "width") if _get(raw, k) is not None}
+            cls._check_size(size, name)
+        pad_size = _get(processor, "pad_size")
+        normalize = bool(_get(processor, "do_normalize", True))
+        return dict(size=size, interpolation=_interpolation(_get(processor, "resample", 2)),
+                    rescale_factor=float(_get(processor, "rescale_factor")) if _get(processor, "do_rescale", True)
+                    else None,
+                    mean=tuple(_get(processor, "image_mean")) if normalize else None,
+                    std=tuple(_get(processor, "image_std")) if normalize else None,
+                    pad=bool(_get(processor, "do_pad", False)),
+                    pad_size=(int(_get(pad_size, "height")), int(_get(pad_size, "width"))) if pad_size else None)
+
+    @staticmethod
+    def _check_size(size: dict, name: str = "size") -> None:
+        if not ({"shortest_edge", "longest_edge"} <= size.keys() or {"max_height", "max_width"} <= size.keys()
+                or {"height", "width"} <= size.keys()):
+            raise UnsupportedProcessorError(
+                f"{name}: size {size}; DETR-family processors take shortest_edge and longest_edge, max_height and "
+                "max_width, or height and width")
+
+    def output_size(self, height: int, width: int, size: dict | None = None) -> tuple[int, int]:
+        """(height, width) an image of this size is resized to, by transformers' own rules."""
+        from transformers.image_transforms import get_size_with_aspect_ratio
+        from transformers.image_utils import get_image_size_for_max_height_width
+
+        size = size or self.size
+        if size is None:
+            return height, width
+        if "shortest_edge" in size and "longest_edge" in size:
+            return tuple(get_size_with_aspect_ratio((height, width), size["shortest_edge"], size["longest_edge"]))
+        if "max_height" in size and "max_width" in size:
+            return tuple(get_image_size_for_max_height_width((height, width), size["max_height"], size["max_width"]))
+        return size["height"], size["width"]
+
+    def _resize(self, images: Tensor, new: tuple[int, int]) -> Tensor:
+        if self.rescale_first:
+            if self.rescale_factor is not None:
+                images = images * self.rescale_factor
+            images = tvF.resize(images, list(new), interpolation=self.interpolation, antialias=False)
+            return tvF.normalize(images, list(self.mean), list(self.std)) if self.mean is not None else images
+        return self._normalize(tvF.resize(images, list(new), interpolation=self.interpolation, antialias=True))
+
+    def _normalize(self, images: Tensor) -> Tensor:
+        # The processors' fused form: (x - mean / factor) / (std / factor) on the unscaled pixels.
+        if self.mean is not None:
+            # float32 products, as the processors compute them (on the host: no device round trip)
+            scale = 1.0 / self.rescale_factor if self.rescale_factor is not None else 1.0
+            mean = (torch.tensor(self.mean) * scale).tolist()
+            std = (torch.tensor(self.std) * scale).tolist()
+            return tvF.normalize(images.to(torch.float32), mean, std, inplace=True)
+        if self.rescale_factor is not None:
+            return images * self.rescale_factor
+        return images.to(torch.float32)
+
+    def __call__(self, images: list[Tensor], boxes: list[Tensor] | None = None, size: dict | None = None) -> dict:
+        """uint8 (3, H, W) images, and their boxes (xyxy in their pixels), on any device -> the model's
+        inputs: `pixel_values` (and `pixel_mask` when the processor pads), and with boxes, per image
+        the (N, 4) boxes in centre format relative to the resized image. `size` overrides the
+        processor's resize (multi-scale training)."""
+        if size is not None:
+            self._check_size(size)
+        out_images: list[Tensor | None] = [None] * len(images)
+        out_boxes: list[Tensor | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = {}  # one resize call per input shape, as the processors do
+        for i, image in enumerate(images):
+            groups.setdefault(tuple(image.shape[-2:]), []).append(i)
+        for (height, width), members in groups.items():
+            stacked = torch.stack([images[i] for i in members])
+            new = self.output_size(height, width, size)
+            if self.size is not None or size is not None:
+                stacked = self._resize(stacked, new)
+            elif self.rescale_first:
+                stacked = self._resize(stacked, (height, width))
+            else:
+                stacked = self._normalize(stacked)
+            for k, i in enumerate(members):
+                out_images[i] = stacked[k]
+                if boxes is not None:
+                    out_boxes[i] = _relative_centre_boxes(boxes[i], (height, width), new)
+        if self.pad:
+            canvas = self.pad_size or (max(im.shape[-2] for im in out_images), max(im.shape[-1] for im in out_images))
+            pixel_values = out_images[0].new_zeros(len(images), out_images[0].shape[0], *canvas)
+            pixel_mask = torch.zeros(len(images), *canvas, dtype=torch.int64, device=pixel_values.device)
+            for i, image in enumerate(out_images):
+                h, w = image.shape[-2:]
+                pixel_values[i, :, :h, :w] = image
+                pixel_mask[i, :h, :w] = 1
+            batch = {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
+        else:
+            shapes = {tuple(im.shape) for im in out_images}
+            if len(shapes) > 1:
+                raise UnsupportedProcessorError(
+                    f"images of different sizes {sorted(shapes)} in one batch, and the processor does not pad "
+                    "(do_pad false): give it a fixed size (height and width) or do_pad true")
+            batch = {"pixel_values": torch.stack(out_images)}
+        if boxes is not None:
+            batch["boxes"] = out_boxes
+        return batch
+
+
+def _relative_centre_boxes(boxes: Tensor, old: tuple[int, int], new: tuple[int, int]) -> Tensor:
+    """xyxy boxes in the pixels of an image of size `old` -> centre format relative to the image,
+    through the resized size `new` in the processors' own order of float32 operations."""
+    from transformers.image_transforms import corners_to_center_format
+
+    (oh, ow), (nh, nw) = old, new
+    rh, rw = nh / oh, nw / ow
+    scaled = boxes.to(torch.float32) * torch.tensor([rw, rh, rw, rh], dtype=torch.float32, device=boxes.device)
+    centre = corners_to_center_format(scaled)
+    return centre / torch.tensor([nw, nh, nw, nh], dtype=torch.float32, device=boxes.device)
+
+
+class ProcessorBatches:
+    """A processor `BatchPreprocessor` does not reproduce, called per batch for the pixels (on the
+    batch's device); boxes as BatchPreprocessor makes them, from each image's resized size."""
+
+    def __init__(self, processor, settings: BatchPreprocessor):
+        self.processor, self.settings = processor, settings
+
+    def __call__(self, images: list[Tensor], boxes: list[Tensor] | None = None, size: dict | None = None) -> dict:
+        kwargs = {"size": size} if size is not None else {}
+        encoded = self.processor(images=images, return_tensors="pt", device=images[0].device, **kwargs)
+        batch = {k: encoded[k] for k in ("pixel_values", "pixel_mask") if k in encoded}
+        if boxes is not None:
+            if "pixel_mask" in batch:  # the resized image is where the mask is set
+                sizes = [(int(m.any(1).sum()), int(m.any(0).sum())) for m in batch["pixel_mask"]]
+            else:
+                sizes = [tuple(batch["pixel_values"].shape[-2:])] * len(images)
+            batch["boxes"] = [_relative_centre_boxes(b, tuple(im.shape[-2:]), s) for b, im, s in zip(boxes, images, sizes)]
+        return batch
