@@ -1,25 +1,32 @@
-"""dapft: fine-tune DETR-family detectors with the Differentiable Average Precision loss."""
+"""dapft: fine-tune DETR-family detectors with the Differentiable Average Precision loss.
 
-from dapft.dap import (
-    COCO_IOU_THRESHOLDS,
-    DAPStatistics,
-    ap_matching_cost,
-    dap_from_statistics,
-    dap_statistics,
-    differentiable_ap,
-    precision_curves,
-)
-from dapft.matcher import APCostMatcher
+The library's names load on first use (PEP 562), so that `import dapft` (and `dapft --help`) does
+not import torch."""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "COCO_IOU_THRESHOLDS",
-    "APCostMatcher",
-    "DAPStatistics",
-    "ap_matching_cost",
-    "dap_from_statistics",
-    "dap_statistics",
-    "differentiable_ap",
-    "precision_curves",
-]
+_EXPORTS = {
+    "COCO_IOU_THRESHOLDS": "dapft.dap",
+    "DAPStatistics": "dapft.dap",
+    "ap_matching_cost": "dapft.dap",
+    "dap_from_statistics": "dapft.dap",
+    "dap_statistics": "dapft.dap",
+    "differentiable_ap": "dapft.dap",
+    "precision_curves": "dapft.dap",
+    "APCostMatcher": "dapft.matcher",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'dapft' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

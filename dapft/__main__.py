@@ -1,5 +1,11 @@
 """`python -m dapft` (what `torchrun ... -m dapft finetune ...` runs)."""
 
-from dapft.cli import run
+import sys
+
+try:
+    from dapft.cli import run
+except KeyboardInterrupt:  # Ctrl-C while the command line itself loads
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
 
 run()

@@ -7,21 +7,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+from rich.markup import escape
 
 from dapft import distributed as dist_utils
+from dapft.checkpoint import find_resumable
 from dapft.config import FinetuneConfig, check_choices, resolve, resumed_config
 from dapft.criterion import DAPCriterion, install_loss
-from dapft.data import CocoSplit, LabelMap, first_images, load_split, resolve_split
+from dapft.data import CocoSplit, LabelMap, first_images, load_split, read_label_map, resolve_split
 from dapft.ema import ModelEMA
 from dapft.freeze import FreezeReport, FreezeSpec, apply_freezing
 from dapft.loader import BatchLoader, CocoDetection, EpochSampler, default_num_workers, train_augmentation
 from dapft.models import Family
-from dapft.runtime import amp_dtype, check_writable, console, pick_device, seed_everything, write_json
+from dapft.runtime import amp_dtype, console, pick_device, seed_everything, write_json
 
 
 @dataclass
@@ -58,8 +61,8 @@ def assemble(requested: FinetuneConfig) -> Run:
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     out = Path(requested.output)
-    cfg = _settings_of_this_run(requested, out)
-    splits = _load_data(cfg, out, dist.is_main)  # bad input fails before a model is downloaded or loaded
+    cfg = _settings_of_this_run(requested, out, dist.is_main)
+    splits = _load_data(cfg)  # bad input fails before a model is downloaded or loaded
     seed_everything(cfg.seed)
     log = console.print if dist.is_main else (lambda *a, **k: None)
     cfg, model, processor, family, label_map = _load_model(cfg, splits, log)
@@ -94,23 +97,47 @@ def assemble(requested: FinetuneConfig) -> Run:
                loaders, batches, math.ceil(batches / cfg.grad_accum))
 
 
-def _settings_of_this_run(requested: FinetuneConfig, out: Path) -> FinetuneConfig:
-    """The requested settings, or, for --resume, the run's own (config.json) but for what may change."""
-    if out.exists() and any(out.iterdir()) and not requested.resume and (out / "config.json").exists():
+def _settings_of_this_run(requested: FinetuneConfig, out: Path, main: bool) -> FinetuneConfig:
+    """The requested settings, or, for --resume, the run's own (config.json) but for what may change.
+    A run that started but never saved a checkpoint (killed or failed in its first epoch) has
+    nothing to lose: it starts afresh, with the run's settings under --resume."""
+    started = (out / "config.json").is_file()
+    if started and find_resumable(out) is None:
+        cfg = requested
+        if requested.resume:
+            cfg = dataclasses.replace(resumed_config(requested, _read_config(out), out), resume=False)
+        if main:
+            console.print(f"{escape(str(out))}: the run there never saved a checkpoint; "
+                          + ("resuming it from step 0 with its settings" if requested.resume else "starting it afresh"),
+                          highlight=False)
+            for stale in ("eval", "tensorboard"):
+                shutil.rmtree(out / stale, ignore_errors=True)
+            for stale in ("log.jsonl", "config.json"):
+                (out / stale).unlink(missing_ok=True)
+        return cfg
+    if started and not requested.resume:
         raise FileExistsError(f"{out}: a run already exists here; pass --resume to continue it, "
                               "or choose another --output")
-    if requested.resume and (out / "config.json").is_file():
-        return resumed_config(requested, json.loads((out / "config.json").read_text()), out)
+    if requested.resume and started:
+        return resumed_config(requested, _read_config(out), out)
     return requested
 
 
-def _load_data(cfg: FinetuneConfig, out: Path, main: bool) -> dict[str, CocoSplit | None]:
+def _read_config(out: Path) -> dict:
+    try:
+        return json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{out / 'config.json'}: unreadable ({exc}); the run's settings are lost: start a new "
+                         "run in another --output") from None
+
+
+def _load_data(cfg: FinetuneConfig) -> dict[str, CocoSplit | None]:
     train = load_split(resolve_split(cfg.data, "train", cfg.train_images, cfg.train_annotations),
                        max_images=cfg.max_train_images, progress=cfg.progress)
     val = load_split(resolve_split(cfg.data, "val", cfg.val_images, cfg.val_annotations),
                      max_images=cfg.max_eval_images, progress=cfg.progress)
-    if main:
-        check_writable(out)  # a read-only or full disk shows now, not at the first checkpoint
+    if cfg.label_map is not None:
+        read_label_map(cfg.label_map)  # its form now; whether it fits the model once the model is known
     # A fixed subset of the training images, scored as the validation split is (no augmentation):
     # tells "the loss did not move the model" from "it moved, but the change did not transfer".
     train_eval = first_images(train, cfg.train_eval_images) if cfg.train_eval_images else None

@@ -41,9 +41,9 @@ def save_checkpoint(path: Path, model, processor, trainer_state: dict | None, in
     if trainer_state is not None:
         torch.save(trainer_state, tmp / "trainer_state.pt")
     if card is not None:
-        (tmp / "README.md").write_text(card)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
-    (tmp / MANIFEST).write_text(json.dumps({"files": files, **info}, indent=2, default=str))
+    (tmp / MANIFEST).write_text(json.dumps({"files": files, **info}, indent=2, default=str), encoding="utf-8")
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         os.replace(path, old)
@@ -59,7 +59,7 @@ def verify_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path}: not a complete dapft checkpoint (no {MANIFEST}; the run was probably "
                               "interrupted while writing it). Delete it, or resume from another checkpoint")
     try:
-        manifest = json.loads(manifest_file.read_text())
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{manifest_file}: unreadable manifest ({exc}); the checkpoint is corrupt") from exc
     for name, meta in manifest["files"].items():

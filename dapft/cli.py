@@ -1,7 +1,9 @@
-"""The `dapft` command line: a thin layer over the library (dapft.engine, dapft.evaluate, ...)."""
+"""The `dapft` command line: a thin layer over the library (dapft.engine, dapft.evaluate, ...).
+Nothing heavy is imported before a command runs: `--help` answers at once."""
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 from typing import Optional
@@ -9,7 +11,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from dapft.runtime import console
+from dapft.runtime import TrainingInterrupted, console
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -27,12 +29,6 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
 
 
 DATA = typer.Option(None, "--data", help="COCO root: ROOT/{train,val}2017/ and ROOT/annotations/instances_*2017.json.")
-
-
-def _finetune_config(**kw):
-    from dapft.config import FinetuneConfig
-
-    return FinetuneConfig(**kw)
 
 
 @app.command()
@@ -90,15 +86,17 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from checkpoint-last."),
     progress: bool = typer.Option(True, help="Rich progress bars."),
 ):
-    """Fine-tune a detector with DAP (or another loss configuration) and report COCO AP before/after."""
+    """Fine-tune a detector with DAP (or another loss configuration) and report COCO AP before/after.
+    Its options, but for --resume, are `dapft sweep`'s too (that one takes lists for some)."""
+    options = {k: v for k, v in locals().items() if k != "ctx"}
     import shlex
 
+    from dapft.config import FinetuneConfig
     from dapft.engine import finetune as run
 
-    command = shlex.join(["dapft", *sys.argv[1:]])
     # By name: typer may bring its own copy of click's ParameterSource enum.
     given = tuple(k for k in ctx.params if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE")
-    cfg = _finetune_config(**{k: v for k, v in locals().items() if k not in ("run", "shlex", "ctx")})
+    cfg = FinetuneConfig(**options, command=shlex.join(["dapft", *sys.argv[1:]]), given=given)
     report = run(cfg)
     if report.get("after"):
         _print_delta(report)
@@ -137,74 +135,84 @@ def eval_(
                        device=device, precision=precision, num_workers=num_workers, progress=progress)
     s = m["stats"]
     console.print(f"AP {100 * s['AP']:.2f} · AP50 {100 * s['AP50']:.2f} · AP75 {100 * s['AP75']:.2f} · "
-                  f"S/M/L {100 * s['AP_small']:.1f}/{100 * s['AP_medium']:.1f}/{100 * s['AP_large']:.1f} · "
+                  f"S/M/L {_pts(s['AP_small'])}/{_pts(s['AP_medium'])}/{_pts(s['AP_large'])} · "
                   f"AR@100 {100 * s['AR100']:.2f}  ({m['images']} images, {m['images_per_second']} img/s; "
-                  f"{Path(output) / 'report.md'})")
+                  f"{escape(str(Path(output) / 'report.md'))})")
+
+
+def _pts(value: float) -> str:
+    """AP points; COCO's -1 (no ground truth of that size) as '-'."""
+    return "-" if value < 0 else f"{100 * value:.1f}"
 
 
 _LIST = "Comma-separated values: each combination with the other swept flags is one run."
+# Settings `dapft sweep` takes as lists (FinetuneConfig fields), with their element types.
+GRID = {"loss": str, "matcher": str, "sigma": float, "bins": int, "seed": int, "batch_size": int, "lr": float}
 
 
-@app.command()
-def sweep(
-    model: str = typer.Option(..., "--model"),
-    data: Optional[str] = DATA,
-    output: str = typer.Option("runs/sweep", "--output", "-o", help="One run directory per setting under it."),
-    loss: str = typer.Option("dap", help="dap | original | dap+original | dap+box. " + _LIST),
-    matcher: str = typer.Option("original", help="original | constant | momentum. " + _LIST),
-    sigma: str = typer.Option("0.05", help="E.g. 0.01,0.02,0.05,0.1. " + _LIST),
-    bins: str = typer.Option("256", help="E.g. 32,64,256. " + _LIST),
-    seed: str = typer.Option("0", help="E.g. 0,1,2,3,4: repeated runs, paired across settings. " + _LIST),
-    batch_size: Optional[str] = typer.Option(None, help="Default: the recipe's. " + _LIST),
-    lr: Optional[str] = typer.Option(None, help="Default: the recipe's rate / 10. " + _LIST),
-    epochs: Optional[int] = typer.Option(None),
-    max_steps: Optional[int] = typer.Option(None),
-    freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone/--train-backbone",
-                                                   help="As in finetune (default: the recipe's)."),
-    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Model EMA (default: the recipe's)."),
-    precision: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32 (GPU autocast)."),
-    evaluator: str = typer.Option("faster-coco-eval", help="faster-coco-eval | pycocotools."),
-    label_map: Optional[str] = typer.Option(None, help="JSON {dataset_category_id: model_label_index}."),
-    device: Optional[str] = typer.Option(None),
-    num_workers: Optional[int] = typer.Option(None),
-    max_eval_images: Optional[int] = typer.Option(None),
-    max_train_images: Optional[int] = typer.Option(None),
-    train_eval_images: Optional[int] = typer.Option(None, help="As in finetune: AP on N training images too."),
-    augment: bool = typer.Option(True),
-    progress: bool = typer.Option(True),
-):
+def sweep(**options):
     """Fine-tune once per combination of the comma-separated flags (resumable: finished runs are
     skipped); the model is evaluated once before; sweep.md/json/png give mean ± sd over seeds and
-    each setting against the original loss, paired by seed, with 95% intervals."""
+    each setting against the original loss, paired by seed, with 95% intervals. Every other option
+    is finetune's."""
     import shlex
 
     from dapft.config import FinetuneConfig
     from dapft.sweep import sweep as run
 
-    lists = {"loss": (loss, str), "matcher": (matcher, str), "sigma": (sigma, float), "bins": (bins, int),
-             "seed": (seed, int), "batch_size": (batch_size, int), "lr": (lr, float)}
-    grid = {name: _values(text, kind, name) for name, (text, kind) in lists.items() if text is not None}
+    grid = {name: _values(options.pop(name), kind, name) for name, kind in GRID.items() if options[name] is not None}
+    for name in GRID:
+        options.pop(name, None)
     swept = {k: v for k, v in grid.items() if len(v) > 1}
     if not swept:
         raise typer.BadParameter("give two or more comma-separated values to at least one of --loss, --matcher, "
                                  "--sigma, --bins, --seed, --batch-size, --lr")
     fixed = {k: v[0] for k, v in grid.items() if len(v) == 1}
-    base = FinetuneConfig(model=model, data=data, output=output, epochs=epochs, max_steps=max_steps,
-                          freeze_backbone=freeze_backbone, ema=ema, precision=precision, evaluator=evaluator,
-                          label_map=label_map, device=device, num_workers=num_workers,
-                          max_eval_images=max_eval_images, max_train_images=max_train_images,
-                          train_eval_images=train_eval_images, augment=augment, progress=progress,
-                          command=shlex.join(["dapft", *sys.argv[1:]]), **fixed)
+    base = FinetuneConfig(**options, **fixed, command=shlex.join(["dapft", *sys.argv[1:]]))
     summary = run(base, swept)
-    console.print(f"sweep done: {len(summary['runs'])} runs; summary: {escape(str(Path(output) / 'sweep.md'))}")
+    failed = [r["run"] for r in summary["runs"] if r.get("failed")]
+    console.print(f"sweep done: {len(summary['runs'])} runs" + (f", {len(failed)} failed ({', '.join(failed)})"
+                                                                 if failed else "")
+                  + f"; summary: {escape(str(Path(options['output']) / 'sweep.md'))}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _sweep_signature() -> None:
+    """`dapft sweep` takes finetune's options (one definition for both), the grid ones as text lists,
+    and no --resume (a sweep resumes by itself)."""
+    params = []
+    for p in inspect.signature(finetune).parameters.values():
+        if p.name in ("ctx", "resume"):
+            continue
+        if p.name in GRID:
+            opt = p.default
+            default = None if opt.default is None else str(opt.default)
+            p = p.replace(default=typer.Option(default, *opt.param_decls, help=f"{opt.help} {_LIST}"),
+                          annotation="Optional[str]")
+        elif p.name == "output":
+            opt = p.default
+            p = p.replace(default=typer.Option("runs/sweep", *opt.param_decls,
+                                               help="One run directory per setting under it."))
+        params.append(p)
+    sweep.__signature__ = inspect.Signature(params)
+    sweep.__annotations__ = {p.name: p.annotation for p in params}
+    app.command()(sweep)
 
 
 def _values(text: str, kind: type, name: str) -> list:
     flag = "--" + name.replace("_", "-")
     try:
-        return [kind(v.strip()) for v in text.split(",") if v.strip()]
+        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
     except ValueError:
         raise typer.BadParameter(f"{flag} takes comma-separated {kind.__name__} values, got {text!r}") from None
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise typer.BadParameter(f"{flag} lists {', '.join(repeated)} more than once; each value is one run")
+    return values
+
+
+_sweep_signature()
 
 
 @app.command()
@@ -247,34 +255,35 @@ def make_dataset(
 
 
 def run() -> None:
-    """Console entry point: one clear line per error unless --debug."""
-    from dapft.engine import TrainingInterrupted
-
+    """Console entry point: one clear line per error unless --debug; the shell's exit codes (1 an
+    error, 130 Ctrl-C, 143 SIGTERM)."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except SystemExit:
         raise
     except TrainingInterrupted as exc:  # Ctrl-C or SIGTERM in a fine-tuning run, its checkpoint saved
         console.print(str(exc), style="red", markup=False, highlight=False)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
+        code = 130
+    except Exception as exc:  # noqa: BLE001
+        # click's exceptions by their shape: typer may bring its own copy of click.
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
+            exc.show()  # a usage error: the command, what is wrong, exit status 2
+            sys.exit(exc.exit_code)
+        if type(exc).__name__ == "Abort":  # click's word for Ctrl-C
+            code = 130
+        else:
+            if _debug["on"] or "--debug" in sys.argv:
+                raise
+            message = str(exc)
+            if len(message) > 800:  # a library's message with a whole tensor in it: the start says what it is
+                message = message[:800] + " ... (cut; --debug shows all of it)"
+            console.print(f"[bold red]error:[/] {escape(message)}")  # user text may hold [brackets]
+            sys.exit(1)
+    if code == 130:  # typer answers Ctrl-C with 130, returned rather than raised without standalone mode
         console.print("interrupted (what was written before stays; a fine-tuning run continues from its last "
                       "checkpoint with the same command and --resume, a sweep with the same command)",
                       markup=False, highlight=False)
-        sys.exit(130)
-    except Exception as exc:  # noqa: BLE001
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if type(exc).__name__ == "Abort":  # click's (or typer's copy of click's) word for Ctrl-C
-            console.print("interrupted", markup=False, highlight=False)
-            sys.exit(130)
-        if _debug["on"] or "--debug" in sys.argv:
-            raise
-        message = str(exc)
-        if len(message) > 800:  # a library's message with a whole tensor in it: the start says what it is
-            message = message[:800] + " ... (cut; --debug shows all of it)"
-        console.print(f"[bold red]error:[/] {escape(message)}")  # user text may hold [brackets]
-        sys.exit(1)
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -13,6 +13,7 @@ import yaml
 
 from dapft.criterion import LOSS_CONFIGS
 from dapft.evaluate import check_evaluator
+from dapft.freeze import same_freezing
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -79,12 +80,14 @@ class FinetuneConfig:
 # takes it from the run's config.json, and a flag that asks for another value is refused by name.
 RESUMABLE_CHANGES = ("progress", "num_workers", "save_every", "eval_every", "device", "max_steps", "patience")
 # Where the run is and how it was asked for; a sweep's shared evaluation before fine-tuning.
-_NOT_SETTINGS = ("output", "resume", "command", "given", "extra", "before_metrics")
+NOT_SETTINGS = ("output", "resume", "command", "given", "extra", "before_metrics")
 
 
 def _as_flag(name: str, value) -> str:
     """A setting as the command line writes it: `--lr 0.001`, `--no-augment`, `--train-backbone`."""
     flag = "--" + name.replace("_", "-")
+    if value is None:
+        return "backbone freezing of its recipe" if name == "freeze_backbone" else f"{flag} of its recipe"
     if isinstance(value, bool):
         if name == "freeze_backbone":
             return "--freeze-backbone" if value else "--train-backbone"
@@ -98,11 +101,13 @@ def resumed_config(requested: FinetuneConfig, saved: dict, where: Path) -> Finet
     defaults = FinetuneConfig(model=requested.model)
     out = dataclasses.replace(requested)
     for f in dataclasses.fields(FinetuneConfig):
-        if f.name in RESUMABLE_CHANGES or f.name in _NOT_SETTINGS or f.name not in saved:
+        if f.name in RESUMABLE_CHANGES or f.name in NOT_SETTINGS or f.name not in saved:
             continue
         asked = getattr(requested, f.name)
         given = f.name in requested.given if requested.given is not None else asked != getattr(defaults, f.name)
-        if given and asked != saved[f.name]:
+        same = asked == saved[f.name] or (f.name == "freeze_backbone" and same_freezing(
+            asked, saved[f.name], saved.get("extra") or {}))  # --train-backbone where the recipe trains it all
+        if given and not same:
             raise ValueError(f"{where}: {_as_flag(f.name, asked)} differs from the run's "
                              f"{_as_flag(f.name, saved[f.name])}; a resumed run keeps its settings (only "
                              f"{may_change} may change): drop the flag, or start a new run in another --output")
@@ -121,7 +126,7 @@ def load_recipe(family: str, recipe: str | None = None, model: str | None = None
     path = Path(recipe) if recipe else (own if own is not None and own.is_file() else RECIPES_DIR / f"{family}.yaml")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: recipe not found" + ("" if recipe else f" for family {family}"))
-    data = yaml.safe_load(path.read_text()) or {}
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     required = ("pretrain_lr", "epochs", "batch_size")
     missing = [k for k in required if k not in data]
     if missing:
@@ -141,11 +146,14 @@ def check_choices(cfg: FinetuneConfig) -> None:
         raise ValueError(f"--precision must be auto, bf16, fp16 or fp32, got {cfg.precision!r}")
     for name, low in _AT_LEAST.items():  # None means: the recipe's value, or no limit
         value = getattr(cfg, name)
+        if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
         if value is not None and value < low:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
     for name, zero_allowed in (("sigma", False), ("ema_decay", False), ("momentum", True)):
         value = getattr(cfg, name)
-        if value is not None and not ((value >= 0 if zero_allowed else value > 0) and value < 1):
+        if value is not None and not (math.isfinite(value) and (value >= 0 if zero_allowed else value > 0)
+                                      and value < 1):
             raise ValueError(f"--{name.replace('_', '-')} must lie in {'[0, 1)' if zero_allowed else '(0, 1)'}, "
                              f"got {value}")
 

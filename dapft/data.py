@@ -63,18 +63,26 @@ def resolve_split(data: str | Path | None, split: str, images: str | Path | None
 @dataclass
 class CocoSplit:
     """A validated split. `annotations[image_id]` holds the annotations kept for training (boxes
-    clipped to the image, degenerate ones dropped); evaluation uses the original JSON file."""
+    clipped to the image, degenerate ones dropped); `ground_truth` what evaluation scores against."""
 
     source: SplitSource
     images: list[dict]
     annotations: dict[int, list[dict]]
     categories: list[dict]
     skipped: dict[str, int] = field(default_factory=dict)
-    dropped_ids: frozenset[int] = frozenset()  # annotations left out of training, so of evaluation too
+    # Per image, the annotations as the file has them (missing iscrowd and area filled in), less
+    # those training skipped (degenerate boxes, boxes outside their image): evaluation must not
+    # count as missed what the model was never shown.
+    evaluated: dict[int, list[dict]] = field(default_factory=dict)
 
     @property
     def category_names(self) -> dict[int, str]:
         return {c["id"]: c["name"] for c in self.categories}
+
+    def ground_truth(self) -> dict:
+        """The split's ground truth as a COCO dataset dict (copies: COCOeval writes into them)."""
+        return {"images": [dict(im) for im in self.images], "categories": [dict(c) for c in self.categories],
+                "annotations": [dict(a) for im in self.images for a in self.evaluated.get(im["id"], [])]}
 
 
 def _check_image(path: Path) -> tuple[Path, str | None, tuple[int, int] | None]:
@@ -83,38 +91,61 @@ def _check_image(path: Path) -> tuple[Path, str | None, tuple[int, int] | None]:
     try:
         with Image.open(path) as im:
             im.load()  # a full decode: a truncated file fails here, not in a worker mid-run
-            return path, None, im.size
+            # The upright size: photos store their pixels with an EXIF rotation, which COCO tools,
+            # labelling tools and dapft's reader apply (orientations 5-8 swap width and height).
+            width, height = im.size
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                width, height = height, width
+            return path, None, (width, height)
     except Exception as exc:  # noqa: BLE001 - any decoder failure means unreadable
         return path, f"unreadable ({exc.__class__.__name__}: {exc})", None
 
 
 def _verdict_cache(images: Path) -> Path:
-    """Where the images already decoded in full are remembered (by file size and mtime), so that
-    a second run over the same data starts at once: one small JSON per image folder."""
+    """Where the images already decoded in full are remembered, so that a second run over the same
+    data starts at once: one small JSON per image folder, under $DAPFT_CACHE (~/.cache/dapft)."""
     root = Path(os.environ.get("DAPFT_CACHE", Path.home() / ".cache" / "dapft")).expanduser()
     return root / "checked-images" / (hashlib.sha1(str(images.resolve()).encode()).hexdigest()[:16] + ".json")
 
 
+def _fingerprint(path: Path) -> str:
+    """What tells the cache a file is the one it decoded: its inode, size, modification time and
+    change time. The change time (ctime) moves whenever the file is written, replaced or has its
+    times reset, and no user call can set it back: an image replaced in place with its size and
+    mtime kept is checked again. A hash of the contents would do the same by reading every byte of
+    the data set at every start (18 GB for COCO train), which is what the cache is there to avoid."""
+    st = path.stat()
+    return f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}-{st.st_ctime_ns}"
+
+
+def _read_cache(cache_file: Path) -> dict:
+    """file name -> [fingerprint, width, height]; a cache it cannot read is ignored (and rewritten)."""
+    try:
+        cache = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(cache, dict):
+        return {}
+    return {k: v for k, v in cache.items() if isinstance(v, list) and len(v) == 3 and isinstance(v[0], str)}
+
+
 def check_images(images: Path, entries: list[dict], ann_file: Path, progress: bool = False) -> None:
     """Decode every image of `entries` fully (threads; decoders release the GIL), unless the cache
-    says this very file (same size and mtime) decoded before; then check each against its declared
-    width and height."""
+    says a file of these very contents decoded before; then check each against its declared width
+    and height."""
     cache_file = _verdict_cache(images)
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    todo, sizes = {}, {}  # path -> file_name still to decode; path -> (width, height)
+    cache = _read_cache(cache_file)
+    todo, sizes, prints = {}, {}, {}  # path -> file_name still to decode; -> (width, height); -> fingerprint
     for im in entries:
         path = images / im["file_name"]
         try:
-            st = path.stat()
+            prints[path] = _fingerprint(path)
         except OSError:
             todo[path] = im["file_name"]
             continue
         known = cache.get(im["file_name"])
-        if known and known[:2] == [st.st_size, st.st_mtime_ns]:
-            sizes[path] = tuple(known[2:])
+        if known and known[0] == prints[path]:
+            sizes[path] = tuple(known[1:])
         else:
             todo[path] = im["file_name"]
     bad = []
@@ -128,8 +159,7 @@ def check_images(images: Path, entries: list[dict], ann_file: Path, progress: bo
                     bad.append((path, why))
                     continue
                 sizes[path] = size
-                st = path.stat()
-                cache[todo[path]] = [st.st_size, st.st_mtime_ns, *size]
+                cache[todo[path]] = [prints[path], *size]
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(cache_file, json.dumps(cache))
@@ -150,74 +180,19 @@ def first_images(split: CocoSplit, n: int) -> CocoSplit:
     """The split's first `n` images by id (as `load_split(max_images=n)` takes them), from a split
     already loaded and checked: no second pass over the annotation file or the images."""
     images = sorted(split.images, key=lambda im: im["id"])[:n]
-    return dataclasses.replace(split, images=images, annotations={im["id"]: split.annotations[im["id"]]
-                                                                  for im in images})
+    ids = [im["id"] for im in images]
+    return dataclasses.replace(split, images=images, annotations={i: split.annotations[i] for i in ids},
+                               evaluated={i: split.evaluated.get(i, []) for i in ids})
 
 
 def load_split(source: SplitSource, *, check: bool = True, max_images: int | None = None,
                progress: bool = False) -> CocoSplit:
     """Read a COCO annotation file and check everything that would otherwise fail mid-run."""
     ann_file = source.annotations
-    try:
-        data = json.loads(ann_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{ann_file}: not valid JSON ({exc})") from exc
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise DataError(f"{ann_file}: missing the '{key}' list required by the COCO format")
-    images = data["images"]
-    if not images:
-        raise DataError(f"{ann_file}: the split is empty ('images' has no entries)")
-    if not data["categories"]:
-        raise DataError(f"{ann_file}: 'categories' is empty; list the classes with their ids and names")
-    cat_ids = {c["id"] for c in data["categories"]}
-    image_by_id = {}
-    for im in images:
-        for key in ("id", "file_name", "width", "height"):
-            if key not in im:
-                raise DataError(f"{ann_file}: image entry {im.get('id', im)} lacks '{key}'")
-        if im["id"] in image_by_id:  # their annotations would merge: each would train on the other's boxes
-            raise DataError(f"{ann_file}: image id {im['id']} is used by both {image_by_id[im['id']]['file_name']} "
-                            f"and {im['file_name']}; give every image its own id")
-        image_by_id[im["id"]] = im
-    if max_images is not None:
-        images = sorted(images, key=lambda im: im["id"])[:max_images]
-    kept_ids = {im["id"] for im in images}
-
-    skipped = {"degenerate_boxes": 0, "boxes_outside_image": 0, "clipped_boxes": 0, "crowd_annotations": 0}
-    dropped: set = set()
-    per_image: dict[int, list[dict]] = {im["id"]: [] for im in images}
-    for ann in data["annotations"]:
-        where = f"{ann_file}: annotation id {ann.get('id')} (image_id {ann.get('image_id')})"
-        if ann.get("category_id") not in cat_ids:
-            raise DataError(f"{where} has category_id {ann.get('category_id')}, which is not in 'categories' "
-                            f"(ids {sorted(cat_ids)}); fix the annotation or add the category")
-        if ann.get("image_id") not in image_by_id:
-            raise DataError(f"{where} refers to an image that is not in 'images'; remove it or add the image")
-        bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            raise DataError(f"{where} has bbox {bbox!r}; COCO boxes are [x, y, width, height] in pixels")
-        if ann["image_id"] not in kept_ids:
-            continue
-        if ann.get("iscrowd", 0):
-            skipped["crowd_annotations"] += 1  # COCO ignores crowd regions in matching: kept for eval only
-            continue
-        x, y, w, h = bbox
-        if not all(map(math.isfinite, bbox)) or w <= 0 or h <= 0:
-            skipped["degenerate_boxes"] += 1  # zero, negative or NaN / inf extent
-            dropped.add(ann.get("id"))
-            continue
-        im = image_by_id[ann["image_id"]]
-        x0, y0 = max(x, 0.0), max(y, 0.0)
-        x1, y1 = min(x + w, im["width"]), min(y + h, im["height"])
-        if x1 <= x0 or y1 <= y0:
-            skipped["boxes_outside_image"] += 1
-            dropped.add(ann.get("id"))
-            continue
-        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
-            skipped["clipped_boxes"] += 1
-        per_image[ann["image_id"]].append({**ann, "bbox": [x0, y0, x1 - x0, y1 - y0]})
-
+    data = _read_coco_file(ann_file)
+    image_by_id = _index_images(data["images"], ann_file)
+    images = data["images"] if max_images is None else sorted(data["images"], key=lambda im: im["id"])[:max_images]
+    per_image, evaluated, skipped = _annotations(data, image_by_id, {im["id"] for im in images}, ann_file)
     if not any(per_image.values()) and not skipped["crowd_annotations"]:
         subset = f" among its first {max_images} images (--max-*-images)" if max_images is not None else ""
         raise DataError(f"{ann_file}: no usable annotations{subset} ({sum(skipped.values())} skipped); COCO AP "
@@ -225,7 +200,118 @@ def load_split(source: SplitSource, *, check: bool = True, max_images: int | Non
     if check:
         check_images(source.images, images, ann_file, progress)
     return CocoSplit(source, images, per_image, data["categories"], {k: v for k, v in skipped.items() if v},
-                     frozenset(dropped))
+                     evaluated)
+
+
+def _read_coco_file(ann_file: Path) -> dict:
+    try:
+        data = json.loads(ann_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{ann_file}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise DataError(f"{ann_file}: a JSON {type(data).__name__}; a COCO file is an object with 'images', "
+                        "'annotations' and 'categories' lists")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(f"{ann_file}: missing the '{key}' list required by the COCO format")
+    if not data["images"]:
+        raise DataError(f"{ann_file}: the split is empty ('images' has no entries)")
+    if not data["categories"]:
+        raise DataError(f"{ann_file}: 'categories' is empty; list the classes with their ids and names")
+    for c in data["categories"]:
+        if not (isinstance(c, dict) and _is_id(c.get("id")) and "name" in c):
+            raise DataError(f"{ann_file}: category {c!r} needs an integer 'id' and a 'name'")
+    return data
+
+
+_INT64 = 2**63
+
+
+def _is_id(value) -> bool:
+    """COCO ids are integers (both evaluators index by them, and faster-coco-eval stores int64)."""
+    return isinstance(value, int) and not isinstance(value, bool) and -_INT64 <= value < _INT64
+
+
+def _index_images(images: list, ann_file: Path) -> dict:
+    image_by_id = {}
+    for im in images:
+        if not isinstance(im, dict):
+            raise DataError(f"{ann_file}: image entry {im!r} is not an object")
+        for key in ("id", "file_name", "width", "height"):
+            if key not in im:
+                raise DataError(f"{ann_file}: image entry {im.get('id', im)} lacks '{key}'")
+        if not _is_id(im["id"]):
+            raise DataError(f"{ann_file}: image {im['file_name']} has id {im['id']!r}; image ids must be integers "
+                            "(64-bit): renumber the images and their annotations' image_id")
+        if not all(isinstance(im[k], int) and not isinstance(im[k], bool) and im[k] > 0 for k in ("width", "height")):
+            raise DataError(f"{ann_file}: image {im['file_name']} has width {im['width']!r} and height {im['height']!r}; "
+                            "both are positive integers (pixels)")
+        if im["id"] in image_by_id:  # their annotations would merge: each would train on the other's boxes
+            raise DataError(f"{ann_file}: image id {im['id']} is used by both {image_by_id[im['id']]['file_name']} "
+                            f"and {im['file_name']}; give every image its own id")
+        image_by_id[im["id"]] = im
+    return image_by_id
+
+
+def _annotations(data: dict, image_by_id: dict, kept_ids: set, ann_file: Path):
+    """Every annotation checked; per kept image those training uses (clipped) and those evaluation
+    scores. A missing `iscrowd` means 0; a missing `area` means the box's area (COCO's own files give
+    the segmentation's area, which only a polygon or mask has)."""
+    cat_ids = {c["id"] for c in data["categories"]}
+    skipped = {"degenerate_boxes": 0, "boxes_outside_image": 0, "clipped_boxes": 0, "crowd_annotations": 0}
+    per_image: dict[int, list[dict]] = {i: [] for i in kept_ids}
+    evaluated: dict[int, list[dict]] = {i: [] for i in kept_ids}
+    seen: dict[int, int] = {}  # annotation id -> its image
+    for index, ann in enumerate(data["annotations"]):
+        where = f"{ann_file}: annotation id {ann.get('id')} (image_id {ann.get('image_id')})"
+        _check_annotation(ann, index, where, cat_ids, image_by_id, seen, ann_file)
+        if ann["image_id"] not in kept_ids:
+            continue
+        x, y, w, h = ann["bbox"]
+        ann.setdefault("iscrowd", 0)
+        ann.setdefault("area", float(w * h) if all(map(math.isfinite, ann["bbox"])) else 0.0)
+        if ann["iscrowd"]:
+            skipped["crowd_annotations"] += 1  # COCO ignores crowd regions in matching: kept for eval only
+            evaluated[ann["image_id"]].append(ann)
+            continue
+        im = image_by_id[ann["image_id"]]
+        x0, y0 = max(x, 0.0), max(y, 0.0)
+        x1, y1 = min(x + w, im["width"]), min(y + h, im["height"])
+        if not all(map(math.isfinite, ann["bbox"])) or w <= 0 or h <= 0:
+            skipped["degenerate_boxes"] += 1  # zero, negative or NaN / inf extent
+        elif x1 <= x0 or y1 <= y0:
+            skipped["boxes_outside_image"] += 1
+        else:
+            skipped["clipped_boxes"] += int((x0, y0, x1, y1) != (x, y, x + w, y + h))
+            per_image[ann["image_id"]].append({**ann, "bbox": [x0, y0, x1 - x0, y1 - y0]})
+            evaluated[ann["image_id"]].append(ann)
+    return per_image, evaluated, skipped
+
+
+def _check_annotation(ann, index: int, where: str, cat_ids: set, image_by_id: dict, seen: dict,
+                      ann_file: Path) -> None:
+    if not isinstance(ann, dict):
+        raise DataError(f"{ann_file}: annotation #{index} is {ann!r}, not an object")
+    if not _is_id(ann.get("id")):
+        raise DataError(f"{ann_file}: annotation #{index} (image_id {ann.get('image_id')}) has id {ann.get('id')!r}; "
+                        "every annotation needs its own integer 'id' (both evaluators index by it)")
+    if ann["id"] in seen:  # both evaluators would keep one of them and silently drop the others
+        raise DataError(f"{where}: the id is used again (first for an annotation of image {seen[ann['id']]}); give "
+                        "every annotation its own id, e.g. number them 1, 2, 3, ... across the file")
+    seen[ann["id"]] = ann.get("image_id")
+    if ann.get("category_id") not in cat_ids:
+        raise DataError(f"{where} has category_id {ann.get('category_id')}, which is not in 'categories' "
+                        f"(ids {sorted(cat_ids)}); fix the annotation or add the category")
+    if ann.get("image_id") not in image_by_id:
+        raise DataError(f"{where} refers to an image that is not in 'images'; remove it or add the image")
+    bbox = ann.get("bbox")
+    if not (isinstance(bbox, list) and len(bbox) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+        raise DataError(f"{where} has bbox {bbox!r}; COCO boxes are [x, y, width, height] in pixels")
+    if "iscrowd" in ann and ann["iscrowd"] not in (0, 1):
+        raise DataError(f"{where} has iscrowd {ann['iscrowd']!r}; it is 0 (an object) or 1 (a crowd region)")
+    if "area" in ann and not (isinstance(ann["area"], (int, float)) and not isinstance(ann["area"], bool)):
+        raise DataError(f"{where} has area {ann['area']!r}; it is a number (pixels), or leave it out")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,6 +332,28 @@ def match_names(names: dict[int, str], candidates: dict[int, str]) -> dict[int, 
     return {i: by_name[normalize_name(n)] for i, n in names.items() if normalize_name(n) in by_name}
 
 
+def read_label_map(path: str | Path) -> dict[int, int]:
+    """A --label-map file: {"dataset category id": model label index}, integers both."""
+    expected = 'expected a JSON object {"dataset category id": model label index}, e.g. {"1": 0, "7": 1}'
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the label map ({exc.strerror or exc}); {expected}") from None
+    except ValueError as exc:
+        raise DataError(f"{path}: not JSON ({exc}); {expected}") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: a JSON {type(raw).__name__}; {expected}")
+    mapping = {}
+    for key, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DataError(f"{path}: category {key!r} maps to {json.dumps(value)}, not a model label index; {expected}")
+        try:
+            mapping[int(key)] = value
+        except ValueError:
+            raise DataError(f"{path}: key {key!r} is not a dataset category id; {expected}") from None
+    return mapping
+
+
 @dataclass(frozen=True)
 class LabelMap:
     """dataset category id <-> model label index."""
@@ -263,8 +371,7 @@ class LabelMap:
         explicit JSON file {"dataset category id": model label index}."""
         id2label = {int(k): v for k, v in id2label.items()}
         if mapping_file is not None:
-            raw = json.loads(Path(mapping_file).read_text())
-            mapping = {int(k): int(v) for k, v in raw.items()}
+            mapping = read_label_map(mapping_file)
             unknown = [v for v in mapping.values() if v not in id2label]
             if unknown:
                 raise DataError(f"{mapping_file}: model label indices {unknown} do not exist in the model "

@@ -6,8 +6,10 @@ by dapft.assemble; its state is dapft.state's."""
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
+from pathlib import Path
 
 import torch
 from rich.markup import escape
@@ -17,19 +19,10 @@ from dapft.assemble import assemble, write_config
 from dapft.config import FinetuneConfig, lr_factor
 from dapft.evaluate import evaluate_split
 from dapft.metrics import STAT_NAMES
-from dapft.runtime import StopRequests, make_progress
-from dapft.state import RunLog, new_state, record_evaluation, resume_run, save_run
+from dapft.runtime import OutputFolder, StopRequests, TrainingInterrupted, make_progress
+from dapft.state import RunLog, apply_patience, new_state, record_evaluation, resume_run, save_run
 
 __all__ = ["FinetuneConfig", "Trainer", "TrainingInterrupted", "finetune"]
-
-
-class TrainingInterrupted(Exception):
-    """Ctrl-C or SIGTERM during fine-tuning, raised once a resumable checkpoint of the last step is
-    saved. `exit_code` is the shell's for the signal (130, 143)."""
-
-    def __init__(self, message: str, signum: int = signal.SIGINT):
-        super().__init__(message)
-        self.signum, self.exit_code = int(signum), 128 + int(signum)
 
 
 def _train_part(metrics: dict) -> str:
@@ -46,13 +39,19 @@ class Trainer:
         self.log = RunLog(run.out, run.dist.is_main)
         skipped = {"train": run.splits["train"].skipped, "val": run.splits["val"].skipped}
         self.state = resume_run(run) if self.cfg.resume else new_state(skipped)
+        apply_patience(self.state, self.cfg)
         self.log.truncate(self.state["global_step"])
         write_config(run)
 
     def train(self) -> dict:
-        self.setup()
+        # The output folder is this process's from before the first check to the report.
+        with OutputFolder(Path(self.requested.output), enabled=int(os.environ.get("RANK", "0")) == 0):
+            self.setup()
+            announce(self.run)
+            return self._loop()
+
+    def _loop(self) -> dict:
         run, cfg, st = self.run, self.cfg, self.state
-        announce(run)
         with StopRequests(run.log) as self.stops:
             if st["before"] is None and (cfg.eval_before or cfg.before_metrics is not None):
                 st["before"] = evaluate_before(run, self.log)
@@ -202,7 +201,7 @@ def announce(run) -> None:
     """The run's start lines: what trains how, on what."""
     cfg = run.cfg
     run.log(f"[bold]dapft finetune[/] {escape(cfg.model)} ({run.family.name}) · loss {cfg.loss} · matcher "
-            f"{cfg.matcher} · sigma {cfg.sigma} · bins {cfg.bins} · {cfg.epochs} epoch{'s' * (cfg.epochs > 1)} "
+            f"{cfg.matcher} · sigma {cfg.sigma} · bins {cfg.bins} · {cfg.epochs} epoch{'s' * (cfg.epochs != 1)} "
             f"· batch {cfg.batch_size} · lr {cfg.lr:g} · {run.device} x{run.dist.world_size} · "
             f"{cfg.num_workers} data workers")
     run.log(f"{run.freezing.summary()} · " + (

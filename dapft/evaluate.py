@@ -80,11 +80,10 @@ def _top(det: dict, k: int) -> dict:
     return {key: det[key][idx] for key in ("scores", "labels", "boxes")}
 
 
-def coco_evaluate(ann_file: str | Path, results: list[dict], image_ids: list[int],
-                  evaluator: Evaluator = "faster-coco-eval", exclude: frozenset[int] = frozenset()) -> CocoMetrics:
-    """Score `results` against the annotation file on exactly `image_ids` (so --max-images is fair),
-    without the annotations whose ids are in `exclude` (those training skipped: degenerate boxes,
-    boxes outside their image)."""
+def coco_evaluate(ground_truth: str | Path | dict, results: list[dict], image_ids: list[int],
+                  evaluator: Evaluator = "faster-coco-eval") -> CocoMetrics:
+    """Score `results` against the ground truth (an annotation file, or a dataset dict such as
+    `CocoSplit.ground_truth()`) on exactly `image_ids` (so --max-images is fair)."""
     check_evaluator(evaluator)
     t0 = time.perf_counter()
     if evaluator == "faster-coco-eval":
@@ -101,12 +100,7 @@ def coco_evaluate(ann_file: str | Path, results: list[dict], image_ids: list[int
         return coco
 
     with contextlib.redirect_stdout(io.StringIO()):
-        if exclude:
-            data = json.loads(Path(ann_file).read_text())
-            data["annotations"] = [a for a in data["annotations"] if a.get("id") not in exclude]
-            gt = from_dict(data)
-        else:
-            gt = COCO(str(ann_file))
+        gt = from_dict(ground_truth) if isinstance(ground_truth, dict) else COCO(str(ground_truth))
         cat_ids = sorted(gt.getCatIds())
         names = [gt.loadCats(c)[0]["name"] for c in cat_ids]
         if results:
@@ -150,7 +144,7 @@ def evaluate_split(model, processor, split: CocoSplit, label_map: LabelMap, load
     output.mkdir(parents=True, exist_ok=True)
     write_results(output / "predictions.json", results)
     image_ids = [im["id"] for im in split.images]
-    metrics = coco_evaluate(split.source.annotations, results, image_ids, evaluator, exclude=split.dropped_ids)
+    metrics = coco_evaluate(split.ground_truth(), results, image_ids, evaluator)
     payload = {**metrics.to_json(), "images": len(image_ids), "detections": len(results),
                "inference_seconds": round(infer_s, 3), "images_per_second": round(len(image_ids) / max(infer_s, 1e-9), 2),
                "skipped": split.skipped}
@@ -168,7 +162,7 @@ def evaluate_model(model: str, data: str | None = None, *, split: str = "val", i
     from dapft.loader import BatchLoader, CocoDetection, default_num_workers
     from dapft.models import load_detector
     from dapft.report import write_eval_report
-    from dapft.runtime import amp_dtype, check_writable, console, make_progress, pick_device
+    from dapft.runtime import OutputFolder, amp_dtype, console, make_progress, pick_device
 
     out = Path(output)
     check_evaluator(evaluator)
@@ -176,19 +170,25 @@ def evaluate_model(model: str, data: str | None = None, *, split: str = "val", i
         # A fine-tuning run's own report.md and metrics are there: an evaluation must not replace them.
         raise FileExistsError(f"{out}: a fine-tuning run's directory; write this evaluation into a folder of "
                               f"its own, e.g. --output {out / 'eval' / 'dapft-eval'}")
+    if (out / "metrics.json").is_file() or (out / "predictions.json").is_file():
+        raise FileExistsError(f"{out}: holds an evaluation already (metrics.json, predictions.json); choose another "
+                              "--output, or delete it to evaluate again")
+    if batch_size < 1 or (num_workers is not None and num_workers < 0):
+        raise ValueError(f"--batch-size must be at least 1 and --num-workers at least 0, got {batch_size} and "
+                         f"{num_workers}")
     dev = pick_device(device)
     amp = amp_dtype(precision, dev)  # an unknown --precision fails here, not after inference
-    check_writable(out)
-    source = resolve_split(data, split, images, annotations)
-    coco = load_split(source, max_images=max_images, progress=progress)
-    detector, processor, _family = load_detector(model, log=console.print)
-    mapping = LabelMap.build(coco.categories, detector.config.id2label, label_map, where=str(source.annotations))
-    detector.to(dev)
-    loader = BatchLoader(CocoDetection(coco, mapping), processor, batch_size=batch_size, train=False,
-                         num_workers=default_num_workers() if num_workers is None else num_workers, device=dev)
-    with make_progress(disable=not progress) as bar:
-        metrics = evaluate_split(detector, processor, coco, mapping, loader, device=dev, output=out,
-                                 evaluator=evaluator, amp_dtype=amp, progress=bar)
-    write_eval_report(out, metrics, {"model": model, "annotations": source.annotations, "images": len(coco.images),
-                                     "skipped": coco.skipped})
-    return json.loads((out / "metrics.json").read_text())
+    with OutputFolder(out):
+        source = resolve_split(data, split, images, annotations)
+        coco = load_split(source, max_images=max_images, progress=progress)
+        detector, processor, _family = load_detector(model, log=console.print)
+        mapping = LabelMap.build(coco.categories, detector.config.id2label, label_map, where=str(source.annotations))
+        detector.to(dev)
+        loader = BatchLoader(CocoDetection(coco, mapping), processor, batch_size=batch_size, train=False,
+                             num_workers=default_num_workers() if num_workers is None else num_workers, device=dev)
+        with make_progress(disable=not progress) as bar:
+            metrics = evaluate_split(detector, processor, coco, mapping, loader, device=dev, output=out,
+                                     evaluator=evaluator, amp_dtype=amp, progress=bar)
+        write_eval_report(out, metrics, {"model": model, "annotations": source.annotations,
+                                         "images": len(coco.images), "skipped": coco.skipped})
+    return json.loads((out / "metrics.json").read_text(encoding="utf-8"))

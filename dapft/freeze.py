@@ -43,6 +43,18 @@ class FreezeSpec:
                    norm=bool(recipe.get("freeze_backbone_norm", False)), whole=override)
 
 
+def same_freezing(a: bool | None, b: bool | None, recipe: dict) -> bool:
+    """Whether two --freeze-backbone (True) / --train-backbone (False) / recipe (None) settings freeze
+    the same parts of the backbone under `recipe`."""
+    def parts(override: bool | None) -> tuple:
+        spec = FreezeSpec.from_recipe(recipe, override)
+        if spec.whole:
+            return ("all",)
+        return (spec.stem, spec.stages, spec.norm) if spec.whole is None else (False, 0, spec.norm)
+
+    return parts(a) == parts(b)
+
+
 @dataclass
 class FreezeReport:
     trainable: int
@@ -53,7 +65,7 @@ class FreezeReport:
     frozen_norms: int
 
     def summary(self) -> str:
-        what = ", ".join(self.frozen) if self.frozen else "nothing frozen"
+        what = "frozen: " + ", ".join(self.frozen) if self.frozen else "nothing frozen"
         return (f"trainable {self.trainable / 1e6:.2f}M / {self.total / 1e6:.2f}M parameters; backbone "
                 f"{self.backbone_trainable / 1e6:.2f}M / {self.backbone_total / 1e6:.2f}M trainable ({what})")
 

@@ -270,12 +270,19 @@ def bundled_models() -> list[str]:
 
 
 def load_processor(path: str, family: Family):
+    """The checkpoint's image processor. A local checkpoint must carry its preprocessor_config.json:
+    the family's default processor (800 px, ImageNet normalisation) is not what a model trained at
+    another size or normalisation was trained on, and scores near zero without a word. A Hub id
+    keeps transformers' behaviour (the family's defaults where the repository has no config)."""
     import transformers
 
+    if Path(path).is_dir() and not (Path(path) / "preprocessor_config.json").is_file():
+        raise FileNotFoundError(f"{path}: no preprocessor_config.json (the checkpoint's image processor: resize, "
+                                "normalisation, padding); save it with processor.save_pretrained() into that folder, "
+                                "or copy it from the checkpoint the model came from")
     try:
         return transformers.AutoImageProcessor.from_pretrained(path)
     except (OSError, ValueError, KeyError):
-        # A checkpoint without preprocessor_config.json: the family's processor with its defaults.
         return getattr(transformers, family.processor)()
 
 

@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 
 from dapft.metrics import STAT_NAMES, CocoMetrics  # noqa: E402
 from dapft.runtime import atomic_write_text  # noqa: E402
+from dapft.state import read_log  # noqa: E402
 
 HEADLINE = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
 
@@ -49,6 +50,10 @@ def plot_per_class_ap(metrics: CocoMetrics, path: Path, top: int = 40) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("s" if n != 1 else "")
 
 
 def metrics_table(rows: dict[str, dict[str, float]], keys=HEADLINE, deltas_from: str | None = None) -> str:
@@ -91,13 +96,6 @@ def write_eval_report(output: Path, metrics: CocoMetrics, info: dict) -> Path:
     path = output / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
-
-
-def _read_log(run_dir: Path) -> list[dict]:
-    import json
-
-    log = run_dir / "log.jsonl"
-    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
 def _smooth(values: list[float]) -> list[float]:
@@ -149,7 +147,7 @@ def _per_class(run_dir: Path, tag: str | None) -> dict[str, float]:
     import json
 
     path = run_dir / "eval" / str(tag) / "metrics.json"
-    return json.loads(path.read_text()).get("per_class_AP", {}) if tag and path.is_file() else {}
+    return json.loads(path.read_text(encoding="utf-8")).get("per_class_AP", {}) if tag and path.is_file() else {}
 
 
 def per_class_table(before: dict[str, float], after: dict[str, float], show: int = 10) -> str:
@@ -197,7 +195,7 @@ def write_run_report(run_dir: Path, cfg, family: str, state: dict, freezing) -> 
     before = {k: state["before"][k] for k in STAT_NAMES} if state.get("before") else None
     train = {tag: {k: source[f"train_{k}"] for k in STAT_NAMES} for tag, source in
              (("before", state.get("before") or {}), ("after", history[-1] if history else {})) if "train_AP" in source}
-    records = _read_log(run_dir)  # read once: long runs log many thousand steps
+    records = read_log(run_dir / "log.jsonl")  # read once: long runs log many thousand steps
     plot_training_curves(records, run_dir / "curves.png")
     matching = matching_summary(records)
     rows = {}
@@ -219,7 +217,7 @@ def write_run_report(run_dir: Path, cfg, family: str, state: dict, freezing) -> 
                "config": dataclasses.asdict(cfg)}
     atomic_write_text(run_dir / "report.json", json.dumps(payload, indent=2, default=str))
     lines = [f"# Fine-tuning `{cfg.model}` ({family}) with `{cfg.loss}`", "",
-             f"Matcher {cfg.matcher}, sigma {cfg.sigma}, {cfg.bins} bins, {cfg.epochs} epochs "
+             f"Matcher {cfg.matcher}, sigma {cfg.sigma}, {cfg.bins} bins, {_epochs(cfg.epochs)} "
              f"({state['global_step']} optimizer steps), batch {cfg.batch_size}, lr {cfg.lr:g} "
              f"(x{cfg.backbone_lr_multiplier:g} backbone, /10 in the last epoch), seed {cfg.seed}.", "",
              _recipe_line(cfg, freezing), "",
@@ -281,7 +279,7 @@ def model_card(cfg, family: str, state: dict, which: str) -> str:
              f"# `{cfg.model}` fine-tuned with dapft (`{cfg.loss}` loss)", "",
              f"Checkpoint `{which}`: {saved}; the weights are {weights}.", "",
              f"- family: {family}; loss `{cfg.loss}`, matcher `{cfg.matcher}`, sigma {cfg.sigma}, {cfg.bins} bins",
-             f"- schedule: {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr:g}, seed {cfg.seed}",
+             f"- schedule: {_epochs(cfg.epochs)}, batch {cfg.batch_size}, lr {cfg.lr:g}, seed {cfg.seed}",
              f"- data: `{data}`",
              f"- command: `{cfg.command or 'dapft.engine.finetune(...)'}`", "",
              "## COCO AP on the validation split", "",

@@ -6,30 +6,32 @@ import json
 import os
 import random
 import signal
+import sys
 import threading
 from pathlib import Path
 
-import numpy as np
-import torch
 from rich.console import Console
+from rich.table import Column
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True)
 
 
 def quiet_transformers() -> None:
-    """dapft draws its own progress bars; transformers' per-file loading bars would interleave."""
+    """dapft draws its own progress bars; transformers' per-file loading bars would interleave.
+    Through the environment, which transformers reads when imported (`dapft --help` imports it not)."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
 
 
-def pick_device(name: str | None = None) -> torch.device:
+def pick_device(name: str | None = None):
+    import torch
+
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -38,53 +40,112 @@ def pick_device(name: str | None = None) -> torch.device:
     return device
 
 
-def amp_dtype(precision: str, device: torch.device):
+def amp_dtype(precision: str, device):
     """bf16/fp16 autocast on GPU; float32 on CPU whatever is asked (CPU autocast is slow and inexact)."""
     if precision not in ("auto", "bf16", "fp16", "fp32", "float32", "no"):
         raise ValueError(f"--precision must be auto, bf16, fp16 or fp32, got {precision!r}")
     if device.type != "cuda" or precision in ("fp32", "float32", "no"):
         return None
+    import torch
+
     if precision in ("auto", "bf16"):
         return torch.bfloat16 if (precision == "bf16" or torch.cuda.is_bf16_supported()) else torch.float16
     return torch.float16  # fp16
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def make_progress(disable: bool = False) -> Progress:
+    """Bars that read whole in an 80-column terminal: counts and times first, at fixed widths, then
+    the run's figures (loss, rate, images/s), wrapped onto a second line rather than cut."""
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        TextColumn("[bold]{task.description}"), BarColumn(bar_width=12), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}", table_column=Column(ratio=1, overflow="fold")),
         console=console, disable=disable, transient=False,
     )
 
 
-def check_writable(folder: Path, flag: str = "--output") -> None:
-    """Before any long work: the folder can be made and written to (a read-only or full disk shows
-    here, not after an hour of inference or training). Leaves the folder, empty, in place."""
-    import tempfile
+class FolderInUseError(RuntimeError):
+    """Another dapft process is writing the same output folder."""
 
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dapft-write-check-"):
-            pass
-    except OSError as exc:
-        raise OSError(f"{flag} {folder}: cannot write there ({exc.strerror or exc}); choose another {flag}") from None
+
+class OutputFolder:
+    """The folder a command writes into, held for the command's length: made and checked writable
+    before any long work (a read-only or full disk shows now, not after an hour of training), and
+    locked, so that a second dapft process writing the same folder at the same time is refused at
+    once, naming the holder. The lock (an flock on FOLDER/.dapft.lock) goes with the process however
+    it ends. A folder this command made and left empty is removed again."""
+
+    NAME = ".dapft.lock"
+
+    def __init__(self, folder: Path, flag: str = "--output", enabled: bool = True):
+        self.folder, self.flag, self.enabled, self.fd, self.made = Path(folder), flag, enabled, None, False
+
+    def __enter__(self) -> "OutputFolder":
+        if not self.enabled:
+            return self
+        import fcntl
+
+        self.made = not self.folder.exists()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.folder / self.NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OSError(f"{self.flag} {self.folder}: cannot write there ({exc.strerror or exc}); choose another "
+                          f"{self.flag}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode("utf-8", "replace").strip() or "?"
+            os.close(self.fd)
+            self.fd = None
+            raise FolderInUseError(f"{self.flag} {self.folder}: another dapft process (pid {holder}) is writing there "
+                                   f"now; wait for it to end, or choose another {self.flag}") from None
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            self.__exit__()
+            raise OSError(f"{self.flag} {self.folder}: cannot write there ({exc.strerror or exc}); choose another "
+                          f"{self.flag}") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is None:
+            return
+        os.close(self.fd)  # releases the lock
+        self.fd = None
+        if self.made and [p.name for p in self.folder.iterdir()] == [self.NAME]:
+            (self.folder / self.NAME).unlink(missing_ok=True)
+            self.folder.rmdir()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
 def write_json(path: Path, payload) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, default=str))
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C or SIGTERM during fine-tuning, raised once a resumable checkpoint of the last step is
+    saved. `exit_code` is the shell's for the signal (130, 143)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum, self.exit_code = int(signum), 128 + int(signum)
 
 
 class StopRequests:

@@ -132,6 +132,6 @@ def make_shapes_dataset(
         data = {"info": {"description": f"dapft shapes, seed {seed}"}, "images": images,
                 "annotations": annotations, "categories": categories}
         tmp = root / "annotations" / f".instances_{split}2017.json.tmp"
-        tmp.write_text(json.dumps(data))
+        tmp.write_text(json.dumps(data), encoding="utf-8")
         os.replace(tmp, root / "annotations" / f"instances_{split}2017.json")
     return root

@@ -32,10 +32,18 @@ def record_evaluation(state: dict, metrics: dict, tag: str, cfg) -> bool:
         state["best_ap"], state["evals_since_best"] = metrics["AP"], 0
     else:
         state["evals_since_best"] += 1
+    apply_patience(state, cfg)
+    return improved
+
+
+def apply_patience(state: dict, cfg) -> None:
+    """Whether --patience stops the run now; a resumed run applies its own --patience afresh, so a
+    run stopped early trains again when resumed with more patience (or none)."""
     if cfg.patience and state["evals_since_best"] >= cfg.patience and state["epoch"] < cfg.epochs:
         state["stopped_early"] = (f"stopped early after epoch {state['epoch']}: {cfg.patience} evaluations "
                                   f"without a better AP (--patience {cfg.patience})")
-    return improved
+    else:
+        state["stopped_early"] = None
 
 
 def _rng_state() -> dict:
@@ -110,6 +118,18 @@ def resume_run(run) -> dict:
     return state
 
 
+def read_log(path: Path) -> list[dict]:
+    """The records of a log.jsonl. A line a kill cut short (the last one) is not a record: dropped."""
+    records = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
 class RunLog:
     """log.jsonl (every step and every evaluation, one JSON object a line) and, when installed,
     TensorBoard scalars; written by the main process only."""
@@ -130,14 +150,13 @@ class RunLog:
             return
         from dapft.runtime import atomic_write_text
 
-        keep = [line for line in self.path.read_text().splitlines()
-                if json.loads(line).get("global_step", 0) <= global_step]
+        keep = [json.dumps(r) for r in read_log(self.path) if r.get("global_step", 0) <= global_step]
         atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for k, v in record.items():

@@ -12,9 +12,9 @@ import math
 import statistics
 from pathlib import Path
 
-from dapft.config import FinetuneConfig, check_choices
-from dapft.engine import TrainingInterrupted, finetune
-from dapft.runtime import atomic_write_text, console, write_json
+from dapft.config import NOT_SETTINGS, RESUMABLE_CHANGES, FinetuneConfig, check_choices
+from dapft.engine import finetune
+from dapft.runtime import OutputFolder, TrainingInterrupted, atomic_write_text, console, write_json
 
 # Settings a sweep may vary (FinetuneConfig fields), in the order run names list them.
 SWEEPABLE = ("loss", "matcher", "sigma", "bins", "batch_size", "lr", "seed")
@@ -25,7 +25,8 @@ TRAIN_METRICS = ("train_AP", "train_AP50", "train_AP75")  # with --train-eval-im
 
 
 def run_name(setting: dict) -> str:
-    return "_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items())
+    # repr: values that differ never print alike (1e-4 and 1.0000001e-4 would under "%g")
+    return "_".join(f"{k}={v!r}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items())
 
 
 def expand(grid: dict[str, list]) -> list[dict]:
@@ -47,44 +48,96 @@ def expand(grid: dict[str, list]) -> list[dict]:
 
 def sweep(base: FinetuneConfig, grid: dict[str, list]) -> dict:
     """Fine-tune `base` once per combination in `grid` (field name -> values) under base.output.
-    A finished run (report.json present) is kept and skipped; an interrupted one is resumed.
-    Returns the summary written to sweep.json: `runs`, `settings` (mean and sd over seeds) and
+    A finished run (report.json present) is kept and skipped; an interrupted one is resumed; a run
+    that fails (diverges, runs out of memory) is recorded as failed and the others go on. Returns
+    the summary written to sweep.json: `runs`, `settings` (mean and sd over seeds) and
     `comparisons` (paired by seed against the `original` loss)."""
     settings = expand(grid)
-    for setting in settings:  # every combination checked before the first run starts
-        check_choices(dataclasses.replace(base, **setting))
+    configs = [dataclasses.replace(base, **setting) for setting in settings]
+    for cfg in configs:  # every combination checked before the first run starts
+        check_choices(cfg)
     root = Path(base.output)
-    root.mkdir(parents=True, exist_ok=True)
-    before_file = root / "before.json"
-    before = json.loads(before_file.read_text()) if before_file.exists() else None
-    rows = []
-    for setting in settings:
-        run_dir = root / run_name(setting)
-        report_file = run_dir / "report.json"
-        if report_file.exists():
-            console.print(f"{run_dir.name}: finished earlier, skipped", markup=False, style="dim")
-            report = json.loads(report_file.read_text())
-        else:
-            resume = (run_dir / "checkpoint-last").exists() or (run_dir / ".checkpoint-last.old").exists()
-            console.print(run_dir.name + (" (resuming)" if resume else ""), markup=False, style="bold")
-            # Same model, same validation data: the first run evaluates the model before
-            # fine-tuning, every later one reuses that evaluation.
-            cfg = dataclasses.replace(base, output=str(run_dir), resume=resume, before_metrics=before, **setting)
-            try:
-                report = finetune(cfg)
-            except TrainingInterrupted as exc:  # its checkpoint is saved; the sweep resumes it
-                raise TrainingInterrupted(
-                    f"sweep interrupted in {run_dir.name} ({exc}); run the same dapft sweep command again to "
-                    "continue: finished runs are kept, this one resumes", exc.signum) from exc
-        if before is None and report.get("before") is not None:
-            before = report["before"]
-            write_json(before_file, before)
-        rows.append({**setting, "seed": report["config"]["seed"], "run": run_dir.name,
-                     **{m: (report.get("after") or {}).get(m) for m in METRICS},
-                     **{m: (report.get("train_after") or {}).get(m[6:]) for m in TRAIN_METRICS}})
-    summary = summarize(rows, [k for k in SWEEPABLE if k in grid], before)
-    _write(root, summary)
+    with OutputFolder(root):
+        for setting, cfg in zip(settings, configs):  # folders of another sweep refused before any run
+            same_settings(cfg, root / run_name(setting))
+        before = _shared_before(root, base)
+        rows = []
+        for setting, cfg in zip(settings, configs):
+            report, failure = _run_one(root / run_name(setting), cfg, before)
+            if before is None and report.get("before") is not None:
+                before = report["before"]
+                write_json(root / "before.json", {"for": _before_identity(base), "metrics": before})
+            rows.append({**setting, "seed": cfg.seed, "run": run_name(setting), "failed": failure,
+                         **{m: (report.get("after") or {}).get(m) for m in METRICS},
+                         **{m: (report.get("train_after") or {}).get(m[6:]) for m in TRAIN_METRICS}})
+        summary = summarize(rows, [k for k in SWEEPABLE if k in grid], before)
+        _write(root, summary)
     return summary
+
+
+def _run_one(run_dir: Path, cfg: FinetuneConfig, before: dict | None) -> tuple[dict, str | None]:
+    """One setting's run: finished earlier, failed earlier, resumed, or run now. (report, failure)."""
+    if (run_dir / "report.json").exists():
+        console.print(f"{run_dir.name}: finished earlier, skipped", markup=False, style="dim")
+        return json.loads((run_dir / "report.json").read_text(encoding="utf-8")), None
+    if (run_dir / FAILED).exists():
+        failure = json.loads((run_dir / FAILED).read_text(encoding="utf-8"))["error"]
+        console.print(f"{run_dir.name}: failed earlier ({failure}); delete the folder to try it again",
+                      markup=False, style="dim")
+        return {}, failure
+    resume = (run_dir / "checkpoint-last").exists() or (run_dir / ".checkpoint-last.old").exists()
+    console.print(run_dir.name + (" (resuming)" if resume else ""), markup=False, style="bold")
+    # Same model, same validation data: the first run evaluates the model before fine-tuning,
+    # every later one reuses that evaluation.
+    try:
+        return finetune(dataclasses.replace(cfg, output=str(run_dir), resume=resume, before_metrics=before)), None
+    except TrainingInterrupted as exc:  # its checkpoint is saved; the sweep resumes it
+        raise TrainingInterrupted(
+            f"sweep interrupted in {run_dir.name} ({exc}); run the same dapft sweep command again to "
+            "continue: finished runs are kept, this one resumes", exc.signum) from exc
+    except (FloatingPointError, RuntimeError) as exc:  # this setting diverged, or did not fit the memory
+        failure = f"{type(exc).__name__}: {exc}"[:1000]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / FAILED, {"error": failure})
+        console.print(f"{run_dir.name} failed: {failure}", markup=False, style="red")
+        return {}, failure
+
+
+FAILED = "failed.json"  # a run's folder: the error that ended it, which a sweep run again reports
+
+
+def same_settings(cfg: FinetuneConfig, run_dir: Path) -> None:
+    """A sweep's run folder holds the run of these very settings, or nothing yet: a sweep run again
+    into the same --output with another fixed setting (or another single --seed) must not report
+    the old runs as its own."""
+    if not (run_dir / "config.json").is_file():
+        return
+    saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    for f in dataclasses.fields(FinetuneConfig):
+        asked = getattr(cfg, f.name)
+        if f.name in RESUMABLE_CHANGES or f.name in NOT_SETTINGS or asked is None or f.name not in saved:
+            continue  # None: the recipe's value, which the run resolved
+        if saved[f.name] != asked:
+            raise ValueError(f"{run_dir}: that run was made with {f.name} = {saved[f.name]!r}, this sweep asks for "
+                             f"{asked!r}; give this sweep another --output (or delete that folder to redo the run)")
+
+
+def _before_identity(base: FinetuneConfig) -> dict:
+    """What the shared evaluation before fine-tuning depends on."""
+    keys = ("model", "data", "val_images", "val_annotations", "max_eval_images", "label_map", "evaluator")
+    return {k: getattr(base, k) for k in keys}
+
+
+def _shared_before(root: Path, base: FinetuneConfig) -> dict | None:
+    path = root / "before.json"
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if saved.get("for") != _before_identity(base):
+        console.print(f"{path}: made for another model, data or evaluation subset; evaluating again",
+                      markup=False, style="yellow")
+        return None
+    return saved["metrics"]
 
 
 def paired(differences: list[float]) -> dict:
@@ -168,7 +221,13 @@ def _write(root: Path, summary: dict) -> None:
             lines.append(f"| {c['setting']} | {c['baseline']} | {c['metric']} | {c['n']} | "
                          f"{100 * c['mean_difference']:+.2f} | {ci} |")
     lines += ["", "## Runs", "", "| run | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
-    lines += [f"| {r['run']} | " + " | ".join(_pts(r[m]) for m in metrics) + " |" for r in summary["runs"]]
+    lines += [f"| {r['run']} | " + " | ".join([_pts(r[m]) for m in metrics] if not r.get("failed") else
+                                             [f"failed: {r['failed'][:200]}"] + [""] * (len(metrics) - 1)) + " |"
+              for r in summary["runs"]]
+    failed = [r for r in summary["runs"] if r.get("failed")]
+    if failed:
+        lines += ["", f"{len(failed)} run(s) failed (their errors above; `failed.json` in each run's folder): they "
+                  "count in no mean and no comparison. Delete a failed run's folder to try it again."]
     if "train_AP" in metrics:
         lines += ["", "train_*: COCO AP on the first training images by id (`--train-eval-images`), unaugmented."]
     lines += ["", "![AP of each run, and the paired differences](sweep.png)", ""]

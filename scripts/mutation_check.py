@@ -1,32 +1,83 @@
-"""Does the suite catch the bugs a reviewer would plant? Each mutant below is one small, plausible
-change to the training path; every one is applied to a fresh copy of the project and the tests that
-cover its module are run there. A mutant the tests fail on is caught; one they pass is a hole.
+"""Does the suite catch bugs nobody listed? Mutants are generated mechanically from the code (AST
+operators: comparison and arithmetic swaps, `and`/`or`, a removed `not`, changed constants, a
+dropped statement, swapped call arguments) inside the functions that decide what a run computes;
+each is applied to a fresh copy of the project and the tests that cover its module run there. A
+mutant the tests fail on (or that hangs) is caught; one they pass survives, and is either a hole
+(a test is owed) or equivalent (the reason is listed in EQUIVALENT below).
 
-    python scripts/mutation_check.py                 # all mutants, their modules' tests
-    python scripts/mutation_check.py --only dap      # the mutants of dapft/dap.py
-    python scripts/mutation_check.py --list
+    python scripts/mutation_check.py --list                     # what would be generated, per module
+    python scripts/mutation_check.py --per-module 15 --seed 0   # a seeded sample of each module's mutants
+    python scripts/mutation_check.py --module dap --all         # every mutant of one module
+    python scripts/mutation_check.py --planted                  # the hand-written mutants of issue #13
 
-Prints a table and the score (caught / all). The working tree is never modified: each mutant lives
-in a temporary copy, imported first (PYTHONPATH), which the script checks before trusting a result.
+Prints every mutant's verdict, the survivors with their source line, and the score over the
+non-equivalent mutants. The working tree is never modified: each mutant lives in a temporary copy,
+imported first (PYTHONPATH), which the script checks before trusting a result.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
+import random
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# (module, original text, mutated text, what it breaks). Each original must occur exactly once.
-# Left out as equivalent: L_int's segment taken left instead of right of an anchor (L_int is
-# continuous: both sides give the same value there).
-MUTANTS = [
+# Where mutants are generated (module -> functions; "*" = every function of the module) and the
+# tests that cover each module. The decision functions only, for sweep, config, state and engine.
+TARGETS = {
+    "dap": "*",
+    "matcher": "*",
+    "criterion": "*",
+    "freeze": "*",
+    "ema": "*",
+    "sweep": ["expand", "summarize", "paired", "run_name", "same_settings", "_before_identity", "_shared_before"],
+    "config": ["resumed_config", "check_choices", "resolve", "lr_factor", "_as_flag"],
+    "state": ["record_evaluation", "apply_patience", "new_state", "read_log", "truncate"],
+    "engine": ["_train_one_epoch", "_end_of_epoch", "_optimizer_step"],
+    "evaluate": ["to_coco_results", "_top", "coco_evaluate", "predict"],
+}
+CLI = "tests/test_cli.py::"
+TESTS = {
+    "dap": ["tests/test_dap_vs_pycocotools.py", "tests/test_dap_properties.py", "tests/test_dap_kernel.py"],
+    "matcher": ["tests/test_matcher.py", "tests/test_criterion.py",
+                CLI + "test_momentum_matcher_resumes_with_its_estimate"],
+    "criterion": ["tests/test_criterion.py", "tests/test_models.py", "tests/test_recipes.py"],
+    "freeze": ["tests/test_recipes.py", "tests/test_run_rules.py"],
+    "ema": ["tests/test_recipes.py", CLI + "test_with_an_ema_the_reported_best_and_last_ap_are_those_of_the_saved_weights",
+            CLI + "test_rtdetr_keeps_an_ema_and_a_killed_run_resumes_to_the_same_ema_and_weights"],
+    "sweep": ["tests/test_run_rules.py", CLI + "test_sweep_over_loss_and_seed_pairs_each_setting_with_the_original_loss",
+              "tests/test_real_world.py::test_a_sweep_run_again_with_other_fixed_settings_is_refused_and_a_stale_before_is_redone"],
+    "config": ["tests/test_run_rules.py", CLI + "test_the_schedule_follows_the_recipe_a_tenth_then_a_hundredth",
+               CLI + "test_resume_continues_with_the_runs_settings_and_refuses_different_ones"],
+    "state": ["tests/test_run_rules.py", CLI + "test_patience_stops_the_run_and_the_report_says_so",
+              CLI + "test_checkpoint_best_holds_the_best_evaluation_and_a_half_swapped_last_still_resumes",
+              "tests/test_real_world.py::test_a_torn_last_log_line_does_not_stop_a_resume",
+              "tests/test_real_world.py::test_more_patience_on_resume_trains_again"],
+    "engine": [CLI + "test_eval_every_evaluates_every_n_epochs_and_after_the_last",
+               CLI + "test_grad_accum_2_of_batch_4_is_one_batch_of_8_for_the_original_loss",
+               CLI + "test_clip_grad_norm_bounds_the_gradient_the_optimizer_sees_and_0_turns_it_off",
+               CLI + "test_a_diverging_run_stops_at_the_bad_step_and_keeps_finite_checkpoints",
+               CLI + "test_killed_run_resumes_to_the_same_weights",
+               CLI + "test_the_schedule_follows_the_recipe_a_tenth_then_a_hundredth",
+               CLI + "test_checkpoint_best_holds_the_best_evaluation_and_a_half_swapped_last_still_resumes"],
+    "evaluate": ["tests/test_data_eval.py"],
+}
+
+# Mutants that cannot change behaviour, by (module, function, source line as written, operator),
+# with the reason. A survivor not listed here is a hole in the suite.
+EQUIVALENT: dict[tuple[str, str, str, str], str] = {}
+
+# The hand-written mutants of issue #13 (module, original text, mutated text, what it breaks).
+PLANTED = [
     ("dap", "reached = (ious[:, None] >= iou_thresholds[None, :]).sum(1)",
      "reached = (ious[:, None] > iou_thresholds[None, :]).sum(1)", "IoU thresholds compared with > (COCO: >=)"),
     ("dap", "tail = 2 * cum[..., -1:, :] - prev[..., -1:, :]", "tail = cum[..., -1:, :]",
@@ -47,17 +98,17 @@ MUTANTS = [
      "positives put on the wrong class"),
     ("criterion", "+ torch.arange(num_classes, device=device)).expand",
      "+ torch.arange(num_classes, device=device).flip(0)).expand", "per-class candidate labels in the wrong order"),
-    ("engine", "return 0.1 if epochs >= 2 and epoch == epochs - 1 else 1.0", "return 1.0",
-     "no /100 learning rate in the last epoch"),
-    ("engine", 'self.criterion.load_state_dict(trainer_state["criterion"])', "pass",
+    ("config", "    return 0.1 if epoch >= lr_drop else 1.0", "    return 1.0", "no /100 learning rate in the last epoch"),
+    ("state", 'run.criterion.load_state_dict(trainer_state["criterion"])', "pass",
      "matcher estimate not restored on --resume"),
-    ("engine", "loss = out.loss / self.cfg.grad_accum", "loss = out.loss", "loss not divided by --grad-accum"),
-    ("engine", '"backbone": cfg.backbone_lr_multiplier,', '"backbone": 1.0,', "backbone trained at the full rate"),
-    ("engine", '"linear_proj": float(cfg.extra.get("linear_proj_lr_multiplier", 1.0))', '"linear_proj": 1.0',
+    ("engine", "run.scaler.scale(out.loss / self.cfg.grad_accum).backward()", "run.scaler.scale(out.loss).backward()",
+     "loss not divided by --grad-accum"),
+    ("assemble", '"backbone": cfg.backbone_lr_multiplier,', '"backbone": 1.0,', "backbone trained at the full rate"),
+    ("assemble", '"linear_proj": float(cfg.extra.get("linear_proj_lr_multiplier", 1.0))', '"linear_proj": 1.0',
      "Deformable DETR's sampling offsets and reference points at the full rate"),
     ("engine", 'self.cfg.clip_grad_norm if self.cfg.clip_grad_norm > 0 else float("inf")',
      'max(self.cfg.clip_grad_norm, 0.1)', "--clip-grad-norm 0 still clips"),
-    ("engine", "own if own is not None and own.is_file() else", "own if own is not None and own.is_file() and recipe else",
+    ("config", "own if own is not None and own.is_file() else", "own if own is not None and own.is_file() and recipe else",
      "a checkpoint's own recipe ignored"),
     ("evaluate", 'idx = det["scores"].topk(k).indices', "idx = torch.arange(k)",
      "the 100-detection cap keeps the first queries, not the best"),
@@ -65,82 +116,247 @@ MUTANTS = [
      "per-class AP read at 1 detection an image, not 100"),
     ("evaluate", "ev.params.imgIds = sorted(image_ids)", "pass",
      "evaluation scores every image, not the --max-eval-images subset"),
-    ("evaluate", 'data["annotations"] = [a for a in data["annotations"] if a.get("id") not in exclude]', "pass",
-     "boxes skipped in training still scored"),
+    ("data", "            evaluated[ann[\"image_id\"]].append(ann)\n    return", "    return",
+     "boxes kept in training left out of evaluation"),
 ]
+PLANTED_TESTS = {**TESTS, "assemble": [CLI + "test_the_schedule_follows_the_recipe_a_tenth_then_a_hundredth",
+                                       "tests/test_recipes.py::test_real_size_detr_like_trains_layer2_to_4_and_the_transformer_only"],
+                 "data": ["tests/test_data_eval.py"]}
 
-# The tests that cover each module (the whole suite would also do, in about 5 minutes a mutant).
-TESTS = {
-    "dap": ["tests/test_dap_vs_pycocotools.py", "tests/test_dap_properties.py", "tests/test_dap_kernel.py"],
-    "matcher": ["tests/test_matcher.py", "tests/test_criterion.py",
-                "tests/test_cli.py::test_momentum_matcher_resumes_with_its_estimate"],
-    "criterion": ["tests/test_criterion.py", "tests/test_models.py"],
-    "engine": ["tests/test_cli.py::test_the_schedule_follows_the_recipe_a_tenth_then_a_hundredth",
-               "tests/test_cli.py::test_momentum_matcher_resumes_with_its_estimate",
-               "tests/test_cli.py::test_grad_accum_2_of_batch_4_is_one_batch_of_8_for_the_original_loss",
-               "tests/test_cli.py::test_clip_grad_norm_bounds_the_gradient_the_optimizer_sees_and_0_turns_it_off",
-               "tests/test_recipes.py::test_real_size_detr_like_trains_layer2_to_4_and_the_transformer_only",
-               "tests/test_recipes.py::test_a_checkpoints_own_recipe_comes_before_the_familys_and_recipe_file_before_both"],
-    "evaluate": ["tests/test_data_eval.py"],
-}
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+@dataclass(frozen=True)
+class Mutant:
+    module: str
+    function: str
+    line: int
+    operator: str
+    source: str  # the original line, stripped
+    index: int  # which eligible node of the module (in walk order) the operator applies to
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.module, self.function, self.source, self.operator)
+
+
+SWAPS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
+         ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is,
+         ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.And: ast.Or, ast.Or: ast.And}
+
+
+def _operators(node: ast.AST) -> list[str]:
+    """The mutations that apply to `node`."""
+    ops = []
+    if isinstance(node, ast.Compare) and type(node.ops[0]) in SWAPS:
+        ops.append(f"{type(node.ops[0]).__name__}->{SWAPS[type(node.ops[0])].__name__}")
+    elif isinstance(node, ast.BinOp) and type(node.op) in SWAPS:
+        ops.append(f"{type(node.op).__name__}->{SWAPS[type(node.op)].__name__}")
+    elif isinstance(node, ast.BoolOp):
+        ops.append(f"{type(node.op).__name__}->{SWAPS[type(node.op)].__name__}")
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        ops.append("drop not")
+    elif isinstance(node, ast.Constant) and type(node.value) in (int, float, bool) and not isinstance(node.value, str):
+        ops.append("constant")
+    elif isinstance(node, (ast.Assign, ast.AugAssign, ast.Expr, ast.Raise, ast.Return)) and not _inert(node):
+        ops.append("drop statement")
+    if isinstance(node, ast.Call) and len(node.args) >= 2 and not any(isinstance(a, ast.Starred) for a in node.args[:2]):
+        ops.append("swap arguments")
+    return ops
+
+
+def _inert(node: ast.AST) -> bool:
+    """A docstring, or a `return` of nothing or None (dropping it would write it again)."""
+    value = getattr(node, "value", None)
+    if not isinstance(node, (ast.Expr, ast.Return)):
+        return False
+    return value is None or (isinstance(value, ast.Constant) and (isinstance(node, ast.Expr) or value.value is None))
+
+
+def _in_message(node: ast.AST, parents: dict) -> bool:
+    """Inside an f-string or a raised exception's arguments: text, not behaviour."""
+    while node in parents:
+        node = parents[node]
+        if isinstance(node, ast.JoinedStr):
+            return True
+        if isinstance(node, ast.Call) and isinstance(parents.get(node), ast.Raise):
+            return True
+    return False
+
+
+def _eligible(tree: ast.Module, functions) -> list[tuple[ast.AST, str, str]]:
+    """(node, enclosing function, operator) for every mutation inside the target functions."""
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    out = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or (functions != "*" and fn.name not in functions):
+            continue
+        for node in ast.walk(fn):
+            if node is fn or _in_message(node, parents):
+                continue
+            for op in _operators(node):
+                out.append((node, fn.name, op))
+    return out
+
+
+def generate(module: str) -> list[Mutant]:
+    path = REPO / "dapft" / f"{module}.py"
+    lines = path.read_text().splitlines()
+    tree = ast.parse(path.read_text())
+    return [Mutant(module, fn, node.lineno, op, lines[node.lineno - 1].strip(), i)
+            for i, (node, fn, op) in enumerate(_eligible(tree, TARGETS[module]))]
+
+
+def apply(mutant: Mutant, text: str) -> str:
+    tree = ast.parse(text)
+    node, _, op = _eligible(tree, TARGETS[mutant.module])[mutant.index]
+    if op == "drop statement":
+        replacement = ast.Pass() if not isinstance(node, ast.Return) else ast.Return(value=ast.Constant(None))
+        ast.copy_location(replacement, node)
+        for parent in ast.walk(tree):
+            for field, value in ast.iter_fields(parent):
+                if isinstance(value, list) and node in value:
+                    value[value.index(node)] = replacement
+    elif op == "swap arguments":
+        node.args[0], node.args[1] = node.args[1], node.args[0]
+    elif op == "drop not":
+        node.op = ast.UAdd()  # +x is x for the bools and tensors used here
+        node.operand = ast.Call(func=ast.Name("bool", ast.Load()), args=[node.operand], keywords=[]) \
+            if not isinstance(node.operand, ast.Call) else node.operand
+    elif op == "constant":
+        v = node.value
+        node.value = (not v) if isinstance(v, bool) else (v + 1 if isinstance(v, int) else (v * 2 if v else 1.0))
+    else:
+        new = SWAPS[type(node.ops[0] if isinstance(node, ast.Compare) else node.op)]()
+        if isinstance(node, ast.Compare):
+            node.ops[0] = new
+        else:
+            node.op = new
+    return ast.unparse(ast.fix_missing_locations(tree))
+
+
+# ---------------------------------------------------------------------------------------------- running
 
 
 def _copy(dest: Path) -> None:
-    for name in ("dapft", "tests", "pyproject.toml"):
+    for name in ("dapft", "tests", "recipes", "pyproject.toml"):
         src = REPO / name
         if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"), symlinks=True)
         else:
             shutil.copy2(src, dest / name)
 
 
-def _run(root: Path, tests: list[str]) -> tuple[bool, float]:
+def _run(root: Path, tests: list[str], timeout: float) -> tuple[str, float]:
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     where = subprocess.run([sys.executable, "-c", "import dapft; print(dapft.__file__)"], cwd=root, env=env,
                            capture_output=True, text=True).stdout.strip()
     if not where.startswith(str(root)):
         raise SystemExit(f"the copy's dapft is not the one imported ({where}); cannot test mutants")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=root,
-                          env=env, capture_output=True, text=True)
-    return proc.returncode == 0, time.perf_counter() - t0
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=root,
+                              env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.perf_counter() - t0
+    return ("passed" if proc.returncode == 0 else "failed"), time.perf_counter() - t0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", help="a module: " + ", ".join(TESTS))
-    ap.add_argument("--list", action="store_true")
-    args = ap.parse_args()
-    mutants = [m for m in MUTANTS if args.only in (None, m[0])]
-    if args.list:
-        for module, _, _, what in mutants:
-            print(f"{module:10s} {what}")
-        return
+def _baselines(tmp: Path, modules: list[str], tests: dict) -> dict[str, float]:
+    root = tmp / "baseline"
+    _copy(root)
+    seconds = {}
+    for module in modules:
+        verdict, seconds[module] = _run(root, tests[module], timeout=3600)
+        if verdict != "passed":
+            raise SystemExit(f"the unmutated tests of {module} fail; fix them first")
+        print(f"baseline {module}: {seconds[module]:.0f} s", flush=True)
+    return seconds
+
+
+def run_generated(args) -> None:
+    modules = [args.module] if args.module else list(TARGETS)
+    chosen = []
+    for module in modules:
+        mutants = generate(module)
+        sample = mutants if args.all else random.Random(f"{args.seed}-{module}").sample(
+            mutants, min(args.per_module, len(mutants)))
+        chosen += sorted(sample, key=lambda m: m.index)
+        print(f"{module}: {len(mutants)} generated, {len(sample)} run", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = _baselines(Path(tmp), modules, TESTS)
+        rows = []
+        for k, m in enumerate(chosen):
+            root = Path(tmp) / f"m{k}"
+            _copy(root)
+            path = root / "dapft" / f"{m.module}.py"
+            path.write_text(apply(m, path.read_text()))
+            verdict, seconds = _run(root, TESTS[m.module], timeout=max(60.0, 5 * base[m.module]))
+            shutil.rmtree(root)
+            status = ("caught" if verdict != "passed" else "equivalent" if m.key in EQUIVALENT else "SURVIVED")
+            rows.append((m, status))
+            print(f"{status:10s} {m.module}.{m.function}:{m.line} {m.operator:16s} {m.source[:70]} ({seconds:.0f} s)",
+                  flush=True)
+    _report(rows)
+
+
+def _report(rows) -> None:
+    equivalent = [m for m, s in rows if s == "equivalent"]
+    counted = [(m, s) for m, s in rows if s != "equivalent"]
+    caught = sum(s == "caught" for _, s in counted)
+    print("\n| module | run | caught | survived | equivalent |\n|---|---:|---:|---:|---:|")
+    for module in dict.fromkeys(m.module for m, _ in rows):
+        mine = [s for m, s in rows if m.module == module]
+        print(f"| {module} | {len(mine)} | {mine.count('caught')} | {mine.count('SURVIVED')} | "
+              f"{mine.count('equivalent')} |")
+    print(f"\nscore: {caught} / {len(counted)} non-equivalent mutants caught "
+          f"({100 * caught / max(1, len(counted)):.0f}%); {len(equivalent)} equivalent")
+    survivors = [m for m, s in counted if s == "SURVIVED"]
+    if survivors:
+        print("\nsurvivors:")
+        for m in survivors:
+            print(f"- {m.module}.{m.function}:{m.line} {m.operator}: `{m.source}`")
+    for m in equivalent:
+        print(f"- equivalent {m.module}.{m.function}:{m.line} {m.operator}: {EQUIVALENT[m.key]}")
+
+
+def run_planted() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        baseline = Path(tmp) / "baseline"
-        _copy(baseline)
-        for module in sorted({m[0] for m in mutants}):
-            passed, _ = _run(baseline, TESTS[module])
-            if not passed:
-                raise SystemExit(f"the unmutated tests of {module} fail; fix them first")
-        for i, (module, old, new, what) in enumerate(mutants):
-            root = Path(tmp) / f"m{i}"
+        _baselines(Path(tmp), sorted({m[0] for m in PLANTED}), PLANTED_TESTS)
+        for i, (module, old, new, what) in enumerate(PLANTED):
+            root = Path(tmp) / f"p{i}"
             _copy(root)
             path = root / "dapft" / f"{module}.py"
             text = path.read_text()
             if text.count(old) != 1:
                 raise SystemExit(f"mutant {what!r}: its original text occurs {text.count(old)} times in {module}.py")
             path.write_text(text.replace(old, new))
-            passed, seconds = _run(root, TESTS[module])
-            rows.append((module, what, not passed, seconds))
-            print(f"{'caught  ' if not passed else 'SURVIVED'} {module:9s} {what} ({seconds:.0f} s)", flush=True)
+            verdict, seconds = _run(root, PLANTED_TESTS[module], timeout=3600)
             shutil.rmtree(root)
-    caught = sum(r[2] for r in rows)
-    print("\n| module | mutant | caught |\n|---|---|---|")
-    for module, what, ok, _ in rows:
-        print(f"| {module} | {what} | {'yes' if ok else '**no**'} |")
-    print(f"\nscore: {caught} / {len(rows)} caught ({100 * caught / max(1, len(rows)):.0f}%)")
+            rows.append((module, what, verdict != "passed"))
+            print(f"{'caught  ' if verdict != 'passed' else 'SURVIVED'} {module:9s} {what} ({seconds:.0f} s)", flush=True)
+    print(f"\nplanted: {sum(r[2] for r in rows)} / {len(rows)} caught")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--module", choices=list(TARGETS), help="only this module's mutants")
+    ap.add_argument("--per-module", type=int, default=15, help="a seeded random sample of this many a module")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--all", action="store_true", help="every generated mutant of the module(s)")
+    ap.add_argument("--list", action="store_true", help="count the mutants, run nothing")
+    ap.add_argument("--planted", action="store_true", help="the hand-written list instead")
+    args = ap.parse_args()
+    if args.planted:
+        run_planted()
+    elif args.list:
+        for module in [args.module] if args.module else TARGETS:
+            mutants = generate(module)
+            print(f"{module}: {len(mutants)} mutants in {len({m.function for m in mutants})} functions")
+    else:
+        run_generated(args)
 
 
 if __name__ == "__main__":

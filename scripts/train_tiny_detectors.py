@@ -45,9 +45,12 @@ BUNDLED = {
     # Not bundled yet: every variant tried stays on the class-prior plateau on 2 CPU cores
     # (REPRODUCTION.md). Not the two-stage variant: transformers computes no loss for its encoder
     # proposals, so from scratch they would never learn to select anything.
+    # The official matching cost (classification 2, L1 5, GIoU 2; transformers' default weighs the
+    # classification 1). The official loss weights are 2 : 5 : 2 too; transformers fixes the
+    # classification term's at 1 and takes integer box weights, so its 1 : 5 : 2 stays.
     "deformable_detr_box_refine": dict(arch=dict(d_model=64, decoder_layers=3, num_queries=100, width=16,
-                                                 encoder_layers=3, n_points=4), lr=2e-4,
-                                       epochs=40, batch=4, backbone_from="tiny-rtdetr-shapes",
+                                                 encoder_layers=3, n_points=4), config=dict(class_cost=2),
+                                       lr=2e-4, epochs=40, batch=8, backbone_from="tiny-rtdetr-shapes",
                                        backbone_lr_multiplier=1.0, name="tiny-deformable-detr-shapes"),
 }
 DATA = dict(train_images=800, val_images=200, image_size=192, seed=0)
@@ -105,6 +108,16 @@ def reference_detr_init(path: Path) -> None:
     model.save_pretrained(path)
 
 
+def set_config(path: Path, values: dict) -> None:
+    """Change config values of the checkpoint at `path` (loss weights, matching costs)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    for key, value in values.items():
+        setattr(config, key, value)
+    config.save_pretrained(path)
+
+
 def transplant_backbone(path: Path, source: Path) -> None:
     """Give the checkpoint at `path` the backbone of the trained checkpoint `source`: its config,
     its weights, and its processor's pixel normalisation (the features were learnt on those inputs)."""
@@ -136,6 +149,9 @@ def main() -> None:
     ap.add_argument("--work", default="runs/bundled", help="Where the data and the training runs go.")
     ap.add_argument("--family", action="append", choices=sorted(BUNDLED), help="Default: all.")
     ap.add_argument("--epochs", type=int, help="Override the schedule's epochs.")
+    ap.add_argument("--lr", type=float, help="Override the schedule's rate (trials).")
+    ap.add_argument("--batch", type=int, help="Override the schedule's batch size (trials).")
+    ap.add_argument("--eval-every", type=int, help="Override the schedule's evaluation interval.")
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--save-every", type=int, help="Also checkpoint every N steps (a kill then costs less).")
     ap.add_argument("--install", action="store_true", help="Copy the result into dapft/checkpoints/.")
@@ -152,7 +168,11 @@ def main() -> None:
             reference_detr_init(init)
         if "backbone_from" in spec:
             transplant_backbone(init, REPO / "dapft" / "checkpoints" / spec["backbone_from"])
+        if spec.get("config"):
+            set_config(init, spec["config"])
         run = work / f"train-{family}"
+        spec = {**spec, **{k: v for k, v in (("lr", args.lr), ("batch", args.batch), ("eval_every", args.eval_every))
+                           if v is not None}}
         epochs = args.epochs or spec["epochs"]
         t0 = time.time()
         # From scratch: the method's own loss, one rate for the whole model (lr 1e-3 made the tiny
@@ -197,7 +217,10 @@ def main() -> None:
                 "val_history": [round(ap, 5) for ap in history],
                 "val_epochs": [h["epoch"] for h in evals], "last_quarter_gain": round(gain, 5),
                 "plateau": plateau, "lr_drop_epoch": drop,
-                "command": f"python scripts/train_tiny_detectors.py --family {family} --epochs {epochs} --install",
+                "command": f"python scripts/train_tiny_detectors.py --family {family} --epochs {epochs}"
+                           + "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("lr", args.lr), ("batch", args.batch),
+                                                                                 ("eval_every", args.eval_every)) if v)
+                           + " --install",
                 "train_seconds": report["train_seconds"], "machine": machine(),
                 "schedule": {**spec, "epochs": epochs}}, indent=2))
             print(f"installed {dest}")

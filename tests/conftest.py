@@ -37,3 +37,13 @@ def coco_named_root(tmp_path_factory, shapes_root):
         (root / "annotations").mkdir(exist_ok=True)
         (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(data))
     return root
+
+
+@pytest.fixture(scope="module")
+def tiny_detr(tmp_path_factory):
+    """A randomly initialised tiny DETR checkpoint with its processor (the shapes classes)."""
+    from dapft.shapes import CLASSES
+    from dapft.tiny import save_tiny_checkpoint
+
+    return save_tiny_checkpoint("detr", tmp_path_factory.mktemp("tiny") / "detr", dict(enumerate(CLASSES)),
+                                image_size=128)

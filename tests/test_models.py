@@ -8,7 +8,7 @@ import torch
 
 from dapft.criterion import LOSS_CONFIGS, DAPCriterion, install_loss
 from dapft.models import UnsupportedModelError, family_of, load_detector
-from dapft.tiny import TINY_FAMILIES, tiny_model
+from dapft.tiny import TINY_FAMILIES, tiny_model, tiny_processor
 
 LABELS = {i: f"c{i}" for i in range(5)}
 
@@ -167,6 +167,7 @@ def test_save_and_reload_give_the_same_outputs(family, tmp_path):
 def test_changing_the_label_set_keeps_classes_with_the_same_name(tmp_path):
     torch.manual_seed(0)
     tiny_model("detr", {0: "cat", 1: "dog", 2: "bird"}).save_pretrained(tmp_path)
+    tiny_processor("detr").save_pretrained(tmp_path)  # a checkpoint comes with its processor
     from transformers import AutoModelForObjectDetection
 
     old = AutoModelForObjectDetection.from_pretrained(tmp_path)
@@ -191,6 +192,7 @@ def test_a_new_label_set_of_the_same_size_is_not_kept_by_position(tmp_path, fami
         for param in trained.parameters():
             param.add_(torch.randn_like(param) * 0.5)
     trained.save_pretrained(tmp_path)
+    tiny_processor(family).save_pretrained(tmp_path)
     from transformers import AutoModelForObjectDetection
 
     from dapft.models import _class_indexed

@@ -178,3 +178,24 @@ def test_a_checkpoints_own_recipe_comes_before_the_familys_and_recipe_file_befor
     assert (given.lr, given.epochs, given.batch_size) == (pytest.approx(7e-4), 2, 6)
     flags = resolve(FinetuneConfig(model=str(model), recipe=str(file), lr=1e-6, epochs=1), "detr")
     assert (flags.lr, flags.epochs) == (1e-6, 1)  # a flag over any recipe
+
+
+@pytest.mark.parametrize("freeze", [True, None])
+def test_freeze_backbone_keeps_batchnorm_statistics_where_the_recipe_trains_norms(freeze, tmp_path, shapes_root):
+    """LW-DETR's recipe leaves the backbone's norm layers trainable; --freeze-backbone freezes them
+    whole, running statistics included (its projector has BatchNorm), which the recipe alone moves."""
+    from dapft.tiny import save_tiny_checkpoint
+
+    model_dir = save_tiny_checkpoint("lw_detr", tmp_path / "lw", LABELS, image_size=96)
+    cfg = FinetuneConfig(model=str(model_dir), data=str(shapes_root), output=str(tmp_path / "run"), loss="dap+original",
+                         max_steps=2, batch_size=4, device="cpu", num_workers=0, progress=False, eval_before=False,
+                         max_eval_images=1, augment=False, freeze_backbone=freeze, lr=1e-3)
+    trainer = Trainer(cfg)
+    trainer.train()
+    torch.manual_seed(0)  # the initialisation save_tiny_checkpoint saved
+    before = tiny_model("lw_detr", LABELS).state_dict()
+    stats = {n: b for n, b in trainer.run.model.state_dict().items()
+             if "backbone" in n and n.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
+    assert len(stats) == 12
+    moved = [n for n, b in stats.items() if not torch.equal(b, before[n])]
+    assert (moved == []) if freeze else len(moved) == 12
