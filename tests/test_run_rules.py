@@ -63,7 +63,7 @@ def test_resume_refuses_every_fixed_setting_asked_otherwise(name):
     asked = _other(name, saved[name])
     requested = dataclasses.replace(FinetuneConfig(model=saved["model"]), **{name: asked}, given=(name,))
     flag = "--" + name.replace("_", "-")
-    with pytest.raises(ValueError, match=f"a resumed run keeps its settings") as caught:
+    with pytest.raises(ValueError, match="a resumed run keeps its settings") as caught:
         resumed_config(requested, saved, Path("runs/x"))
     message = str(caught.value)
     assert flag in message or (name == "freeze_backbone" and "--freeze-backbone" in message), message
