@@ -88,7 +88,7 @@ def assemble(requested: FinetuneConfig) -> Run:
     if per_process * dist.world_size != cfg.batch_size:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {dist.world_size} processes")
     if cfg.num_workers is None:
-        cfg = dataclasses.replace(cfg, num_workers=default_num_workers(dist.local_world_size))
+        cfg = dataclasses.replace(cfg, num_workers=default_num_workers(device, dist.local_world_size))
     sampler = EpochSampler(len(splits["train"].images), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
     loaders = _loaders(cfg, splits, label_map, processor, sampler, dist, device)
     batches = math.ceil(len(sampler) / per_process)

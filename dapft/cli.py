@@ -64,7 +64,8 @@ def finetune(
     device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if available)."),
     precision: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32 (CPU always fp32)."),
     num_workers: Optional[int] = typer.Option(
-        None, help="Data loading workers per process (default: from the CPUs each process may use, at most 8)."),
+        None, help="Data loading workers per process (default: on a GPU, from the CPUs each process may use, at "
+                   "most 8; on CPU none, the step uses every core)."),
     augment: bool = typer.Option(True, help="Flip, random crop and multi-scale resize in training."),
     eval_before: bool = typer.Option(True, help="Evaluate before training (the paper's r_o)."),
     eval_every: int = typer.Option(1, help="Evaluate every N epochs, and always after the last."),
@@ -124,7 +125,8 @@ def eval_(
     label_map: Optional[str] = typer.Option(None, help="JSON {dataset_category_id: model_label_index}."),
     device: Optional[str] = typer.Option(None, help="cuda, cpu (default: cuda if available)."),
     precision: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32."),
-    num_workers: Optional[int] = typer.Option(None, help="Data loading workers (default: from the CPUs, at most 8)."),
+    num_workers: Optional[int] = typer.Option(
+        None, help="Data loading workers (default: on a GPU, from the CPUs, at most 8; on CPU none)."),
     progress: bool = typer.Option(True, help="Rich progress bar."),
 ):
     """Evaluate a detector: COCO results JSON, metrics.json, report.md and plots."""
@@ -222,7 +224,7 @@ def demo(
     epochs: Optional[int] = typer.Option(None, help="Fine-tuning epochs (default: the model's recipe)."),
     train_images: int = typer.Option(400, help="Generated training images."),
     val_images: int = typer.Option(200, help="Generated validation images."),
-    num_workers: Optional[int] = typer.Option(None, help="Data loading workers (default: from the CPUs)."),
+    num_workers: Optional[int] = typer.Option(None, help="Data loading workers (default: none on CPU)."),
     progress: bool = typer.Option(True, help="Rich progress bars."),
 ):
     """Offline demo on CPU: generate data, evaluate a bundled detector, fine-tune it with DAP, compare."""

@@ -185,7 +185,7 @@ def evaluate_model(model: str, data: str | None = None, *, split: str = "val", i
         mapping = LabelMap.build(coco.categories, detector.config.id2label, label_map, where=str(source.annotations))
         detector.to(dev)
         loader = BatchLoader(CocoDetection(coco, mapping), processor, batch_size=batch_size, train=False,
-                             num_workers=default_num_workers() if num_workers is None else num_workers, device=dev)
+                             num_workers=default_num_workers(dev) if num_workers is None else num_workers, device=dev)
         with make_progress(disable=not progress) as bar:
             metrics = evaluate_split(detector, processor, coco, mapping, loader, device=dev, output=out,
                                      evaluator=evaluator, amp_dtype=amp, progress=bar)

@@ -9,7 +9,6 @@ CUDA run, so that a GPU user's accelerator does not wait on per-image processing
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 from pathlib import Path
@@ -21,7 +20,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.ops import box_convert
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from dapft.data import CocoSplit, DataError, LabelMap
@@ -66,34 +64,37 @@ def _read_with_pil(path: Path) -> Image.Image:
 # Augmentation
 
 
-class RandomSizeCrop(v2.Transform):
-    """DETR's random crop: a crop of random size within [min_size, max_size] (clamped to the image)."""
-
-    def __init__(self, min_size: int, max_size: int):
-        super().__init__()
-        self.min_size, self.max_size = min_size, max_size
-
-    def make_params(self, flat_inputs):
-        h, w = v2.query_size(flat_inputs)
-        ch = random.randint(min(self.min_size, h), min(h, self.max_size))
-        cw = random.randint(min(self.min_size, w), min(w, self.max_size))
-        return {"top": random.randint(0, h - ch), "left": random.randint(0, w - cw), "height": ch, "width": cw}
-
-    def transform(self, inpt, params):
-        return TF.crop(inpt, **params)
-
-
-def train_augmentation(image_size: int) -> v2.Transform:
-    """The DETR family's training augmentation, scaled to the image size: horizontal flip, and half of
-    the time a random crop of 0.48-0.75 of the image (DETR: 384-600 px of ~800). Resizing, including
+class TrainAugmentation:
+    """The DETR family's training augmentation on a uint8 image and its xyxy boxes, scaled to the
+    image size: a horizontal flip half of the time, and half of the time a random crop of 0.48-0.75
+    of the image (DETR: 384-600 px of ~800), boxes clamped to it and those left under a pixel wide or
+    high dropped. torchvision's own kernels move the boxes; the draws come from the generator the
+    caller passes (seeded by image and epoch), so no global random state is read or moved: the
+    number of data workers, or a resume, never changes what an image becomes. Resizing, including
     multi-scale, is the batch's (multi_scale_sizes, dapft.preprocess)."""
-    lo, hi = max(8, int(0.48 * image_size)), max(8, int(0.75 * image_size))
-    return v2.Compose([
-        v2.RandomHorizontalFlip(),
-        v2.RandomApply([RandomSizeCrop(lo, hi)], p=0.5),
-        v2.ClampBoundingBoxes(),
-        v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=lambda inputs: inputs[1]["labels"]),
-    ])
+
+    XYXY = tv_tensors.BoundingBoxFormat.XYXY
+
+    def __init__(self, image_size: int):
+        self.lo, self.hi = max(8, int(0.48 * image_size)), max(8, int(0.75 * image_size))
+
+    def __call__(self, image: Tensor, boxes: Tensor, labels: Tensor, rng: random.Random):
+        h, w = image.shape[-2:]
+        if rng.random() < 0.5:
+            image = TF.horizontal_flip_image(image)
+            boxes = TF.horizontal_flip_bounding_boxes(boxes, format=self.XYXY, canvas_size=(h, w))
+        if rng.random() < 0.5:
+            ch, cw = rng.randint(min(self.lo, h), min(h, self.hi)), rng.randint(min(self.lo, w), min(w, self.hi))
+            top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
+            image = TF.crop_image(image, top, left, ch, cw)
+            boxes, _ = TF.crop_bounding_boxes(boxes, self.XYXY, top, left, ch, cw)  # clamped to the crop
+            keep = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
+            boxes, labels = boxes[keep], labels[keep]
+        return image, boxes, labels
+
+
+def train_augmentation(image_size: int) -> TrainAugmentation:
+    return TrainAugmentation(image_size)
 
 
 def multi_scale_sizes(processor) -> list[dict] | None:
@@ -108,21 +109,6 @@ def multi_scale_sizes(processor) -> list[dict] | None:
             for k in range(11)]
 
 
-@contextlib.contextmanager
-def _own_random_state(seed: int):
-    """Seeded draws that leave the caller's global RNGs as they were: a sample prepared in the main
-    process (0 workers) must not move the stream that dropout and denoising noise draw from, or the
-    number of workers would change the trained weights."""
-    state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(state)
-
-
 # ----------------------------------------------------------------------------------------------
 # Dataset and batches
 
@@ -131,7 +117,7 @@ class CocoDetection(Dataset):
     """Images of a validated split as uint8 tensors, with their boxes (xyxy, pixels) and labels in
     model label space; augmented when given an augmentation."""
 
-    def __init__(self, split: CocoSplit, label_map: LabelMap, augment: v2.Transform | None = None):
+    def __init__(self, split: CocoSplit, label_map: LabelMap, augment: TrainAugmentation | None = None):
         self.split, self.label_map, self.augment = split, label_map, augment
 
     def __len__(self) -> int:
@@ -151,10 +137,7 @@ class CocoDetection(Dataset):
         boxes = box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4), "xywh", "xyxy")
         labels = torch.tensor([self.label_map.to_model[a["category_id"]] for a in anns], dtype=torch.int64)
         if self.augment is not None:
-            with _own_random_state(seed) if seed is not None else contextlib.nullcontext():
-                bb = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[-2:]))
-                image, target = self.augment(tv_tensors.Image(image), {"boxes": bb, "labels": labels})
-            image, boxes, labels = image.as_subclass(Tensor), target["boxes"].as_subclass(Tensor), target["labels"]
+            image, boxes, labels = self.augment(image, boxes, labels, random.Random(seed))
         return {"image": image, "boxes": boxes, "labels": labels, "image_id": info["id"],
                 "orig_size": (info["height"], info["width"]), "seed": seed}
 
@@ -220,9 +203,14 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self._order()[self.rank :: self.world]) - self.skip
 
 
-def default_num_workers(processes_per_node: int = 1, cap: int = 8) -> int:
-    """Data-loader workers per process: the CPUs this process may use, shared among the processes of
-    the node, less one for the process itself; at least 1, at most `cap` (beyond it they wait)."""
+def default_num_workers(device: torch.device | str, processes_per_node: int = 1, cap: int = 8) -> int:
+    """Data-loader workers per process. For a GPU: the CPUs this process may use (those of the
+    machine shared among its processes), less one for the process itself; at least 1, at most
+    `cap`. For a CPU run: none. There the model's step already uses every core, and a worker beside
+    it takes them from the step: measured on 2 cores with the bundled tiny RT-DETR, a worker made the
+    step 1.19x the bare step and preparing the batch in the step's own process 1.04x (BENCHMARKS.md)."""
+    if torch.device(device).type == "cpu":
+        return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
     return max(1, min(cap, cpus // max(1, processes_per_node) - 1))
 

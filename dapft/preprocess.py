@@ -137,25 +137,35 @@ class BatchPreprocessor:
             return tuple(get_image_size_for_max_height_width((height, width), size["max_height"], size["max_width"]))
         return size["height"], size["width"]
 
-    def _resize(self, images: Tensor, new: tuple[int, int]) -> Tensor:
-        if self.rescale_first:
-            if self.rescale_factor is not None:
-                images = images * self.rescale_factor
+    def _resized(self, images: Tensor, new: tuple[int, int] | None) -> Tensor:
+        """A stack of same-sized uint8 images resized to `new` (None: not resized): still uint8 in the
+        processors' usual order (normalised later, in place); rescaled and normalised already in
+        RF-DETR's."""
+        if not self.rescale_first:
+            return images if new is None else tvF.resize(images, list(new), interpolation=self.interpolation,
+                                                         antialias=True)
+        if self.rescale_factor is not None:
+            images = images * self.rescale_factor
+        if new is not None:
             images = tvF.resize(images, list(new), interpolation=self.interpolation, antialias=False)
-            return tvF.normalize(images, list(self.mean), list(self.std)) if self.mean is not None else images
-        return self._normalize(tvF.resize(images, list(new), interpolation=self.interpolation, antialias=True))
+        return tvF.normalize(images.to(torch.float32), list(self.mean), list(self.std)) if self.mean is not None \
+            else images.to(torch.float32)
 
-    def _normalize(self, images: Tensor) -> Tensor:
-        # The processors' fused form: (x - mean / factor) / (std / factor) on the unscaled pixels.
+    def _into(self, region: Tensor, image: Tensor) -> None:
+        """Write one resized image into its place on the batch canvas, rescaled and normalised as the
+        processor does it: the fused (x - mean / factor) / (std / factor) on the unscaled pixels, in
+        float32 (here, in place, so that no batch-sized intermediate is made)."""
+        region.copy_(image)
+        if self.rescale_first:
+            return
         if self.mean is not None:
-            # float32 products, as the processors compute them (on the host: no device round trip)
             scale = 1.0 / self.rescale_factor if self.rescale_factor is not None else 1.0
+            # float32 products, as the processors compute them (on the host: no device round trip)
             mean = (torch.tensor(self.mean) * scale).tolist()
             std = (torch.tensor(self.std) * scale).tolist()
-            return tvF.normalize(images.to(torch.float32), mean, std, inplace=True)
-        if self.rescale_factor is not None:
-            return images * self.rescale_factor
-        return images.to(torch.float32)
+            tvF.normalize(region, mean, std, inplace=True)
+        elif self.rescale_factor is not None:
+            region.mul_(self.rescale_factor)
 
     def __call__(self, images: list[Tensor], boxes: list[Tensor] | None = None, size: dict | None = None) -> dict:
         """uint8 (3, H, W) images, and their boxes (xyxy in their pixels), on any device -> the model's
@@ -164,42 +174,34 @@ class BatchPreprocessor:
         processor's resize (multi-scale training)."""
         if size is not None:
             self._check_size(size)
-        out_images: list[Tensor | None] = [None] * len(images)
-        out_boxes: list[Tensor | None] = [None] * len(images)
+        resize = self.size is not None or size is not None
+        sizes = [self.output_size(*im.shape[-2:], size) for im in images]
+        if self.pad:
+            canvas = self.pad_size or (max(h for h, _ in sizes), max(w for _, w in sizes))
+        elif len(set(sizes)) > 1:
+            raise UnsupportedProcessorError(
+                f"images of different sizes {sorted(set(sizes))} in one batch, and the processor does not pad "
+                "(do_pad false): give it a fixed size (height and width) or do_pad true")
+        else:
+            canvas = sizes[0]
+        device = images[0].device
+        pixel_values = torch.zeros(len(images), images[0].shape[0], *canvas, dtype=torch.float32, device=device)
         groups: dict[tuple[int, int], list[int]] = {}  # one resize call per input shape, as the processors do
         for i, image in enumerate(images):
             groups.setdefault(tuple(image.shape[-2:]), []).append(i)
-        for (height, width), members in groups.items():
-            stacked = torch.stack([images[i] for i in members])
-            new = self.output_size(height, width, size)
-            if self.size is not None or size is not None:
-                stacked = self._resize(stacked, new)
-            elif self.rescale_first:
-                stacked = self._resize(stacked, (height, width))
-            else:
-                stacked = self._normalize(stacked)
+        for shape, members in groups.items():
+            h, w = sizes[members[0]]
+            resized = self._resized(torch.stack([images[i] for i in members]), (h, w) if resize else None)
             for k, i in enumerate(members):
-                out_images[i] = stacked[k]
-                if boxes is not None:
-                    out_boxes[i] = _relative_centre_boxes(boxes[i], (height, width), new)
+                self._into(pixel_values[i, :, :h, :w], resized[k])
+        batch = {"pixel_values": pixel_values}
         if self.pad:
-            canvas = self.pad_size or (max(im.shape[-2] for im in out_images), max(im.shape[-1] for im in out_images))
-            pixel_values = out_images[0].new_zeros(len(images), out_images[0].shape[0], *canvas)
-            pixel_mask = torch.zeros(len(images), *canvas, dtype=torch.int64, device=pixel_values.device)
-            for i, image in enumerate(out_images):
-                h, w = image.shape[-2:]
-                pixel_values[i, :, :h, :w] = image
-                pixel_mask[i, :h, :w] = 1
-            batch = {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
-        else:
-            shapes = {tuple(im.shape) for im in out_images}
-            if len(shapes) > 1:
-                raise UnsupportedProcessorError(
-                    f"images of different sizes {sorted(shapes)} in one batch, and the processor does not pad "
-                    "(do_pad false): give it a fixed size (height and width) or do_pad true")
-            batch = {"pixel_values": torch.stack(out_images)}
+            batch["pixel_mask"] = torch.zeros(len(images), *canvas, dtype=torch.int64, device=device)
+            for i, (h, w) in enumerate(sizes):
+                batch["pixel_mask"][i, :h, :w] = 1
         if boxes is not None:
-            batch["boxes"] = out_boxes
+            batch["boxes"] = [_relative_centre_boxes(b, tuple(im.shape[-2:]), new)
+                              for b, im, new in zip(boxes, images, sizes)]
         return batch
 
 

@@ -5,16 +5,18 @@
     python scripts/bench_pipeline.py --json out.json       # also the CPU figures as numbers
 
 Tables (medians; ratios are within this one run):
-1. Per image, one thread (as in a data-loader worker), COCO-like 640 x 480 JPEGs: decoding alone;
-   a dataset item as a worker makes it for a GPU run (decode + DETR's flip / random crop on the uint8
-   image and its boxes); the checkpoint's own image processor on the decoded image (DETR's, 800 /
-   1333: what workers did per image before); and dapft's batch preparation (resize, normalise, pad;
-   a batch of 8 at DETR's multi-scale sizes) on the device it runs on.
-2. Data-loader images/s (training batches of 8, ready for the model on the device) at 1, 2 and N
-   workers.
+1. Per image, one thread (as in a data-loader worker), COCO-like 640 x 480 JPEGs: decoding alone
+   and a dataset item (decode + DETR's flip / random crop on the uint8 image and its boxes), both
+   timed inside a real worker as it makes them for a GPU run; the checkpoint's own image processor
+   (DETR's, 800 / 1333) on batches of 8 at DETR's multi-scale sizes, with their boxes (what the
+   workers did before); and dapft's batch preparation (resize, normalise, pad, boxes) of the same
+   batches on the device it runs on.
+2. Data-loader images/s (training batches of 8, ready for the model on the device) at 0, 1, 2 and
+   N workers.
 3. The `dapft finetune` step (its log's `step_seconds`: waiting for data, moving it, the step,
    logging, checks) against the bare step (forward + loss + backward + clipping + optimizer, on
-   one prepared batch), both in this process with the same model, loss and optimizer: the bundled
+   one prepared batch), both in this process with the same model, loss and optimizer, with the
+   default data workers (none on CPU, dapft.loader.default_num_workers): the bundled
    tiny RT-DETR (160 px, batch 8) and DETR-R50 (random weights) at 384 px, batch 2, on CPU; with
    --device cuda, DETR-R50 at 800 px, batch 8, bf16.
 """
@@ -70,12 +72,40 @@ def coco_like_jpegs(root: Path, count: int) -> Path:
     return out
 
 
+class _Timed(torch.utils.data.Dataset):
+    """Times, inside a data-loader worker, decoding image i alone and making its dataset item."""
+
+    def __init__(self, dataset, paths):
+        self.dataset, self.paths = dataset, paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from dapft.loader import read_image
+
+        t0 = time.perf_counter()
+        read_image(self.paths[i])
+        t1 = time.perf_counter()
+        self.dataset[(i, i)]
+        return t1 - t0, time.perf_counter() - t1
+
+
+def _in_a_worker(dataset, paths) -> tuple[float, float]:
+    """Median ms of decoding and of a dataset item, as one data-loader worker makes them (one thread,
+    its own RNG), twice over the images."""
+    loader = torch.utils.data.DataLoader(_Timed(dataset, paths), batch_size=None, num_workers=1,
+                                         sampler=list(range(len(paths))) * 2)
+    times = list(loader)
+    return tuple(1000 * statistics.median(t[k] for t in times) for k in (0, 1))
+
+
 def data_path_table(data: Path, device: torch.device, workers: list[int]) -> dict:
     from transformers import DetrImageProcessor
 
     from dapft.data import LabelMap, load_split, resolve_split
     from dapft.loader import (BatchLoader, CocoDetection, Collate, EpochSampler, finish_batch, multi_scale_sizes,
-                              read_image, train_augmentation)
+                              train_augmentation)
     from dapft.preprocess import BatchPreprocessor
 
     split = load_split(resolve_split(data, "train"))
@@ -83,16 +113,22 @@ def data_path_table(data: Path, device: torch.device, workers: list[int]) -> dic
     processor = DetrImageProcessor()  # 800 / 1333, as the Hub's DETR and Deformable DETR checkpoints
     paths = [split.source.images / im["file_name"] for im in split.images]
     dataset = CocoDetection(split, labels, train_augmentation(640))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a worker's share
-    decode = _median_ms(read_image, paths, repeat=2)
-    item = _median_ms(lambda i: dataset[(i, i)], range(len(paths)), repeat=2)
-    decoded = [read_image(p) for p in paths[:32]]
-    old = _median_ms(lambda im: processor(images=[im], return_tensors="pt"), decoded)
-    torch.set_num_threads(threads)
+    decode, item = _in_a_worker(dataset, paths)
     prepare = BatchPreprocessor.from_processor(processor)
     collate = Collate(multi_scale_sizes(processor))
     batches = [collate([dataset[(i, i)] for i in range(k, k + 8)]) for k in range(0, 32, 8)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a worker's share: before, the collator called the processor there
+
+    def with_processor(batch):  # the same images, scale and boxes through the checkpoint's processor
+        annotations = [{"image_id": i, "annotations": [{"bbox": [x0, y0, x1 - x0, y1 - y0], "category_id": 0,
+                                                         "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
+                                                        for x0, y0, x1, y1 in b.tolist()]}
+                       for i, b in enumerate(batch["boxes"])]
+        processor(images=batch["images"], annotations=annotations, size=batch["size"], return_tensors="pt")
+
+    old = _median_ms(with_processor, batches, repeat=2) / 8
+    torch.set_num_threads(threads)
 
     def prepare_one(batch):
         finish_batch(batch, prepare, device)
@@ -104,8 +140,9 @@ def data_path_table(data: Path, device: torch.device, workers: list[int]) -> dic
     prepare_one(batches[0])  # warm-up (kernels, allocator)
     prepare_ms = _median_ms(prepare_one, batches, repeat=3) / 8
     torch.set_num_threads(threads)
-    rows = [("decode (torchvision, EXIF applied)", decode), ("dataset item: decode + flip/crop with boxes", item),
-            ("the checkpoint's processor on the decoded image (before)", old),
+    rows = [("decode (torchvision, EXIF applied)", decode),
+            ("dataset item: decode + flip/crop with boxes (as a worker makes it)", item),
+            ("the checkpoint's processor on the same batches of 8, per image (before)", old),
             (f"batch preparation on {device.type} (resize, normalise, pad), per image", prepare_ms)]
     print("| per image, 1 thread | ms | x decode |\n|---|---:|---:|")
     for name, ms in rows:
@@ -121,7 +158,8 @@ def data_path_table(data: Path, device: torch.device, workers: list[int]) -> dic
         t0, seen = time.perf_counter(), 0
         for batch in it:
             seen += len(batch["image_ids"])
-        print(f"| {n} worker{'s' if n > 1 else ''} | {seen / (time.perf_counter() - t0):.1f} |", flush=True)
+        name = "0 workers (in the loop's own process)" if n == 0 else f"{n} worker{'s' if n > 1 else ''}"
+        print(f"| {name} | {seen / (time.perf_counter() - t0):.1f} |", flush=True)
         del it, loader
     print()
     return {"decode_ms": decode, "item_ms": item, "processor_ms": old, "prepare_ms": prepare_ms,
@@ -202,7 +240,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="where the batch preparation (and the 800 px step) run")
     ap.add_argument("--images", type=int, default=96, help="JPEGs for the data-path figures")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per round (after 2 warm-up)")
-    ap.add_argument("--workers", default=None, help="worker counts, e.g. 1,2,8 (default: 1, 2 and the CPUs)")
+    ap.add_argument("--workers", default=None, help="worker counts, e.g. 0,1,8 (default: 0, 1, 2 and the CPUs)")
     ap.add_argument("--skip-steps", action="store_true", help="only the data-path tables")
     ap.add_argument("--json", type=Path, help="also write the CPU figures as numbers to this file")
     args = ap.parse_args()
@@ -211,7 +249,7 @@ def main() -> None:
     quiet_transformers()
     device = torch.device(args.device)
     cpus = len(os.sched_getaffinity(0))
-    workers = [int(w) for w in args.workers.split(",")] if args.workers else sorted({1, 2, cpus})
+    workers = [int(w) for w in args.workers.split(",")] if args.workers else sorted({0, 1, 2, cpus})
     print(f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {cpus} CPUs"
           + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else "") + "\n")
     with tempfile.TemporaryDirectory() as tmp:

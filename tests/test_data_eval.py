@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 from transformers import DetrImageProcessor, RTDetrImageProcessor
 
@@ -234,19 +233,18 @@ def test_augmentation_keeps_boxes_on_their_objects(seed):
         img[y:y + bh, x:x + bw] = c
         boxes.append([x, y, bw, bh])
     # disjoint colours; later rectangles may overlap earlier ones, so check only fully visible pixels' extent
-    torch.manual_seed(seed)
     import random
 
-    random.seed(seed)
-    image = tv_tensors.Image(torch.from_numpy(img).permute(2, 0, 1))
-    bb = tv_tensors.BoundingBoxes(torch.tensor(boxes, dtype=torch.float32), format="XYWH", canvas_size=(h, w))
-    out_img, target = train_augmentation(w)(image, {"boxes": bb, "labels": torch.arange(3)})
+    xyxy = torch.tensor([[x, y, x + bw, y + bh] for x, y, bw, bh in boxes], dtype=torch.float32)
+    out_img, out_boxes, out_labels = train_augmentation(w)(torch.from_numpy(img).permute(2, 0, 1), xyxy,
+                                                           torch.arange(3), random.Random(seed))
     arr = out_img.permute(1, 2, 0).numpy()
-    for box, label in zip(target["boxes"], target["labels"]):
+    for box, label in zip(out_boxes, out_labels):
         ys, xs = np.nonzero((arr == np.array(colours[int(label)])).all(-1))
         if len(xs) == 0:
             continue  # fully covered by a later rectangle
-        x, y, bw, bh = box.tolist()
+        x0, y0, x1, y1 = box.tolist()
+        x, y, bw, bh = x0, y0, x1 - x0, y1 - y0
         # every visible pixel of the object lies inside its transformed box
         assert xs.min() >= x - 1e-3 and ys.min() >= y - 1e-3
         assert xs.max() + 1 <= x + bw + 1e-3 and ys.max() + 1 <= y + bh + 1e-3
