@@ -142,15 +142,11 @@ class Trainer:
         try:
             with torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None):
                 out = run.ddp_model(**inputs)
-        except FloatingPointError as exc:  # raised inside the loss, which does not know the step
-            raise FloatingPointError(f"step {self.state['global_step'] + 1}: {exc}; " + _diverged_hint(self.run)) from exc
-        except (ValueError, RuntimeError) as exc:
-            # A model's own loss code may meet NaN outputs first (transformers' box checks raise
-            # ValueError with the whole tensor in the message): say what happened, not that.
-            if "nan" in str(exc).lower() or not all(torch.isfinite(p).all() for p in run.model.parameters()):
-                raise FloatingPointError(f"step {self.state['global_step'] + 1}: the model's outputs are not finite "
-                                         f"({type(exc).__name__} in its loss); " + _diverged_hint(self.run)) from exc
-            raise
+        except (FloatingPointError, ValueError, RuntimeError) as exc:
+            diverged = _as_divergence(exc, run, self.state["global_step"] + 1)
+            if diverged is None:
+                raise
+            raise diverged from exc
         run.scaler.scale(out.loss / self.cfg.grad_accum).backward()
         terms = {k: v.detach() for k, v in (out.loss_dict or {}).items() if torch.is_tensor(v) and v.numel() == 1}
         return {**terms, "loss": out.loss.detach()}
@@ -207,6 +203,18 @@ def announce(run) -> None:
     run.log(f"{run.freezing.summary()} · " + (
         f"model EMA decay {cfg.ema_decay:g} (warm-up {cfg.extra.get('ema_warmup_steps', 0)} steps): evaluated "
         "and saved" if run.ema is not None else "no model EMA"))
+
+
+def _as_divergence(exc: Exception, run, step: int) -> FloatingPointError | None:
+    """What a failure inside the model's forward and loss is, said with the step: a NaN met by the
+    DAP criterion (FloatingPointError, which does not know the step), or by the model's own loss
+    code (transformers' box checks raise ValueError with the whole tensor in the message)."""
+    if isinstance(exc, FloatingPointError):
+        return FloatingPointError(f"step {step}: {exc}; " + _diverged_hint(run))
+    if "nan" in str(exc).lower() or not all(torch.isfinite(p).all() for p in run.model.parameters()):
+        return FloatingPointError(f"step {step}: the model's outputs are not finite ({type(exc).__name__} in its "
+                                  "loss); " + _diverged_hint(run))
+    return None
 
 
 def _diverged_hint(run) -> str:

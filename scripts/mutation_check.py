@@ -50,7 +50,7 @@ TESTS = {
     "dap": ["tests/test_dap_vs_pycocotools.py", "tests/test_dap_properties.py", "tests/test_dap_kernel.py"],
     "matcher": ["tests/test_matcher.py", "tests/test_criterion.py",
                 CLI + "test_momentum_matcher_resumes_with_its_estimate"],
-    "criterion": ["tests/test_criterion.py", "tests/test_models.py", "tests/test_recipes.py"],
+    "criterion": ["tests/test_criterion.py", "tests/test_models.py"],
     "freeze": ["tests/test_recipes.py", "tests/test_run_rules.py"],
     "ema": ["tests/test_recipes.py", CLI + "test_with_an_ema_the_reported_best_and_last_ap_are_those_of_the_saved_weights",
             CLI + "test_rtdetr_keeps_an_ema_and_a_killed_run_resumes_to_the_same_ema_and_weights"],
