@@ -118,8 +118,22 @@ PLANTED = [
      "evaluation scores every image, not the --max-eval-images subset"),
     ("data", "            evaluated[ann[\"image_id\"]].append(ann)\n    return", "    return",
      "boxes kept in training left out of evaluation"),
+    # issue #19's behaviours, each with the test written for it
+    ("freeze", "if isinstance(module, _NORM_TYPES) and (spec.norm or spec.whole):",
+     "if isinstance(module, _NORM_TYPES) and spec.norm:", "--freeze-backbone leaves BatchNorm statistics moving"),
+    ("engine", "model = run.ema.module if run.ema is not None else run.model", "model = run.model",
+     "the raw weights evaluated (and chosen as best) while the EMA is saved"),
+    ("sweep", 'shared = [k for k in setting_keys if k not in DAP_ONLY and k != "loss"]', "shared = []",
+     "a DAP run paired with the original-loss run of another lr or batch size"),
+    ("config", "if given and not same:", 'if given and not same and f.name != "weight_decay":',
+     "--weight-decay accepted on resume though it differs"),
+    ("config", "lr_drop = epochs - 1 if epochs >= 2 else epochs", "lr_drop = epochs - 1",
+     "a one-epoch run trains at a hundredth of the original rate"),
 ]
-PLANTED_TESTS = {**TESTS, "assemble": [CLI + "test_the_schedule_follows_the_recipe_a_tenth_then_a_hundredth",
+PLANTED_TESTS = {**TESTS, "freeze": ["tests/test_recipes.py"],
+                 "state": TESTS["state"] + [CLI + "test_momentum_matcher_resumes_with_its_estimate"],
+                 "engine": TESTS["engine"] + TESTS["ema"][1:],
+                 "assemble": [CLI + "test_the_schedule_follows_the_recipe_a_tenth_then_a_hundredth",
                                        "tests/test_recipes.py::test_real_size_detr_like_trains_layer2_to_4_and_the_transformer_only"],
                  "data": ["tests/test_data_eval.py"]}
 

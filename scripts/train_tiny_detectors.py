@@ -42,15 +42,18 @@ BUNDLED = {
     # Deformable DETR with iterative box refinement (the paper's Deformable baseline; focal loss, which
     # ignores localisation quality). It starts from the backbone the bundled RT-DETR learnt on the same
     # training images, as Deformable DETR starts from an ImageNet backbone, and trains it with the rest.
-    # Not bundled yet: every variant tried stays on the class-prior plateau on 2 CPU cores
-    # (REPRODUCTION.md). Not the two-stage variant: transformers computes no loss for its encoder
-    # proposals, so from scratch they would never learn to select anything.
-    # The official matching cost (classification 2, L1 5, GIoU 2; transformers' default weighs the
-    # classification 1). The official loss weights are 2 : 5 : 2 too; transformers fixes the
-    # classification term's at 1 and takes integer box weights, so its 1 : 5 : 2 stays.
+    # Not the two-stage variant: transformers computes no loss for its encoder proposals, so from
+    # scratch they would never learn to select anything. The official matching cost (classification
+    # 2, L1 5, GIoU 2; transformers' default weighs the classification 1). The official loss weights
+    # are 2 : 5 : 2 too; transformers fixes the classification term's at 1 and takes integer box
+    # weights, so its 1 : 5 : 2 stays. Batch 8 (the step costs little more than batch 4's on CPU).
+    # 20 epochs of this at a constant rate (2026-11-30, REPRODUCTION.md) left the class-prior plateau
+    # slowly (loss_ce 0.535 -> 0.481, AP 3.3): hence 150 epochs, the rate /10 after 100, the last
+    # quarter of the evaluations (every 5 epochs) all 15 or more epochs after the drop.
     "deformable_detr_box_refine": dict(arch=dict(d_model=64, decoder_layers=3, num_queries=100, width=16,
                                                  encoder_layers=3, n_points=4), config=dict(class_cost=2),
-                                       lr=2e-4, epochs=40, batch=8, backbone_from="tiny-rtdetr-shapes",
+                                       lr=2e-4, epochs=150, lr_drop=100, eval_every=5, batch=8,
+                                       backbone_from="tiny-rtdetr-shapes",
                                        backbone_lr_multiplier=1.0, name="tiny-deformable-detr-shapes"),
 }
 DATA = dict(train_images=800, val_images=200, image_size=192, seed=0)
@@ -141,6 +144,30 @@ def transplant_backbone(path: Path, source: Path) -> None:
     processor.save_pretrained(path)
 
 
+INIT_RECORD = "dapft_init.json"  # what the starting weights were made from
+
+
+def make_init(family: str, spec: dict, init: Path) -> None:
+    """The starting checkpoint: random weights of the family's tiny architecture (DETR's with the
+    original code's initialisation), a transplanted backbone where the spec says so, its config
+    changes; and a record of what it was made from (the backbone's source, by file hash, since the
+    bundled checkpoint of that name may be replaced later)."""
+    import hashlib
+
+    save_tiny_checkpoint(family, init, dict(enumerate(CLASSES)), image_size=PROCESSED_SIZE, **spec["arch"])
+    record = {}
+    if family == "detr":
+        reference_detr_init(init)
+    if "backbone_from" in spec:
+        source = REPO / "dapft" / "checkpoints" / spec["backbone_from"]
+        transplant_backbone(init, source)
+        digest = hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()
+        record["backbone_from"] = {"checkpoint": f"dapft/{spec['backbone_from']}", "model.safetensors sha256": digest}
+    if spec.get("config"):
+        set_config(init, spec["config"])
+    (init / INIT_RECORD).write_text(json.dumps(record, indent=2))
+
+
 def main() -> None:
     from dapft.runtime import quiet_transformers
 
@@ -163,13 +190,8 @@ def main() -> None:
     for family in args.family or sorted(BUNDLED):
         spec = BUNDLED[family]
         init = work / f"init-{family}"
-        save_tiny_checkpoint(family, init, dict(enumerate(CLASSES)), image_size=PROCESSED_SIZE, **spec["arch"])
-        if family == "detr":
-            reference_detr_init(init)
-        if "backbone_from" in spec:
-            transplant_backbone(init, REPO / "dapft" / "checkpoints" / spec["backbone_from"])
-        if spec.get("config"):
-            set_config(init, spec["config"])
+        if not (init / INIT_RECORD).exists():  # made once: a resumed training keeps the start it had
+            make_init(family, spec, init)
         run = work / f"train-{family}"
         spec = {**spec, **{k: v for k, v in (("lr", args.lr), ("batch", args.batch), ("eval_every", args.eval_every))
                            if v is not None}}
@@ -222,6 +244,7 @@ def main() -> None:
                                                                                  ("eval_every", args.eval_every)) if v)
                            + " --install",
                 "train_seconds": report["train_seconds"], "machine": machine(),
+                "init": json.loads((init / INIT_RECORD).read_text()),
                 "schedule": {**spec, "epochs": epochs}}, indent=2))
             print(f"installed {dest}")
 
