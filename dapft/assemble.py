@@ -22,7 +22,7 @@ from dapft.criterion import DAPCriterion, install_loss
 from dapft.data import CocoSplit, LabelMap, first_images, load_split, read_label_map, resolve_split
 from dapft.ema import ModelEMA
 from dapft.freeze import FreezeReport, FreezeSpec, apply_freezing
-from dapft.loader import BatchLoader, CocoDetection, EpochSampler, default_num_workers, train_augmentation
+from dapft.loader import BatchLoader, CocoDetection, EpochSampler, default_num_workers, TrainAugmentation
 from dapft.models import Family
 from dapft.runtime import amp_dtype, console, pick_device, seed_everything, write_json
 
@@ -179,7 +179,7 @@ def _loaders(cfg: FinetuneConfig, splits: dict, label_map: LabelMap, processor, 
     augment = None
     if cfg.augment:  # the crop's scale from the images' size (DETR: 384-600 px crops of ~800 px images)
         first = splits["train"].images[0]
-        augment = train_augmentation(max(first["width"], first["height"]))
+        augment = TrainAugmentation(max(first["width"], first["height"]))
     loaders = {"train": BatchLoader(CocoDetection(splits["train"], label_map, augment), processor,
                                     train=cfg.augment, sampler=sampler, **common)}
     for name in ("val", "train_eval"):

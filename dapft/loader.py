@@ -93,10 +93,6 @@ class TrainAugmentation:
         return image, boxes, labels
 
 
-def train_augmentation(image_size: int) -> TrainAugmentation:
-    return TrainAugmentation(image_size)
-
-
 def multi_scale_sizes(processor) -> list[dict] | None:
     """DETR's multi-scale training for processors with a shortest edge: 11 shortest edges from 0.6x
     to 1x of the checkpoint's (even numbers), the longest edge kept. None for fixed-size processors."""

@@ -105,14 +105,14 @@ def data_path_table(data: Path, device: torch.device, workers: list[int]) -> dic
 
     from dapft.data import LabelMap, load_split, resolve_split
     from dapft.loader import (BatchLoader, CocoDetection, Collate, EpochSampler, finish_batch, multi_scale_sizes,
-                              train_augmentation)
+                              TrainAugmentation)
     from dapft.preprocess import BatchPreprocessor
 
     split = load_split(resolve_split(data, "train"))
     labels = LabelMap({c["id"]: c["id"] - 1 for c in split.categories})
     processor = DetrImageProcessor()  # 800 / 1333, as the Hub's DETR and Deformable DETR checkpoints
     paths = [split.source.images / im["file_name"] for im in split.images]
-    dataset = CocoDetection(split, labels, train_augmentation(640))
+    dataset = CocoDetection(split, labels, TrainAugmentation(640))
     decode, item = _in_a_worker(dataset, paths)
     prepare = BatchPreprocessor.from_processor(processor)
     collate = Collate(multi_scale_sizes(processor))

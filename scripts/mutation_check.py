@@ -55,7 +55,8 @@ TESTS = {
     "ema": ["tests/test_recipes.py", CLI + "test_with_an_ema_the_reported_best_and_last_ap_are_those_of_the_saved_weights",
             CLI + "test_rtdetr_keeps_an_ema_and_a_killed_run_resumes_to_the_same_ema_and_weights"],
     "sweep": ["tests/test_run_rules.py", CLI + "test_sweep_over_loss_and_seed_pairs_each_setting_with_the_original_loss",
-              "tests/test_real_world.py::test_a_sweep_run_again_with_other_fixed_settings_is_refused_and_a_stale_before_is_redone"],
+              "tests/test_real_world.py::test_a_sweep_run_again_with_other_fixed_settings_is_refused_and_a_stale_before_is_redone",
+              "tests/test_real_world.py::test_a_sweep_killed_in_its_first_run_continues_when_run_again"],
     "config": ["tests/test_run_rules.py", CLI + "test_the_schedule_follows_the_recipe_a_tenth_then_a_hundredth",
                CLI + "test_resume_continues_with_the_runs_settings_and_refuses_different_ones"],
     "state": ["tests/test_run_rules.py", CLI + "test_patience_stops_the_run_and_the_report_says_so",
@@ -74,7 +75,19 @@ TESTS = {
 
 # Mutants that cannot change behaviour, by (module, function, source line as written, operator),
 # with the reason. A survivor not listed here is a hole in the suite.
-EQUIVALENT: dict[tuple[str, str, str, str], str] = {}
+EQUIVALENT: dict[tuple[str, str, str, str], str] = {
+    ("criterion", "set_daps", "matched_iou = box_iou(", "swap arguments"):
+        "IoU is symmetric: box_iou(b, a) is box_iou(a, b) transposed, and the diagonal is read",
+    ("freeze", "parts", 'return ("all",)', "drop statement"):
+        "the whole backbone frozen is then marked None instead of ('all',): either differs from every "
+        "(stem, stages, norm) triple and equals only itself",
+    ("state", "new_state", '"elapsed": 0.0, "evals_since_best": 0, "stopped_early": None, "skipped": skipped}',
+     "constant 0->1"):
+        "evals_since_best starting at 1: the first evaluation always beats best_ap -1 and resets it to 0",
+    ("state", "truncate", 'keep = [json.dumps(r) for r in read_log(self.path) if r.get("global_step", 0) <= '
+                          'global_step]', "constant 0->1"):
+        "the default of a record without global_step: every record dapft writes has one",
+}
 
 # The hand-written mutants of issue #13 (module, original text, mutated text, what it breaks).
 PLANTED = [
@@ -171,13 +184,20 @@ def _operators(node: ast.AST) -> list[str]:
         ops.append(f"{type(node.op).__name__}->{SWAPS[type(node.op)].__name__}")
     elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
         ops.append("drop not")
-    elif isinstance(node, ast.Constant) and type(node.value) in (int, float, bool) and not isinstance(node.value, str):
-        ops.append("constant")
+    elif isinstance(node, ast.Constant) and type(node.value) in (int, float, bool):
+        ops.append(f"constant {node.value!r}->{_changed(node.value)!r}")
     elif isinstance(node, (ast.Assign, ast.AugAssign, ast.Expr, ast.Raise, ast.Return)) and not _inert(node):
         ops.append("drop statement")
     if isinstance(node, ast.Call) and len(node.args) >= 2 and not any(isinstance(a, ast.Starred) for a in node.args[:2]):
         ops.append("swap arguments")
     return ops
+
+
+def _changed(value):
+    """A constant's mutant: True and False swapped, an integer plus one, a float doubled (0.0: 1.0)."""
+    if isinstance(value, bool):
+        return not value
+    return value + 1 if isinstance(value, int) else (value * 2 if value else 1.0)
 
 
 def _inert(node: ast.AST) -> bool:
@@ -238,9 +258,8 @@ def apply(mutant: Mutant, text: str) -> str:
         node.op = ast.UAdd()  # +x is x for the bools and tensors used here
         node.operand = ast.Call(func=ast.Name("bool", ast.Load()), args=[node.operand], keywords=[]) \
             if not isinstance(node.operand, ast.Call) else node.operand
-    elif op == "constant":
-        v = node.value
-        node.value = (not v) if isinstance(v, bool) else (v + 1 if isinstance(v, int) else (v * 2 if v else 1.0))
+    elif op.startswith("constant"):
+        node.value = _changed(node.value)
     else:
         new = SWAPS[type(node.ops[0] if isinstance(node, ast.Compare) else node.op)]()
         if isinstance(node, ast.Compare):
@@ -289,15 +308,31 @@ def _baselines(tmp: Path, modules: list[str], tests: dict) -> dict[str, float]:
     return seconds
 
 
+def _survivors_of(log: Path) -> set[tuple[str, str, int, str]]:
+    """(module, function, line, operator kind) of the mutants an earlier run's log says survived."""
+    found = set()
+    for line in log.read_text().splitlines():
+        if line.startswith("SURVIVED"):
+            where, kind = line.split()[1], line.split()[2]
+            module_function, number = where.rsplit(":", 1)
+            module, function = module_function.split(".", 1)
+            found.add((module, function, int(number), kind))
+    return found
+
+
 def run_generated(args) -> None:
     modules = [args.module] if args.module else list(TARGETS)
+    again = _survivors_of(args.survivors) if args.survivors else None
     chosen = []
     for module in modules:
         mutants = generate(module)
         sample = mutants if args.all else random.Random(f"{args.seed}-{module}").sample(
             mutants, min(args.per_module, len(mutants)))
+        if again is not None:  # of the same sample (same --seed, --per-module), those that survived then
+            sample = [m for m in sample if (m.module, m.function, m.line, m.operator.split()[0]) in again]
         chosen += sorted(sample, key=lambda m: m.index)
         print(f"{module}: {len(mutants)} generated, {len(sample)} run", flush=True)
+    modules = [m for m in modules if any(c.module == m for c in chosen)]
     with tempfile.TemporaryDirectory() as tmp:
         base = _baselines(Path(tmp), modules, TESTS)
         rows = []
@@ -362,6 +397,8 @@ def main() -> None:
     ap.add_argument("--all", action="store_true", help="every generated mutant of the module(s)")
     ap.add_argument("--list", action="store_true", help="count the mutants, run nothing")
     ap.add_argument("--planted", action="store_true", help="the hand-written list instead")
+    ap.add_argument("--survivors", type=Path,
+                    help="of the sample, run again only those an earlier run's log (same --seed) says survived")
     args = ap.parse_args()
     if args.planted:
         run_planted()

@@ -125,3 +125,50 @@ def test_the_momentum_estimate_moves_with_the_last_decoder_layer(name):
     assert not torch.allclose(first, precision)  # the layers differ, so the choice of layer shows
     torch.testing.assert_close(criterion.matcher.precision_ema, 0.9 + 0.1 * precision, atol=1e-6, rtol=0)
 
+
+
+def _layers_and_targets(num_layers: int = 3, batch: int = 2, queries: int = 20, classes: int = 5, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    boxes = [torch.cat([torch.rand(batch, queries, 2, generator=g) * 0.6 + 0.2,
+                        torch.rand(batch, queries, 2, generator=g) * 0.3 + 0.05], -1) for _ in range(num_layers)]
+    layers = [{"logits": torch.randn(batch, queries, classes, generator=g), "pred_boxes": b} for b in boxes]
+    targets = [{"class_labels": torch.randint(0, classes, (3,), generator=g),
+                "boxes": boxes[-1][i, :3] + torch.randn(3, 4, generator=g) * 0.01} for i in range(batch)]
+    return layers, targets
+
+
+def test_the_matching_diagnostic_reads_the_last_decoder_layer_in_float32():
+    """match_vs_model and match_vs_top describe the last layer's matching (the one the model's
+    predictions come from), computed in float32 even under autocast (bf16 scores tie where float32
+    ones do not)."""
+    from dapft.matcher import disagreement_with, disagreement_with_top_query
+
+    model = tiny_model("deformable_detr", LABELS)
+    family = family_of(model.config)
+    criterion = DAPCriterion(family, model.config, matcher="constant")
+    layers, targets = _layers_and_targets()
+    seen = []
+    model_matcher = criterion.model_matcher
+    model_matcher.register_forward_pre_hook(
+        lambda module, args: seen.append((torch.is_autocast_enabled("cpu"), args[0]["logits"].dtype)))
+    out = criterion(layers, targets)
+    last = layers[-1]
+    scores = family.scores(last["logits"])
+    ours = criterion.matcher(scores, last["pred_boxes"], targets)
+    differ, total = disagreement_with(ours, model_matcher(last, targets))
+    assert float(out["match_vs_model"]) == pytest.approx(differ / total)
+    differ, total = disagreement_with_top_query(ours, scores, last["pred_boxes"], targets)
+    assert float(out["match_vs_top"]) == pytest.approx(differ / total)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        criterion(layers, targets)
+    assert seen[-1] == (False, torch.float32)
+
+
+def test_a_dap_loss_without_its_criterion_is_refused():
+    from dapft.criterion import DetectionLoss
+
+    family = family_of(tiny_model("detr", LABELS).config)
+    for loss in ("dap", "dap+original", "dap+box"):
+        with pytest.raises(ValueError, match="needs a DAPCriterion"):
+            DetectionLoss(family, lambda *a, **k: None, None, loss)
+    DetectionLoss(family, lambda *a, **k: None, None, "original")  # the model's own loss needs none

@@ -16,7 +16,7 @@ from transformers import DetrImageProcessor, RTDetrImageProcessor
 
 from dapft.coco_names import contiguous_id2label, detr_id2label
 from dapft.data import DataError, LabelMap, load_split, resolve_split
-from dapft.loader import BatchLoader, CocoDetection, train_augmentation
+from dapft.loader import BatchLoader, CocoDetection, TrainAugmentation
 from dapft.evaluate import coco_evaluate, to_coco_results
 from dapft.shapes import CLASSES, make_shapes_dataset
 
@@ -236,7 +236,7 @@ def test_augmentation_keeps_boxes_on_their_objects(seed):
     import random
 
     xyxy = torch.tensor([[x, y, x + bw, y + bh] for x, y, bw, bh in boxes], dtype=torch.float32)
-    out_img, out_boxes, out_labels = train_augmentation(w)(torch.from_numpy(img).permute(2, 0, 1), xyxy,
+    out_img, out_boxes, out_labels = TrainAugmentation(w)(torch.from_numpy(img).permute(2, 0, 1), xyxy,
                                                            torch.arange(3), random.Random(seed))
     arr = out_img.permute(1, 2, 0).numpy()
     for box, label in zip(out_boxes, out_labels):
@@ -409,3 +409,20 @@ def test_no_detections_at_all_score_zero_as_detections_that_match_nothing(shapes
     assert empty.stats["AP_large"] == -1  # COCO's "no such ground truth" (this split has no large object), not 0
     assert empty.per_class == pytest.approx(nothing.per_class) and set(empty.per_class) == set(nothing.per_class)
     assert empty.precision.shape == nothing.precision.shape
+
+
+def test_scores_under_bf16_autocast_are_post_processed_in_float32(shapes_root):
+    """Under autocast the model's outputs are bf16 (GPU runs, `--precision auto`): post-processing
+    must see them in float32, or every score is rounded to bf16's 3 digits and AP ranks ties."""
+    from dapft.evaluate import predict
+    from dapft.tiny import tiny_model, tiny_processor
+
+    split = load_split(resolve_split(shapes_root, "val"), max_images=4)
+    torch.manual_seed(0)
+    model = tiny_model("deformable_detr_box_refine", dict(enumerate(CLASSES)))
+    processor = tiny_processor("deformable_detr", 96)
+    mapping = LabelMap.build(split.categories, model.config.id2label)
+    loader = BatchLoader(CocoDetection(split, mapping), processor, batch_size=4, train=False, num_workers=0)
+    results = predict(model, processor, loader, mapping, device=torch.device("cpu"), amp_dtype=torch.bfloat16)
+    scores = torch.tensor([r["score"] for r in results])
+    assert (scores.bfloat16().float() != scores).any()  # not all of them bf16 values

@@ -121,3 +121,18 @@ def test_disagreement_with_the_top_query_counts_only_overlapped_ground_truths():
     to_query0 = [(torch.tensor([0]), torch.tensor([0]))]
     assert disagreement_with_top_query(to_query1, scores, boxes, targets) == (1, 1)
     assert disagreement_with_top_query(to_query0, scores, boxes, targets) == (0, 1)
+
+
+def test_the_models_own_matcher_names_the_image_whose_outputs_are_not_finite():
+    from transformers.loss.loss_for_object_detection import HungarianMatcher
+
+    from dapft.matcher import NonFiniteCostError
+
+    matcher = APCostMatcher("original", original=HungarianMatcher(class_cost=1, bbox_cost=5, giou_cost=2))
+    boxes = torch.rand(3, 10, 4) * 0.2 + 0.4
+    logits = torch.randn(3, 10, 4)
+    boxes[2, 7] = float("nan")
+    targets = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}] * 3
+    with pytest.raises(NonFiniteCostError) as caught:
+        matcher(logits.softmax(-1)[..., :-1], boxes, targets, logits=logits)
+    assert caught.value.image == 2

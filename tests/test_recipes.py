@@ -199,3 +199,44 @@ def test_freeze_backbone_keeps_batchnorm_statistics_where_the_recipe_trains_norm
     assert len(stats) == 12
     moved = [n for n, b in stats.items() if not torch.equal(b, before[n])]
     assert (moved == []) if freeze else len(moved) == 12
+
+
+def _owner(model, name: str):
+    return model.get_submodule(name.rsplit(".", 1)[0])
+
+
+@pytest.mark.parametrize("family", ["detr", "deformable_detr_box_refine", "rt_detr", "d_fine", "lw_detr", "rf_detr"])
+def test_every_familys_recipe_freezes_what_it_says(family):
+    """Each recipe's stem, stages and norm layers, applied to its family's tiny model as written; the
+    report counts the norm layers it froze and names them only when the recipe freezes them."""
+    recipe = load_recipe("deformable_detr" if family.startswith("deformable") else family)
+    model = tiny_model(family, LABELS)
+    report = apply_freezing(model, FreezeSpec.from_recipe(recipe))
+    norm_types = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm)
+    params = {n: p for n, p in model.named_parameters()
+              if "backbone" in n and not isinstance(_owner(model, n), norm_types)}
+    for name, p in params.items():
+        part = backbone_part(name)
+        frozen = (recipe.get("freeze_backbone_stem", False) if part == "stem" else
+                  part.startswith("stage") and int(part[5:]) < recipe.get("freeze_backbone_stages", 0))
+        assert p.requires_grad is not frozen, (family, name)
+    norms = [m for n, m in model.named_modules() if "backbone" in n and isinstance(m, norm_types)]
+    by_class = sum("FrozenBatchNorm" in type(m).__name__ for n, m in model.named_modules() if "backbone" in n)
+    assert report.frozen_norms == by_class + (len(norms) if recipe.get("freeze_backbone_norm") else 0)
+    assert (f"{report.frozen_norms} norm layers" in report.summary()) is bool(recipe.get("freeze_backbone_norm")
+                                                                              and report.frozen_norms)
+    assert all(p.requires_grad is not bool(recipe.get("freeze_backbone_norm")) for m in norms
+               for p in m.parameters(recurse=False))
+
+
+def test_a_recipe_without_freezing_keys_freezes_nothing():
+    # The bundled detectors' own recipes name no freezing: they were trained from scratch, all of it.
+    assert FreezeSpec.from_recipe({"pretrain_lr": 2e-4, "epochs": 4, "batch_size": 8}) == FreezeSpec()
+
+
+def test_an_ema_decay_outside_0_and_1_is_refused_and_a_one_step_warm_up_ramps():
+    model = torch.nn.Linear(2, 2)
+    for decay in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="EMA decay must lie in"):
+            ModelEMA(model, decay=decay)
+    assert ModelEMA(model, decay=0.9, warmup_steps=1).decay_at(1) == pytest.approx(0.9 * (1 - math.exp(-1)))

@@ -96,7 +96,8 @@ def test_the_rate_of_each_epoch(epochs, lr_drop, factors):
 
 @pytest.mark.parametrize("name, value", [("sigma", 1.0), ("sigma", float("nan")), ("momentum", 1.0),
                                          ("clip_grad_norm", float("nan")), ("backbone_lr_multiplier", float("inf")),
-                                         ("lr", -1e-4), ("batch_size", 0), ("eval_every", 0), ("ema_decay", 0.0)])
+                                         ("lr", -1e-4), ("batch_size", 0), ("eval_every", 0), ("ema_decay", 0.0),
+                                         ("evaluator", "cocoapi"), ("precision", "fp64"), ("loss", "ap")])
 def test_out_of_range_and_non_finite_settings_are_refused(name, value):
     with pytest.raises(ValueError, match="--" + name.replace("_", "-")):
         check_choices(FinetuneConfig(model="m", **{name: value}))
@@ -159,3 +160,19 @@ def test_the_original_loss_runs_once_per_value_of_what_it_reads():
     assert [run_name(s) for s in settings] == ["loss=original_seed=0", "loss=original_seed=1",
                                                "loss=dap_sigma=0.01_seed=0", "loss=dap_sigma=0.01_seed=1",
                                                "loss=dap_sigma=0.1_seed=0", "loss=dap_sigma=0.1_seed=1"]
+
+
+@pytest.mark.parametrize("name, value", [("momentum", 0.0), ("clip_grad_norm", 0.0), ("lr", 0.0),
+                                         ("weight_decay", 0.0), ("backbone_lr_multiplier", 0.0)])
+def test_the_edges_of_the_ranges_are_accepted(name, value):
+    check_choices(FinetuneConfig(model="m", **{name: value}))  # momentum 0: the estimate is the last batch's
+
+
+@pytest.mark.parametrize("family, asked, ema, decay", [
+    ("rt_detr", {}, True, 0.9999), ("rt_detr", {"ema": False}, False, None), ("detr", {}, False, None),
+    ("detr", {"ema_decay": 0.5}, True, 0.5), ("detr", {"ema": True}, True, 0.9999), ("lw_detr", {}, True, 0.9997)])
+def test_the_model_ema_follows_the_recipe_unless_a_flag_says_otherwise(family, asked, ema, decay):
+    from dapft.config import resolve
+
+    cfg = resolve(FinetuneConfig(model=f"no/such-{family}", **asked), family)
+    assert cfg.ema is ema and cfg.ema_decay == decay
