@@ -123,7 +123,7 @@ def apply_freezing(model: nn.Module, spec: FreezeSpec) -> FreezeReport:
     frozen_parts = [("stage " + k[5:]) if k.startswith("stage") else k for k in order if not parts[k]]
     if spec.whole:
         frozen_parts = ["the whole backbone"]
-    elif frozen_norms and spec.norm:
+    elif frozen_norms:  # by the recipe, or by their class (FrozenBatchNorm2d)
         frozen_parts.append(f"{frozen_norms} norm layers")
     return FreezeReport(trainable, total, sum(p.numel() for p in backbone if p.requires_grad),
                         sum(p.numel() for p in backbone), frozen_parts, frozen_norms)

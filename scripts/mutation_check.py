@@ -81,9 +81,6 @@ EQUIVALENT: dict[tuple[str, str, str, str], str] = {
     ("freeze", "parts", 'return ("all",)', "drop statement"):
         "the whole backbone frozen is then marked None instead of ('all',): either differs from every "
         "(stem, stages, norm) triple and equals only itself",
-    ("state", "new_state", '"elapsed": 0.0, "evals_since_best": 0, "stopped_early": None, "skipped": skipped}',
-     "constant 0->1"):
-        "evals_since_best starting at 1: the first evaluation always beats best_ap -1 and resets it to 0",
     ("state", "truncate", 'keep = [json.dumps(r) for r in read_log(self.path) if r.get("global_step", 0) <= '
                           'global_step]', "constant 0->1"):
         "the default of a record without global_step: every record dapft writes has one",

@@ -142,7 +142,8 @@ def test_a_sweep_killed_in_its_first_run_continues_when_run_again(tmp_path, tiny
     dapft(*args)
     assert_same_weights(weights(out / "seed=0"), reference)
     assert (out / "seed=1" / "report.json").exists()
-    assert not (out / "seed=1" / "eval" / "before").exists()  # the sweep's before.json, not evaluated again
+    for name in ("seed=0", "seed=1"):  # the sweep's before.json, not evaluated again
+        assert not (out / name / "eval" / "before").exists()
 
 
 # ---------------------------------------------------------------------------------------------- resuming
