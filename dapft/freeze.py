@@ -115,11 +115,12 @@ def apply_freezing(model: nn.Module, spec: FreezeSpec) -> FreezeReport:
         frozen = id(p) in norm_params or _frozen_by_spec(name, spec)
         p.requires_grad_(not frozen)
         part = backbone_part(name)
-        parts[part] = parts.get(part, False) or not frozen
+        if id(p) not in norm_params:  # the norm layers are counted apart: a part is named for its other weights
+            parts[part] = parts.get(part, False) or not frozen
         backbone.append(p)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    order = sorted(parts, key=lambda k: (k != "stem", k == "other", int(k[5:]) if k.startswith("stage") else 0))
+    order = sorted(parts, key=lambda k: (k != "stem", int(k[5:]) if k.startswith("stage") else 0))
     frozen_parts = [("stage " + k[5:]) if k.startswith("stage") else k for k in order if not parts[k]]
     if spec.whole:
         frozen_parts = ["the whole backbone"]

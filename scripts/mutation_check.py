@@ -81,6 +81,10 @@ EQUIVALENT: dict[tuple[str, str, str, str], str] = {
     ("freeze", "parts", 'return ("all",)', "drop statement"):
         "the whole backbone frozen is then marked None instead of ('all',): either differs from every "
         "(stem, stages, norm) triple and equals only itself",
+    ("freeze", "parts", "return (spec.stem, spec.stages, spec.norm) if spec.whole is None else (False, 0, spec.norm)",
+     "Is->IsNot"):
+        "swaps which of the recipe (None) and --train-backbone (False) gets which tuple; both sides of the "
+        "comparison are mapped alike, so which pairs compare equal is unchanged",
     ("state", "truncate", 'keep = [json.dumps(r) for r in read_log(self.path) if r.get("global_step", 0) <= '
                           'global_step]', "constant 0->1"):
         "the default of a record without global_step: every record dapft writes has one",

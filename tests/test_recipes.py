@@ -224,6 +224,10 @@ def test_every_familys_recipe_freezes_what_it_says(family):
     by_class = sum("FrozenBatchNorm" in type(m).__name__ for n, m in model.named_modules() if "backbone" in n)
     assert report.frozen_norms == by_class + (len(norms) if recipe.get("freeze_backbone_norm") else 0)
     assert (f"{report.frozen_norms} norm layers" in report.summary()) is bool(report.frozen_norms)
+    # In words, in the backbone's order: the stem, the frozen stages, then the norm layers' count.
+    stages = recipe.get("freeze_backbone_stages", 0)
+    assert report.frozen == (["stem"] if recipe.get("freeze_backbone_stem") else []) + [
+        f"stage {i}" for i in range(stages)] + ([f"{report.frozen_norms} norm layers"] if report.frozen_norms else [])
     assert all(p.requires_grad is not bool(recipe.get("freeze_backbone_norm")) for m in norms
                for p in m.parameters(recurse=False))
 
