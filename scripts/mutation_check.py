@@ -58,6 +58,7 @@ TESTS = {
               "tests/test_real_world.py::test_a_sweep_run_again_with_other_fixed_settings_is_refused_and_a_stale_before_is_redone",
               "tests/test_real_world.py::test_a_sweep_killed_in_its_first_run_continues_when_run_again"],
     "config": ["tests/test_run_rules.py", CLI + "test_the_schedule_follows_the_recipe_a_tenth_then_a_hundredth",
+               "tests/test_recipes.py::test_a_checkpoints_own_recipe_comes_before_the_familys_and_recipe_file_before_both",
                CLI + "test_resume_continues_with_the_runs_settings_and_refuses_different_ones"],
     "state": ["tests/test_run_rules.py", CLI + "test_patience_stops_the_run_and_the_report_says_so",
               CLI + "test_checkpoint_best_holds_the_best_evaluation_and_a_half_swapped_last_still_resumes",

@@ -355,6 +355,18 @@ def test_max_images_scores_exactly_that_subset(tmp_path, shapes_root):
 
 
 @pytest.mark.parametrize("evaluator", ["pycocotools", "faster-coco-eval"])
+def test_coco_evaluate_of_a_whole_file_scores_only_the_image_ids_it_is_given(shapes_root, evaluator):
+    # The library call a researcher makes with a whole annotation file and predictions for some of
+    # its images: the other images' boxes are not misses.
+    path = shapes_root / "annotations" / "instances_val2017.json"
+    whole = json.loads(path.read_text())
+    first = sorted(im["id"] for im in whole["images"])[:5]
+    exact = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+             for a in whole["annotations"] if a["image_id"] in first and not a.get("iscrowd")]
+    assert coco_evaluate(path, exact, first, evaluator).stats["AP"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("evaluator", ["pycocotools", "faster-coco-eval"])
 def test_per_class_ap_is_cocoevals_ap_of_that_category_alone(shapes_root, evaluator):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
