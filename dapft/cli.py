@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from dapft.runtime import TrainingInterrupted, console
+from dapft.runtime import TrainingInterrupted, console, defer_interrupts, deliver_interrupts
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -94,6 +94,7 @@ def finetune(
 
     from dapft.config import FinetuneConfig
     from dapft.engine import finetune as run
+    deliver_interrupts()
 
     # By name: typer may bring its own copy of click's ParameterSource enum.
     given = tuple(k for k in ctx.params if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE")
@@ -131,6 +132,7 @@ def eval_(
 ):
     """Evaluate a detector: COCO results JSON, metrics.json, report.md and plots."""
     from dapft.evaluate import evaluate_model
+    deliver_interrupts()
 
     m = evaluate_model(model, data, split=split, images=images, annotations=annotations, output=output,
                        batch_size=batch_size, evaluator=evaluator, max_images=max_images, label_map=label_map,
@@ -161,6 +163,7 @@ def sweep(**options):
 
     from dapft.config import FinetuneConfig
     from dapft.sweep import sweep as run
+    deliver_interrupts()
 
     grid = {name: _values(options.pop(name), kind, name) for name, kind in GRID.items() if options[name] is not None}
     for name in GRID:
@@ -230,6 +233,7 @@ def demo(
     """Offline demo on CPU: generate data, evaluate a bundled detector, fine-tune it with DAP, compare."""
     from dapft.demo import demo as run
     from dapft.report import metrics_table
+    deliver_interrupts()
 
     report = run(output, model=model, train_images=train_images, val_images=val_images, epochs=epochs,
                  num_workers=num_workers, progress=progress)
@@ -250,6 +254,7 @@ def make_dataset(
     if kind != "shapes":
         raise typer.BadParameter(f"unknown dataset kind {kind!r}; available: shapes")
     from dapft.shapes import make_shapes_dataset
+    deliver_interrupts()
 
     root = make_shapes_dataset(output, train_images=train_images, val_images=val_images, image_size=image_size,
                                seed=seed)
@@ -259,6 +264,7 @@ def make_dataset(
 def run() -> None:
     """Console entry point: one clear line per error unless --debug; the shell's exit codes (1 an
     error, 130 Ctrl-C, 143 SIGTERM)."""
+    defer_interrupts()
     try:
         code = app(standalone_mode=False)
     except SystemExit:

@@ -89,17 +89,11 @@ class Trainer:
             images += len(batch["image_ids"]) * run.dist.world_size
             if st["batch_in_epoch"] % cfg.grad_accum and st["batch_in_epoch"] < run.batches_per_epoch:
                 continue  # accumulating
-            record = self._optimizer_step(terms, torch.stack(losses))
+            terms = self._optimizer_step(terms, torch.stack(losses))
             st["global_step"] += 1
-            seconds = time.perf_counter() - t_step
-            record = {"type": "step", "epoch": st["epoch"] + 1, "global_step": st["global_step"],
-                      "lr": run.optimizer.param_groups[0]["lr"], "grad_norm": record.pop("grad_norm"),
-                      "step_seconds": round(seconds, 4), "images_per_second": round(images / max(seconds, 1e-9), 2),
-                      **record}
+            record = _step_record(st, run, terms, time.perf_counter() - t_step, images)
             self.log.write(record)
-            bar.update(self.step_bar, advance=1, info=f"loss {record['loss']:.4f} · lr {record['lr']:.2e} · "
-                       f"{record['images_per_second']:.1f} img/s" + (f" · DAP {record['dap']:.3f}" if "dap" in record
-                                                                      else ""))
+            bar.update(self.step_bar, advance=1, info=_bar_info(record))
             if cfg.save_every and st["global_step"] % cfg.save_every == 0:
                 self._save()
             self._stop_if_requested()
@@ -191,6 +185,18 @@ class Trainer:
         raise TrainingInterrupted(f"interrupted at step {self.state['global_step']} ({signal.Signals(signum).name}); "
                                   f"checkpoint saved in {self.run.out / 'checkpoint-last'}: continue with the same command and "
                                   "--resume", signum)
+
+
+def _step_record(st: dict, run, terms: dict[str, float], seconds: float, images: int) -> dict:
+    """A step's line in log.jsonl: where it is, its rate and gradient norm, its time, its loss terms."""
+    return {"type": "step", "epoch": st["epoch"] + 1, "global_step": st["global_step"],
+            "lr": run.optimizer.param_groups[0]["lr"], "grad_norm": terms.pop("grad_norm"),
+            "step_seconds": round(seconds, 4), "images_per_second": round(images / max(seconds, 1e-9), 2), **terms}
+
+
+def _bar_info(record: dict) -> str:
+    return (f"loss {record['loss']:.4f} · lr {record['lr']:.2e} · {record['images_per_second']:.1f} img/s"
+            + (f" · DAP {record['dap']:.3f}" if "dap" in record else ""))
 
 
 def announce(run) -> None:

@@ -139,6 +139,34 @@ def write_json(path: Path, payload) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, default=str))
 
 
+_interrupt_pending = False
+
+
+def defer_interrupts() -> None:
+    """Start-up: a Ctrl-C while Python imports torch and transformers is recorded, not raised.
+    Raised inside those imports, KeyboardInterrupt can abort the interpreter (torch's C++ bindings
+    terminate: exit status -6), be swallowed by a library's bare `except` (the command then runs to
+    the end, status 0), or kill the process by its signal after the message (-2). A second Ctrl-C
+    still quits at once."""
+    def record(signum, frame):
+        global _interrupt_pending
+        if _interrupt_pending:
+            raise KeyboardInterrupt
+        _interrupt_pending = True
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, record)
+
+
+def deliver_interrupts() -> None:
+    """The end of start-up (a command's imports done): Ctrl-C raises KeyboardInterrupt again, now if
+    one came during start-up."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _interrupt_pending:
+        raise KeyboardInterrupt
+
+
 class TrainingInterrupted(Exception):
     """Ctrl-C or SIGTERM during fine-tuning, raised once a resumable checkpoint of the last step is
     saved. `exit_code` is the shell's for the signal (130, 143)."""

@@ -22,6 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,7 +45,7 @@ def main() -> None:
         if args.workers is not None:
             cmd += ["--num-workers", str(args.workers)]
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=REPO)
         wall = time.perf_counter() - t0
         records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
         rows = []
