@@ -139,32 +139,54 @@ def write_json(path: Path, payload) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, default=str))
 
 
-_interrupt_pending = False
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM, Kubernetes and `timeout` send) outside a fine-tuning loop: the command
+    stops as on Ctrl-C, cleaning up as it goes, with the shell's status for it (143). A
+    KeyboardInterrupt, so that data-loader workers and libraries treat it as they treat Ctrl-C.
+    (Inside the loop, dapft.runtime.StopRequests saves a checkpoint first.)"""
+
+
+_pending_signal = 0
+_raised_signal = 0
+
+
+def _raise_for(signum: int):
+    global _raised_signal
+    _raised_signal = signum
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def stopped_by_sigterm() -> bool:
+    """Whether the command stopped on SIGTERM: click and typer turn every KeyboardInterrupt into their
+    own Ctrl-C answer (status 130), losing which signal it was."""
+    return _raised_signal == signal.SIGTERM
 
 
 def defer_interrupts() -> None:
-    """Start-up: a Ctrl-C while Python imports torch and transformers is recorded, not raised.
-    Raised inside those imports, KeyboardInterrupt can abort the interpreter (torch's C++ bindings
-    terminate: exit status -6), be swallowed by a library's bare `except` (the command then runs to
-    the end, status 0), or kill the process by its signal after the message (-2). A second Ctrl-C
-    still quits at once."""
+    """Start-up: a Ctrl-C or SIGTERM while Python imports torch and transformers is recorded, not
+    raised. Raised inside those imports, KeyboardInterrupt can abort the interpreter (torch's C++
+    bindings terminate: exit status -6), be swallowed by a library's bare `except` (the command then
+    runs to the end, status 0), or kill the process by its signal after the message (-2). A second
+    signal still stops at once."""
     def record(signum, frame):
-        global _interrupt_pending
-        if _interrupt_pending:
-            raise KeyboardInterrupt
-        _interrupt_pending = True
+        global _pending_signal
+        if _pending_signal:
+            _raise_for(signum)
+        _pending_signal = signum
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, record)
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, record)
 
 
 def deliver_interrupts() -> None:
-    """The end of start-up (a command's imports done): Ctrl-C raises KeyboardInterrupt again, now if
+    """The end of start-up (a command's imports done): Ctrl-C and SIGTERM raise from here on, now if
     one came during start-up."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    if _interrupt_pending:
-        raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, lambda signum, frame: _raise_for(signum))
+    if _pending_signal:
+        _raise_for(_pending_signal)
 
 
 class TrainingInterrupted(Exception):

@@ -226,12 +226,13 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_and_resume_to_the_same_weights(tmp
 
 
 def test_ctrl_c_at_start_up_in_eval_and_twice_in_training_exits_130_with_one_line(tmp_path, tiny_detr, shapes_root):
-    def interrupted(proc, times=1):
+    def interrupted(proc, times=1, sig=signal.SIGINT):
         for _ in range(times):
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             time.sleep(0.3)
         _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
+        code, says = (143, "terminated (SIGTERM)") if sig == signal.SIGTERM else (130, "interrupted")
+        assert proc.returncode == code and says in err and "Traceback" not in err, err[-2000:]
 
     start = subprocess.Popen([sys.executable, "-m", "dapft", "eval", "--model", tiny_detr, "--data", shapes_root,
                               "--output", str(tmp_path / "a")], stderr=subprocess.PIPE, text=True, env=ENV)
@@ -240,13 +241,16 @@ def test_ctrl_c_at_start_up_in_eval_and_twice_in_training_exits_130_with_one_lin
     from dapft.shapes import make_shapes_dataset
 
     many = make_shapes_dataset(tmp_path / "many", train_images=1, val_images=300, image_size=96)  # a long evaluation
-    evaluating = subprocess.Popen([sys.executable, "-m", "dapft", "eval", "--model", "dapft/tiny-rtdetr-shapes",
-                                   "--data", many, "--output", str(tmp_path / "b"), "--batch-size", "1",
-                                   "--num-workers", "0", "--device", "cpu"], stderr=subprocess.PIPE, text=True, env=ENV)
-    while not (tmp_path / "b" / ".dapft.lock").exists() and evaluating.poll() is None:
-        time.sleep(0.01)
-    time.sleep(2.5)  # data checked, model loaded: predicting
-    interrupted(evaluating)
+    for out, sig in (("b", signal.SIGINT), ("t", signal.SIGTERM)):  # SIGTERM: what `timeout` and SLURM send
+        evaluating = subprocess.Popen([sys.executable, "-m", "dapft", "eval", "--model", "dapft/tiny-rtdetr-shapes",
+                                       "--data", many, "--output", str(tmp_path / out), "--batch-size", "1",
+                                       "--num-workers", "0", "--device", "cpu"], stderr=subprocess.PIPE, text=True,
+                                      env=ENV)
+        while not (tmp_path / out / ".dapft.lock").exists() and evaluating.poll() is None:
+            time.sleep(0.01)
+        time.sleep(2.5)  # data checked, model loaded: predicting
+        interrupted(evaluating, sig=sig)
+        assert not (tmp_path / out).exists()  # the folder it made, and nothing written yet: gone with it
     args = ["finetune", "--model", tiny_detr, "--data", shapes_root, "--epochs", "50", *QUICK]
     interrupted(_start(args, tmp_path / "c", steps=1), times=2)  # the second Ctrl-C quits at once
 
