@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 
 from dapft.runtime import (TrainingInterrupted, console, defer_interrupts, deliver_interrupts,
-                           stopped_by_sigterm)
+                           ignore_further_signals, stopped_by_sigterm)
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -262,15 +262,6 @@ def make_dataset(
     console.print(f"wrote {train_images} train and {val_images} val images to {root}")
 
 
-def _exiting() -> None:
-    """Stopping on a signal, all saved: a further Ctrl-C (the impatient second one) would only turn the
-    exit into a traceback or a death by the signal at interpreter shutdown."""
-    import signal
-
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
-
-
 def run() -> None:
     """Console entry point: one clear line per error unless --debug; the shell's exit codes (1 an
     error, 130 Ctrl-C, 143 SIGTERM)."""
@@ -280,7 +271,7 @@ def run() -> None:
     except SystemExit:
         raise
     except TrainingInterrupted as exc:  # Ctrl-C or SIGTERM in a fine-tuning run, its checkpoint saved
-        _exiting()
+        ignore_further_signals()
         console.print(str(exc), style="red", markup=False, highlight=False)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
@@ -301,7 +292,7 @@ def run() -> None:
             console.print(f"[bold red]error:[/] {escape(message)}")  # user text may hold [brackets]
             sys.exit(1)
     if code == 130:  # typer answers Ctrl-C with 130, returned rather than raised without standalone mode
-        _exiting()
+        ignore_further_signals()
         code = 143 if stopped_by_sigterm() else 130
         console.print(("terminated (SIGTERM)" if code == 143 else "interrupted") + " (what was written before "
                       "stays; a fine-tuning run continues from its last checkpoint with the same command and "

@@ -89,9 +89,9 @@ class Trainer:
             images += len(batch["image_ids"]) * run.dist.world_size
             if st["batch_in_epoch"] % cfg.grad_accum and st["batch_in_epoch"] < run.batches_per_epoch:
                 continue  # accumulating
-            terms = self._optimizer_step(terms, torch.stack(losses))
+            values = self._optimizer_step(terms, torch.stack(losses))
             st["global_step"] += 1
-            record = _step_record(st, run, terms, time.perf_counter() - t_step, images)
+            record = _step_record(st, run, values, time.perf_counter() - t_step, images)
             self.log.write(record)
             bar.update(self.step_bar, advance=1, info=_bar_info(record))
             if cfg.save_every and st["global_step"] % cfg.save_every == 0:
@@ -187,11 +187,12 @@ class Trainer:
                                   "--resume", signum)
 
 
-def _step_record(st: dict, run, terms: dict[str, float], seconds: float, images: int) -> dict:
-    """A step's line in log.jsonl: where it is, its rate and gradient norm, its time, its loss terms."""
+def _step_record(st: dict, run, values: dict[str, float], seconds: float, images: int) -> dict:
+    """A step's line in log.jsonl: where it is, its rate, its time, and the values the optimizer
+    step read back (the gradient norm and the loss terms)."""
     return {"type": "step", "epoch": st["epoch"] + 1, "global_step": st["global_step"],
-            "lr": run.optimizer.param_groups[0]["lr"], "grad_norm": terms.pop("grad_norm"),
-            "step_seconds": round(seconds, 4), "images_per_second": round(images / max(seconds, 1e-9), 2), **terms}
+            "lr": run.optimizer.param_groups[0]["lr"], "grad_norm": values["grad_norm"],
+            "step_seconds": round(seconds, 4), "images_per_second": round(images / max(seconds, 1e-9), 2), **values}
 
 
 def _bar_info(record: dict) -> str:

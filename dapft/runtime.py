@@ -139,21 +139,18 @@ def write_json(path: Path, payload) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, default=str))
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what SLURM, Kubernetes and `timeout` send) outside a fine-tuning loop: the command
-    stops as on Ctrl-C, cleaning up as it goes, with the shell's status for it (143). A
-    KeyboardInterrupt, so that data-loader workers and libraries treat it as they treat Ctrl-C.
-    (Inside the loop, dapft.runtime.StopRequests saves a checkpoint first.)"""
-
-
 _pending_signal = 0
 _raised_signal = 0
 
 
 def _raise_for(signum: int):
+    """Ctrl-C and SIGTERM outside the training loop (inside it, StopRequests saves a checkpoint
+    first) both stop the command as Ctrl-C does, as a KeyboardInterrupt, so that data-loader workers,
+    libraries and the cleanup on the way out treat them alike; which one it was is kept for the exit
+    status (stopped_by_sigterm)."""
     global _raised_signal
     _raised_signal = signum
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    raise KeyboardInterrupt
 
 
 def stopped_by_sigterm() -> bool:
@@ -187,6 +184,14 @@ def deliver_interrupts() -> None:
         signal.signal(signal.SIGTERM, lambda signum, frame: _raise_for(signum))
     if _pending_signal:
         _raise_for(_pending_signal)
+
+
+def ignore_further_signals() -> None:
+    """Stopping on a signal, all saved: a further Ctrl-C (the impatient second one) would only turn the
+    exit into a traceback or a death by the signal at interpreter shutdown."""
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
 
 
 class TrainingInterrupted(Exception):

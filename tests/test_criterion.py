@@ -126,7 +126,6 @@ def test_the_momentum_estimate_moves_with_the_last_decoder_layer(name):
     torch.testing.assert_close(criterion.matcher.precision_ema, 0.9 + 0.1 * precision, atol=1e-6, rtol=0)
 
 
-
 def _layers_and_targets(num_layers: int = 3, batch: int = 2, queries: int = 20, classes: int = 5, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     boxes = [torch.cat([torch.rand(batch, queries, 2, generator=g) * 0.6 + 0.2,
