@@ -224,7 +224,7 @@ class StopRequests:
 
     def _handle(self, signum, frame):
         if self.signum:
-            raise KeyboardInterrupt
+            _raise_for(signum)  # the exit status is the second signal's (143 for SIGTERM), as outside the loop
         self.signum = signum
         self.log(f"{signal.Signals(signum).name}: saving a resumable checkpoint at the end of this step "
                  "(Ctrl-C again to quit at once, losing the steps since the last checkpoint)")

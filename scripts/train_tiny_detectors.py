@@ -14,6 +14,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,8 +41,10 @@ BUNDLED = {
     "rt_detr": dict(arch=dict(d_model=64, decoder_layers=3, num_queries=30, width=16), lr=2e-4, epochs=200,
                     lr_drop=130, eval_every=4, batch=8, name="tiny-rtdetr-shapes"),
     # Deformable DETR with iterative box refinement (the paper's Deformable baseline; focal loss, which
-    # ignores localisation quality). It starts from the backbone the bundled RT-DETR learnt on the same
-    # training images, as Deformable DETR starts from an ImageNet backbone, and trains it with the rest.
+    # ignores localisation quality). It starts from the backbone an RT-DETR learnt on the same training
+    # images, as Deformable DETR starts from an ImageNet backbone, and trains it with the rest: the
+    # first bundled RT-DETR's (40 epochs), read from git at the commit that added it (the bundled
+    # RT-DETR has been replaced since), its file hash checked.
     # Not the two-stage variant: transformers computes no loss for its encoder proposals, so from
     # scratch they would never learn to select anything. The official matching cost (classification
     # 2, L1 5, GIoU 2; transformers' default weighs the classification 1). The official loss weights
@@ -53,7 +56,8 @@ BUNDLED = {
     "deformable_detr_box_refine": dict(arch=dict(d_model=64, decoder_layers=3, num_queries=100, width=16,
                                                  encoder_layers=3, n_points=4), config=dict(class_cost=2),
                                        lr=2e-4, epochs=150, lr_drop=100, eval_every=5, batch=8,
-                                       backbone_from="tiny-rtdetr-shapes",
+                                       backbone_from=dict(name="tiny-rtdetr-shapes", commit="96b5d43", sha256=(
+                                           "054bc9a378bd33762588aef8c935fb528eb2378a2a9a153de113cab1915e72a7")),
                                        backbone_lr_multiplier=1.0, name="tiny-deformable-detr-shapes"),
 }
 DATA = dict(train_images=800, val_images=200, image_size=192, seed=0)
@@ -147,6 +151,22 @@ def transplant_backbone(path: Path, source: Path) -> None:
 INIT_RECORD = "dapft_init.json"  # what the starting weights were made from
 
 
+def checkpoint_at_commit(name: str, commit: str, dest: Path) -> Path:
+    """The bundled checkpoint `name` as it was at `commit`, written under `dest` (git show)."""
+    import subprocess
+
+    folder = f"dapft/checkpoints/{name}"
+    out = dest / name
+    out.mkdir(parents=True)
+    for file in ("config.json", "preprocessor_config.json", "model.safetensors"):
+        proc = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:{folder}/{file}"], capture_output=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"cannot read {folder}/{file} at commit {commit} ({proc.stderr.decode().strip()}); "
+                             "this reproduction needs a git clone of dapft with its history")
+        (out / file).write_bytes(proc.stdout)
+    return out
+
+
 def make_init(family: str, spec: dict, init: Path) -> None:
     """The starting checkpoint: random weights of the family's tiny architecture (DETR's with the
     original code's initialisation), a transplanted backbone where the spec says so, its config
@@ -159,10 +179,16 @@ def make_init(family: str, spec: dict, init: Path) -> None:
     if family == "detr":
         reference_detr_init(init)
     if "backbone_from" in spec:
-        source = REPO / "dapft" / "checkpoints" / spec["backbone_from"]
-        transplant_backbone(init, source)
-        digest = hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()
-        record["backbone_from"] = {"checkpoint": f"dapft/{spec['backbone_from']}", "model.safetensors sha256": digest}
+        src = spec["backbone_from"]
+        with tempfile.TemporaryDirectory() as tmp:
+            source = checkpoint_at_commit(src["name"], src["commit"], Path(tmp))
+            digest = hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()
+            if digest != src["sha256"]:
+                raise SystemExit(f"{source}: model.safetensors at commit {src['commit']} has sha256 {digest}, "
+                                 f"not {src['sha256']}; the starting weights would differ from the bundled run's")
+            transplant_backbone(init, source)
+        record["backbone_from"] = {"checkpoint": f"dapft/{src['name']}", "commit": src["commit"],
+                                   "model.safetensors sha256": digest}
     if spec.get("config"):
         set_config(init, spec["config"])
     (init / INIT_RECORD).write_text(json.dumps(record, indent=2))

@@ -225,7 +225,8 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_and_resume_to_the_same_weights(tmp
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
 
 
-def test_ctrl_c_at_start_up_in_eval_and_twice_in_training_exits_130_with_one_line(tmp_path, tiny_detr, shapes_root):
+def test_ctrl_c_and_sigterm_at_start_up_in_eval_and_twice_in_training_exit_by_the_signal_with_one_line(
+        tmp_path, tiny_detr, shapes_root):
     def interrupted(proc, times=1, sig=signal.SIGINT):
         for _ in range(times):
             proc.send_signal(sig)
@@ -253,6 +254,7 @@ def test_ctrl_c_at_start_up_in_eval_and_twice_in_training_exits_130_with_one_lin
         assert not (tmp_path / out).exists()  # the folder it made, and nothing written yet: gone with it
     args = ["finetune", "--model", tiny_detr, "--data", shapes_root, "--epochs", "50", *QUICK]
     interrupted(_start(args, tmp_path / "c", steps=1), times=2)  # the second Ctrl-C quits at once
+    interrupted(_start(args, tmp_path / "d", steps=1), times=2, sig=signal.SIGTERM)  # and a second SIGTERM: 143
 
 
 # ---------------------------------------------------------------------------------------------- data as it comes
