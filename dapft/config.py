@@ -96,7 +96,8 @@ def _as_flag(name: str, value) -> str:
 
 
 def resumed_config(requested: FinetuneConfig, saved: dict, where: Path) -> FinetuneConfig:
-    """The config a resumed run continues with: the run's own, but for RESUMABLE_CHANGES."""
+    """The config a resumed run continues with: the run's own, but for RESUMABLE_CHANGES, and more
+    --epochs for a run with a step schedule (--lr-drop)."""
     may_change = ", ".join("--" + k.replace("_", "-") for k in RESUMABLE_CHANGES)
     defaults = FinetuneConfig(model=requested.model)
     out = dataclasses.replace(requested)
@@ -107,10 +108,15 @@ def resumed_config(requested: FinetuneConfig, saved: dict, where: Path) -> Finet
         given = f.name in requested.given if requested.given is not None else asked != getattr(defaults, f.name)
         same = asked == saved[f.name] or (f.name == "freeze_backbone" and same_freezing(
             asked, saved[f.name], saved.get("extra") or {}))  # --train-backbone where the recipe trains it all
+        if given and f.name == "epochs" and saved.get("lr_drop") is not None and asked > saved[f.name]:
+            continue  # train longer (DETR's --epochs with --resume): a step schedule's rates do not depend on the total
         if given and not same:
+            hint = (" (a run with the last-epoch rate drop cannot be lengthened: its last epoch trained at a tenth "
+                    "of the rate; one with --lr-drop can)" if f.name == "epochs" else "")
             raise ValueError(f"{where}: {_as_flag(f.name, asked)} differs from the run's "
                              f"{_as_flag(f.name, saved[f.name])}; a resumed run keeps its settings (only "
-                             f"{may_change} may change): drop the flag, or start a new run in another --output")
+                             f"{may_change} may change{hint}): drop the flag, or start a new run in another "
+                             "--output")
         setattr(out, f.name, saved[f.name])
     return out
 

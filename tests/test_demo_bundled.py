@@ -35,6 +35,19 @@ def test_bundled_checkpoint_reproduces_its_recorded_validation_ap(name, tmp_path
     assert sum(f.stat().st_size for f in folder.iterdir()) < 10 * 2**20  # a few MB
 
 
+@pytest.mark.parametrize("name", bundled_models())
+def test_bundled_checkpoint_was_trained_to_a_plateau(name):
+    """What REPRODUCTION.md's A/B needs: a converged detector. At most 0.5 AP points gained over the
+    last quarter of its evaluations, all of them after the rate was lowered; the weights bundled are
+    the best evaluation's."""
+    meta = json.loads((BUNDLED_DIR / name.split("/", 1)[1] / "bundled.json").read_text())
+    history, epochs = meta["val_history"], meta["val_epochs"]
+    cut = len(history) - max(1, len(history) // 4)
+    assert cut >= 1 and max(history[cut:]) - max(history[:cut]) <= 0.005
+    assert meta["lr_drop_epoch"] < epochs[cut] and meta["plateau"] is True
+    assert max(history) == pytest.approx(meta["val"]["AP"], abs=1e-5)
+
+
 def test_demo_runs_and_reports_before_and_after(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dapft", "demo", "--output", str(tmp_path / "demo"), "--train-images",
                            "40", "--val-images", "20", "--epochs", "1", "--num-workers", "0", "--no-progress"],

@@ -83,6 +83,19 @@ def test_resume_takes_what_may_change(name):
     assert getattr(resumed_config(requested, saved, Path("runs/x")), name) == value
 
 
+def test_a_run_with_a_step_schedule_may_be_lengthened_on_resume_and_no_other():
+    """Training longer is resuming with more --epochs, as DETR's users do: with a step schedule the
+    rates of the epochs done do not depend on the total. With the last-epoch drop they did."""
+    step = {**_saved(), "lr_drop": 3}
+    longer = dataclasses.replace(FinetuneConfig(model=step["model"]), epochs=9, given=("epochs",))
+    assert resumed_config(longer, step, Path("runs/x")).epochs == 9
+    shorter = dataclasses.replace(longer, epochs=3)
+    with pytest.raises(ValueError, match="--epochs 3 differs"):
+        resumed_config(shorter, step, Path("runs/x"))
+    with pytest.raises(ValueError, match="last-epoch rate drop cannot be lengthened"):
+        resumed_config(longer, _saved(), Path("runs/x"))
+
+
 @pytest.mark.parametrize("epochs, lr_drop, factors", [
     (1, None, [1.0]),  # one epoch: the fine-tuning rate (the drop would leave no epoch at it)
     (2, None, [1.0, 0.1]),
