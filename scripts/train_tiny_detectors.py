@@ -52,8 +52,8 @@ BUNDLED = {
     # weights, so its 1 : 5 : 2 stays. Batch 8 (the step costs little more than batch 4's on CPU).
     # 20 epochs of this at a constant rate (2026-11-30, REPRODUCTION.md) left the class-prior plateau
     # slowly (loss_ce 0.535 -> 0.481, AP 3.3): hence 150 epochs, the rate /10 after 100, evaluated
-    # every 5 epochs. Those 150 gained 0.55 AP over the last quarter of the evaluations (19.76 by
-    # epoch 115, 20.31 at 135): not a plateau by 0.05, so the run went on to 200 epochs at the lowered
+    # every 5 epochs. Those 150 gained 0.92 AP over the last quarter of the evaluations (19.76 by
+    # epoch 115, 20.68 at 150): not a plateau, so the run went on to 200 epochs at the lowered
     # rate (resumed with more --epochs; the same as 200 from the start).
     "deformable_detr_box_refine": dict(arch=dict(d_model=64, decoder_layers=3, num_queries=100, width=16,
                                                  encoder_layers=3, n_points=4), config=dict(class_cost=2),
