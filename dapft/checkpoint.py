@@ -42,6 +42,12 @@ def save_checkpoint(path: Path, model, processor, trainer_state: dict | None, in
         torch.save(trainer_state, tmp / "trainer_state.pt")
     if card is not None:
         (tmp / "README.md").write_text(card, encoding="utf-8")
+    # transformers writes model.safetensors for its owner alone (0600: a temporary file renamed). A
+    # checkpoint is shared like every other output, so its files all take the mode the umask gave
+    # the config file.
+    mode = (tmp / "config.json").stat().st_mode & 0o777
+    for p in tmp.iterdir():
+        p.chmod(mode)
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / MANIFEST).write_text(json.dumps({"files": files, **info}, indent=2, default=str), encoding="utf-8")
     shutil.rmtree(old, ignore_errors=True)

@@ -251,7 +251,8 @@ def main() -> None:
             dest = REPO / "dapft" / "checkpoints" / spec["name"]
             shutil.rmtree(dest, ignore_errors=True)
             shutil.copytree(run / "checkpoint-best", dest)
-            (dest / "dapft_checkpoint.json").unlink(missing_ok=True)
+            for run_only in ("dapft_checkpoint.json", "README.md"):  # the run's manifest and model card
+                (dest / run_only).unlink(missing_ok=True)
             model_family = "deformable_detr" if family.startswith("deformable_detr") else family  # recipe name
             # Its own recipe, so that `dapft finetune` applies the paper's schedule relative to how
             # this model was trained: rate / 10 (/ 100 in the last epoch), 10% of its epochs.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -124,6 +125,10 @@ def test_finetune_then_eval_of_the_checkpoint_matches_the_report(tmp_path, tiny_
     assert report["before"] is not None and report["after"] is not None
     for f in ("report.md", "curves.png", "config.json", "log.jsonl", "checkpoint-best/config.json"):
         assert (run / f).exists(), f
+    umask = os.umask(0)
+    os.umask(umask)
+    for ckpt in ("checkpoint-last", "checkpoint-best"):  # readable by whoever may read the run (transformers: 0600)
+        assert {f.stat().st_mode & 0o777 for f in (run / ckpt).iterdir()} == {0o666 & ~umask}, ckpt
     # The matching diagnostic: logged every step, summarised in the report.
     steps = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if '"type": "step"' in x]
     assert all(0 <= s["match_vs_model"] <= 1 for s in steps)
