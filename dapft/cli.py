@@ -225,8 +225,8 @@ _sweep_signature()
 def demo(
     output: str = typer.Option("runs/demo", "--output", "-o", help="Data and run directory."),
     model: str = typer.Option("dapft/tiny-rtdetr-shapes", help="A detector trained on shapes (bundled ones: dapft/...)."),
-    epochs: Optional[int] = typer.Option(None, help="Fine-tuning epochs (default 4; the bundled recipes' paper "
-                                         "schedule is 20 for the RT-DETR, 15 for the Deformable DETR)."),
+    epochs: Optional[int] = typer.Option(None, help="Fine-tuning epochs (default 4; the paper's schedule for the "
+                                         "bundled detectors is 12: 10% of their 200, at most 12)."),
     train_images: int = typer.Option(400, help="Generated training images."),
     val_images: int = typer.Option(200, help="Generated validation images."),
     num_workers: Optional[int] = typer.Option(None, help="Data loading workers (default: none on CPU)."),

@@ -7,8 +7,8 @@ library function behind it).
     python scripts/reproduce.py --seeds 2 --grid loss                  # a quicker look, every model
 
 From the same weights, with the paper's schedule relative to how each detector was trained (the
-checkpoint's `dapft_recipe.yaml`: its rate / 10, / 100 in the last epoch, 10% of its epochs), no
-model EMA in any arm, the last evaluation's AP reported, 100 training images scored too:
+checkpoint's `dapft_recipe.yaml`: its rate / 10, / 100 in the last epoch, 10% of its epochs, at most
+12), no model EMA in any arm, the last evaluation's AP reported, 100 training images scored too:
 - `loss`: the control the paper lacked. The model's own loss against `dap` and `dap+original`
   (the model's own matcher), seeds 0..N-1, paired by seed. Every model.
 - `matcher` (the paper's Table 2): `dap` with the constant, momentum and original matchers against
