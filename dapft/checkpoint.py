@@ -47,7 +47,8 @@ def save_checkpoint(path: Path, model, processor, trainer_state: dict | None, in
     # the config file.
     mode = (tmp / "config.json").stat().st_mode & 0o777
     for p in tmp.iterdir():
-        p.chmod(mode)
+        if p.is_file():
+            p.chmod(mode)
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / MANIFEST).write_text(json.dumps({"files": files, **info}, indent=2, default=str), encoding="utf-8")
     shutil.rmtree(old, ignore_errors=True)

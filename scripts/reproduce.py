@@ -17,14 +17,13 @@ checkpoint's `dapft_recipe.yaml`: its rate / 10, / 100 in the last epoch, 10% of
   Deformable DETR.
 A model's grids share one directory, so a run two grids name alike (the original loss, seed 0, in
 all three) runs once. Runs are resumable: the same command again keeps finished runs and resumes an
-interrupted one. Each grid's table and plot go to WORK/<model>/<grid>.md and .png (each sweep rewrites sweep.md);
-all of them are printed and written to WORK/tables.md.
+interrupted one. Each grid's table and plot go to WORK/<model>/<grid>.md and .png (each sweep
+rewrites sweep.md); all of them are printed and written to WORK/tables.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
