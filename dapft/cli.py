@@ -238,7 +238,7 @@ def demo(
     deliver_interrupts()
 
     report = run(output, model=model, train_images=train_images, val_images=val_images,
-                 num_workers=num_workers, progress=progress, **({"epochs": epochs} if epochs else {}))
+                 num_workers=num_workers, progress=progress, **({"epochs": epochs} if epochs is not None else {}))
     console.print(metrics_table({"before": report["before"], "after DAP": report["after"]}, deltas_from="before"))
     _print_delta(report)
 

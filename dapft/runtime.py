@@ -139,8 +139,16 @@ def write_json(path: Path, payload) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, default=str))
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what SLURM, Kubernetes and `timeout` send
 _pending_signal = 0
 _raised_signal = 0
+
+
+def _on_stop_signals(handler) -> None:
+    """Handle both stop signals with `handler` (only the main thread may set handlers)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            signal.signal(s, handler)
 
 
 def _raise_for(signum: int):
@@ -171,9 +179,7 @@ def defer_interrupts() -> None:
             _raise_for(signum)
         _pending_signal = signum
 
-    if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, record)
+    _on_stop_signals(record)
 
 
 def deliver_interrupts() -> None:
@@ -189,9 +195,7 @@ def deliver_interrupts() -> None:
 def ignore_further_signals() -> None:
     """Stopping on a signal, all saved: a further Ctrl-C (the impatient second one) would only turn the
     exit into a traceback or a death by the signal at interpreter shutdown."""
-    if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, signal.SIG_IGN)
+    _on_stop_signals(signal.SIG_IGN)
 
 
 class TrainingInterrupted(Exception):
@@ -208,14 +212,12 @@ class StopRequests:
     the length of a run: the first asks the loop to save a resumable checkpoint at the next step
     boundary and stop (`signum` says which came); a second one stops at once."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
     def __init__(self, log):
         self.signum, self.log, self.previous = 0, log, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            self.previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc):
