@@ -100,7 +100,7 @@ def resumed_config(requested: FinetuneConfig, saved: dict, where: Path) -> Finet
     --epochs for a run with a step schedule (--lr-drop)."""
     may_change = ", ".join("--" + k.replace("_", "-") for k in RESUMABLE_CHANGES)
     defaults = FinetuneConfig(model=requested.model)
-    out = dataclasses.replace(requested)
+    out, differing, hint = dataclasses.replace(requested), [], ""
     for f in dataclasses.fields(FinetuneConfig):
         if f.name in RESUMABLE_CHANGES or f.name in NOT_SETTINGS or f.name not in saved:
             continue
@@ -111,13 +111,15 @@ def resumed_config(requested: FinetuneConfig, saved: dict, where: Path) -> Finet
         if given and f.name == "epochs" and saved.get("lr_drop") is not None and asked > saved[f.name]:
             continue  # train longer (DETR's --epochs with --resume): a step schedule's rates do not depend on the total
         if given and not same:
-            hint = (" (a run with the last-epoch rate drop cannot be lengthened: its last epoch trained at a tenth "
-                    "of the rate; one with --lr-drop can)" if f.name == "epochs" else "")
-            raise ValueError(f"{where}: {_as_flag(f.name, asked)} differs from the run's "
-                             f"{_as_flag(f.name, saved[f.name])}; a resumed run keeps its settings (only "
-                             f"{may_change} may change{hint}): drop the flag, or start a new run in another "
-                             "--output")
+            differing.append(f"{_as_flag(f.name, asked)} differs from the run's {_as_flag(f.name, saved[f.name])}")
+            if f.name == "epochs":
+                hint = (" (a run with the last-epoch rate drop cannot be lengthened: its last epoch trained at a "
+                        "tenth of the rate; one with --lr-drop can)")
         setattr(out, f.name, saved[f.name])
+    if differing:  # all of them at once: one fix, not one refusal per flag
+        raise ValueError(f"{where}: {'; '.join(differing)}; a resumed run keeps its settings (only {may_change} "
+                         f"may change{hint}): drop the flag{'s' if len(differing) > 1 else ''}, or start a new run "
+                         "in another --output")
     return out
 
 
