@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dapft.config import check_choices
 from dapft.engine import FinetuneConfig, finetune
 from dapft.runtime import console
 from dapft.shapes import make_shapes_dataset
@@ -22,12 +23,12 @@ def demo(output: str | Path = "runs/demo", *, model: str = DEFAULT_MODEL, train_
     DAP fine-tune with the paper's rates from the detector's recipe, DEMO_EPOCHS long (epochs=None:
     the recipe's 10% of the original training)."""
     out = Path(output)
-    data = out / "data"
-    if not (data / "annotations" / "instances_val2017.json").exists():
-        console.print(f"generating shapes data (seed {seed}) in {data}", markup=False)
-        make_shapes_dataset(data, train_images=train_images, val_images=val_images, seed=seed)
-    run = out / "run"
+    data, run = out / "data", out / "run"
     cfg = FinetuneConfig(model=model, data=str(data), output=str(run), loss=loss, epochs=epochs, seed=seed,
                          device="cpu", num_workers=num_workers, progress=progress,
                          resume=(run / "checkpoint-last").exists())
+    check_choices(cfg)  # a bad count is refused before the data is made, not after
+    if not (data / "annotations" / "instances_val2017.json").exists():
+        console.print(f"generating shapes data (seed {seed}) in {data}", markup=False)
+        make_shapes_dataset(data, train_images=train_images, val_images=val_images, seed=seed)
     return finetune(cfg)

@@ -49,6 +49,10 @@ def test_bundled_checkpoint_was_trained_to_a_plateau(name):
 
 
 def test_demo_runs_and_reports_before_and_after(tmp_path):
+    refused = subprocess.run([sys.executable, "-m", "dapft", "demo", "--output", str(tmp_path / "zero"), "--epochs",
+                              "0"], capture_output=True, text=True, env=ENV, timeout=600)
+    assert refused.returncode == 1 and "--epochs must be at least 1" in " ".join(refused.stderr.split())
+    assert not (tmp_path / "zero" / "data").exists()  # refused before the data is made
     proc = subprocess.run([sys.executable, "-m", "dapft", "demo", "--output", str(tmp_path / "demo"), "--train-images",
                            "40", "--val-images", "20", "--epochs", "1", "--num-workers", "0", "--no-progress"],
                           capture_output=True, text=True, env=ENV, timeout=600)
