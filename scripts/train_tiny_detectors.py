@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dapft.config import FinetuneConfig, load_recipe  # noqa: E402
-from dapft.engine import finetune  # noqa: E402
+from dapft.engine import TrainingInterrupted, finetune  # noqa: E402
 from dapft.shapes import CLASSES, make_shapes_dataset  # noqa: E402
 from dapft.tiny import save_tiny_checkpoint  # noqa: E402
 
@@ -232,13 +232,17 @@ def main() -> None:
         # RT-DETR collapse to a loss plateau; 2e-4 trains), /10 in the last epoch (lr_factor). A
         # random backbone must train (no recipe freezing), and no EMA: each epoch's AP is the
         # model's own, so that the plateau below reads the training, not the average's lag.
-        report = finetune(FinetuneConfig(
-            model=str(init), data=str(data), output=str(run), loss="original", epochs=epochs,
-            batch_size=spec["batch"], lr=spec["lr"], lr_drop=spec.get("lr_drop"), eval_every=spec.get("eval_every", 1),
-            seed=0, device="cpu", save_every=args.save_every,
-            backbone_lr_multiplier=spec.get("backbone_lr_multiplier", 1.0),
-            num_workers=args.num_workers, eval_before=False, freeze_backbone=False, ema=False,
-            resume=(run / "checkpoint-last").exists()))
+        try:
+            report = finetune(FinetuneConfig(
+                model=str(init), data=str(data), output=str(run), loss="original", epochs=epochs,
+                batch_size=spec["batch"], lr=spec["lr"], lr_drop=spec.get("lr_drop"),
+                eval_every=spec.get("eval_every", 1), seed=0, device="cpu", save_every=args.save_every,
+                backbone_lr_multiplier=spec.get("backbone_lr_multiplier", 1.0),
+                num_workers=args.num_workers, eval_before=False, freeze_backbone=False, ema=False,
+                resume=(run / "checkpoint-last").exists()))
+        except TrainingInterrupted as stopped:  # Ctrl-C / SIGTERM: checkpoint saved; the same command resumes
+            print(f"{stopped} (this script adds --resume itself: rerun it as it was)", file=sys.stderr)
+            sys.exit(stopped.exit_code)
         best = report["best"]
         evals = [h for h in report["history"] if h["tag"] != "before"]
         history = [h["AP"] for h in evals]
