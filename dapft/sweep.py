@@ -113,13 +113,14 @@ def same_settings(cfg: FinetuneConfig, run_dir: Path) -> None:
     if not (run_dir / "config.json").is_file():
         return
     saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    for f in dataclasses.fields(FinetuneConfig):
-        asked = getattr(cfg, f.name)
-        if f.name in RESUMABLE_CHANGES or f.name in NOT_SETTINGS or asked is None or f.name not in saved:
-            continue  # None: the recipe's value, which the run resolved
-        if saved[f.name] != asked:
-            raise ValueError(f"{run_dir}: that run was made with {f.name} = {saved[f.name]!r}, this sweep asks for "
-                             f"{asked!r}; give this sweep another --output (or delete that folder to redo the run)")
+    differing = [f"{f.name} = {saved[f.name]!r} (this sweep asks for {getattr(cfg, f.name)!r})"
+                 for f in dataclasses.fields(FinetuneConfig)
+                 if f.name not in RESUMABLE_CHANGES and f.name not in NOT_SETTINGS and f.name in saved
+                 and getattr(cfg, f.name) is not None  # None: the recipe's value, which the run resolved
+                 and saved[f.name] != getattr(cfg, f.name)]
+    if differing:  # every one at once
+        raise ValueError(f"{run_dir}: that run was made with {', '.join(differing)}; give this sweep another "
+                         "--output (or delete that folder to redo the run)")
 
 
 def _before_identity(base: FinetuneConfig) -> dict:

@@ -90,11 +90,11 @@ def test_a_sweep_run_again_with_other_fixed_settings_is_refused_and_a_stale_befo
             "--loss", "dap,dap+box", "--max-eval-images", "2", "--max-train-images", "8", *COMMON]
     dapft(*base)
     before = json.loads((out / "before.json").read_text())
-    for flag, says in ((["--lr", "0.001"], "made with lr = 1e-05"), (["--seed", "1"], "made with seed = 0"),
-                       (["--sigma", "0.1"], "made with sigma = 0.05")):
-        proc = dapft(*base, *flag, check=False)
-        message = _one_line(proc)
-        assert proc.returncode == 1 and says in message and "another --output" in message, message
+    proc = dapft(*base, "--lr", "0.001", "--seed", "1", "--sigma", "0.1", check=False)
+    message = _one_line(proc)
+    assert proc.returncode == 1 and "another --output" in message, message
+    for says in ("lr = 1e-05 (this sweep asks for 0.001)", "seed = 0 (", "sigma = 0.05 (this sweep asks for 0.1)"):
+        assert says in message, message  # every differing setting named in the one refusal
     # The shared evaluation before fine-tuning belongs to a model, data and subset: another subset
     # (with runs of its own) evaluates again instead of reusing it.
     shutil.rmtree(out / "loss=dap")
