@@ -180,6 +180,9 @@ def sweep(**options):
     console.print(f"sweep done: {len(summary['runs'])} runs" + (f", {len(failed)} failed ({', '.join(failed)})"
                                                                  if failed else "")
                   + f"; summary: {escape(str(Path(options['output']) / 'sweep.md'))}")
+    if len(summary["software"]) > 1:
+        console.print(f"[yellow]warning:[/] the runs ran on {len(summary['software'])} different versions of the "
+                      "code; sweep.md names them (a comparison across versions is not one of settings alone)")
     if failed:
         raise typer.Exit(1)
 

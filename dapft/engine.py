@@ -19,7 +19,7 @@ from dapft.assemble import assemble, write_config
 from dapft.config import FinetuneConfig, lr_factor
 from dapft.evaluate import evaluate_split
 from dapft.metrics import STAT_NAMES
-from dapft.runtime import OutputFolder, StopRequests, TrainingInterrupted, make_progress
+from dapft.runtime import OutputFolder, StopRequests, TrainingInterrupted, make_progress, software
 from dapft.state import RunLog, apply_patience, new_state, record_evaluation, resume_run, save_run
 
 __all__ = ["FinetuneConfig", "Trainer", "TrainingInterrupted", "finetune"]
@@ -40,6 +40,11 @@ class Trainer:
         skipped = {"train": run.splits["train"].skipped, "val": run.splits["val"].skipped}
         self.state = resume_run(run) if self.cfg.resume else new_state(skipped)
         apply_patience(self.state, self.cfg)
+        # The code this run trained under (plain strings: trainer_state.pt loads weights-only); a
+        # resume under other code adds an entry, which the report names.
+        ran_on, now = self.state.setdefault("software", []), software()
+        if not ran_on or ran_on[-1] != now:
+            ran_on.append(now)
         self.log.truncate(self.state["global_step"])
         write_config(run)
 

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dapft.metrics import STAT_NAMES, CocoMetrics  # noqa: E402
-from dapft.runtime import atomic_write_text  # noqa: E402
+from dapft.runtime import atomic_write_text, software_line  # noqa: E402
 from dapft.state import read_log  # noqa: E402
 
 HEADLINE = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
@@ -214,7 +214,7 @@ def write_run_report(run_dir: Path, cfg, family: str, state: dict, freezing) -> 
                "global_steps": state["global_step"], "stopped_early": state.get("stopped_early"),
                "parameters": dataclasses.asdict(freezing),
                "evaluated_weights": "ema" if cfg.ema else "model", "skipped": state.get("skipped"),
-               "config": dataclasses.asdict(cfg)}
+               "software": state.get("software", []), "config": dataclasses.asdict(cfg)}
     atomic_write_text(run_dir / "report.json", json.dumps(payload, indent=2, default=str))
     lines = [f"# Fine-tuning `{cfg.model}` ({family}) with `{cfg.loss}`", "",
              f"Matcher {cfg.matcher}, sigma {cfg.sigma}, {cfg.bins} bins, {_epochs(cfg.epochs)} "
@@ -249,6 +249,10 @@ def write_run_report(run_dir: Path, cfg, family: str, state: dict, freezing) -> 
         lines += ["Annotations skipped or changed (as COCO / DETR training would): " + "; ".join(
             f"{split}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) for split, counts in skipped.items())
             + _SKIP_NOTE, ""]
+    ran_on = state.get("software", [])
+    if ran_on:
+        lines += ["Ran on " + software_line(ran_on[0]) + "".join(
+            f"; resumed on {software_line(s)}" for s in ran_on[1:]) + ".", ""]
     lines += [f"Training time: {state['elapsed']:.0f} s.", "", "![curves](curves.png)", ""]
     if per_class_after:
         lines += ["## AP per class (last evaluation)", "", per_class_table(per_class_before, per_class_after), ""]

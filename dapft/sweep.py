@@ -14,7 +14,14 @@ from pathlib import Path
 
 from dapft.config import NOT_SETTINGS, RESUMABLE_CHANGES, FinetuneConfig, check_choices
 from dapft.engine import finetune
-from dapft.runtime import OutputFolder, TrainingInterrupted, atomic_write_text, console, write_json
+from dapft.runtime import (
+    OutputFolder,
+    TrainingInterrupted,
+    atomic_write_text,
+    console,
+    software_line,
+    write_json,
+)
 
 # Settings a sweep may vary (FinetuneConfig fields), in the order run names list them.
 SWEEPABLE = ("loss", "matcher", "sigma", "bins", "batch_size", "lr", "seed")
@@ -61,16 +68,17 @@ def sweep(base: FinetuneConfig, grid: dict[str, list]) -> dict:
         for setting, cfg in zip(settings, configs):  # folders of another sweep refused before any run
             same_settings(cfg, root / run_name(setting))
         before = _shared_before(root, base)
-        rows = []
+        rows, software = [], []
         for setting, cfg in zip(settings, configs):
             report, failure = _run_one(root / run_name(setting), cfg, before)
+            software += [s for s in report.get("software", []) if s not in software]
             if before is None and report.get("before") is not None:
                 before = report["before"]
                 write_json(root / "before.json", {"for": _before_identity(base), "metrics": before})
             rows.append({**setting, "seed": cfg.seed, "run": run_name(setting), "failed": failure,
                          **{m: (report.get("after") or {}).get(m) for m in METRICS},
                          **{m: (report.get("train_after") or {}).get(m[6:]) for m in TRAIN_METRICS}})
-        summary = summarize(rows, [k for k in SWEEPABLE if k in grid], before)
+        summary = {**summarize(rows, [k for k in SWEEPABLE if k in grid], before), "software": software}
         _write(root, summary)
     return summary
 
@@ -205,6 +213,15 @@ def _write(root: Path, summary: dict) -> None:
     if before is not None:
         lines += [f"Before fine-tuning (evaluated once, shared by every run): AP {_pts(before['AP'])}, "
                   f"AP50 {_pts(before['AP50'])}, AP75 {_pts(before['AP75'])}.", ""]
+    software = summary.get("software", [])
+    if len(software) == 1:
+        lines += [f"Every run on {software_line(software[0])}.", ""]
+    elif software:  # a comparison across these mixes the change of code with the change of setting
+        lines += [f"**The runs ran on {len(software)} different versions of the code** (each run's report.md "
+                  "names its own): "
+                  + "; ".join(software_line(s) for s in software) + ". A paired difference between runs of two "
+                  "versions mixes the change of code with the change of setting: delete the runs of the other "
+                  "versions and run the sweep again.", ""]
     lines += ["## Per setting (mean ± sd over seeds)", "", "| setting | seeds | " + " | ".join(metrics) + " |",
               "|---|---:|" + "---:|" * len(metrics)]
     for s in summary["settings"]:

@@ -135,6 +135,15 @@ def test_finetune_then_eval_of_the_checkpoint_matches_the_report(tmp_path, tiny_
     assert report["matching"]["steps"] == len(steps)
     assert report["matching"]["vs_model"] == pytest.approx(sum(s["match_vs_model"] for s in steps) / len(steps))
     assert "to another query than the model's own matcher would" in (run / "report.md").read_text()
+    # The code the run trained on, named in its report: here a git checkout, so its commit.
+    import dapft as package
+
+    checkout = Path(package.__file__).resolve().parent.parent
+    head = subprocess.run(["git", "-C", checkout, "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    [ran_on] = report["software"]
+    assert ran_on["dapft"] == package.__version__ and ran_on["torch"] == torch.__version__
+    assert ran_on["commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert f"Ran on dapft {package.__version__}" in (run / "report.md").read_text()
     ev = tmp_path / "eval"
     dapft("eval", "--model", run / "checkpoint-last", "--data", shapes_root, "--output", ev, "--num-workers", "0",
           "--no-progress", "--batch-size", "3", "--evaluator", "pycocotools")
@@ -311,6 +320,11 @@ def test_sweep_skips_finished_settings(tmp_path, tiny_detr, shapes_root):
     rows = json.loads((out / "sweep.json").read_text())["runs"]
     assert [r["sigma"] for r in rows] == [0.02, 0.1]
     assert (out / "sweep.png").exists() and (out / "sweep.md").exists()
+    assert "Every run on dapft" in (out / "sweep.md").read_text()
+    # A finished run of other code (as after a `git pull`) stays, and the sweep says so.
+    kept = json.loads((out / "sigma=0.02" / "report.json").read_text())
+    kept["software"][0]["commit"] = "0123456789" * 4
+    (out / "sigma=0.02" / "report.json").write_text(json.dumps(kept))
     first = (out / "sigma=0.02" / "report.json").stat().st_mtime_ns
     shutil.rmtree(out / "sigma=0.1" / "checkpoint-best")
     (out / "sigma=0.1" / "report.json").unlink()  # as if that run had been interrupted after its last save
@@ -319,6 +333,9 @@ def test_sweep_skips_finished_settings(tmp_path, tiny_detr, shapes_root):
     assert "sigma=0.1 (resuming)" in proc.stderr
     assert (out / "sigma=0.02" / "report.json").stat().st_mtime_ns == first
     assert (out / "sigma=0.1" / "report.json").exists()
+    assert "2 different versions of the code" in " ".join(proc.stderr.split())
+    assert len(json.loads((out / "sweep.json").read_text())["software"]) == 2
+    assert "commit 0123456789" in (out / "sweep.md").read_text()
 
 
 def test_sweep_over_loss_and_seed_pairs_each_setting_with_the_original_loss(tmp_path, tiny_detr, shapes_root):
