@@ -16,7 +16,7 @@ import torch
 from rich.markup import escape
 
 from dapft import distributed as dist_utils
-from dapft.checkpoint import find_resumable
+from dapft.checkpoint import MANIFEST, find_resumable
 from dapft.config import FinetuneConfig, check_choices, resolve, resumed_config
 from dapft.criterion import DAPCriterion, install_loss
 from dapft.data import CocoSplit, LabelMap, first_images, load_split, read_label_map, resolve_split
@@ -119,8 +119,17 @@ def _settings_of_this_run(requested: FinetuneConfig, out: Path, main: bool) -> F
         raise FileExistsError(f"{out}: a run already exists here; pass --resume to continue it, "
                               "or choose another --output")
     if requested.resume and started:
-        return resumed_config(requested, _read_config(out), out)
+        return resumed_config(requested, _read_config(out), out, reached=_epoch_reached(find_resumable(out)))
     return requested
+
+
+def _epoch_reached(checkpoint: Path) -> int:
+    """The (0-based) epoch a checkpoint was saved in; 0 where its manifest is unreadable (resuming
+    from it then stops on that, with its own message)."""
+    try:
+        return int(json.loads((checkpoint / MANIFEST).read_text(encoding="utf-8"))["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _read_config(out: Path) -> dict:

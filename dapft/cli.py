@@ -51,8 +51,9 @@ def finetune(
     average: str = typer.Option("pooled", help="pooled (the paper) | per_class (COCO's class mean)."),
     momentum: float = typer.Option(0.99, help="EMA factor m of the momentum matcher (Eq. 13)."),
     epochs: Optional[int] = typer.Option(None, help="Default: the recipe's (10% of pre-training, at most 12)."),
-    lr_drop: Optional[int] = typer.Option(
-        None, help="Drop the rate tenfold after N epochs (default: for the last epoch only, the paper's)."),
+    lr_drop: Optional[str] = typer.Option(
+        None, metavar="N[,N...]", help="Drop the rate tenfold after N epochs, or after each of several (100,450: a multi-step "
+                   "schedule). Default: for the last epoch only, the paper's."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (smoke runs)."),
     batch_size: Optional[int] = typer.Option(None, help="Global batch size (default: the recipe's)."),
     grad_accum: int = typer.Option(1, help="Gradient accumulation steps."),
@@ -99,6 +100,7 @@ def finetune(
 
     # By name: typer may bring its own copy of click's ParameterSource enum.
     given = tuple(k for k in ctx.params if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE")
+    options["lr_drop"] = _drops(options["lr_drop"])
     cfg = FinetuneConfig(**options, command=shlex.join(["dapft", *sys.argv[1:]]), given=given)
     report = run(cfg)
     if report.get("after"):
@@ -174,6 +176,7 @@ def sweep(**options):
         raise typer.BadParameter("give two or more comma-separated values to at least one of --loss, --matcher, "
                                  "--sigma, --bins, --seed, --batch-size, --lr")
     fixed = {k: v[0] for k, v in grid.items() if len(v) == 1}
+    options["lr_drop"] = _drops(options["lr_drop"])
     base = FinetuneConfig(**options, **fixed, command=shlex.join(["dapft", *sys.argv[1:]]))
     summary = run(base, swept)
     failed = [r["run"] for r in summary["runs"] if r.get("failed")]
@@ -219,6 +222,11 @@ def _values(text: str, kind: type, name: str) -> list:
     if repeated:
         raise typer.BadParameter(f"{flag} lists {', '.join(repeated)} more than once; each value is one run")
     return values
+
+
+def _drops(text: str | None) -> list[int] | None:
+    """--lr-drop: one epoch or several, comma-separated."""
+    return None if text is None else _values(text, int, "lr_drop")
 
 
 _sweep_signature()

@@ -38,9 +38,10 @@ class FinetuneConfig:
     average: str = "pooled"
     momentum: float = 0.99
     epochs: int | None = None
-    # The rate drops tenfold after this many epochs (DETR's --lr_drop); None: for the last epoch only
-    # (the paper's fine-tuning schedule). From-scratch trainings use it for a step schedule.
-    lr_drop: int | None = None
+    # The rate drops tenfold after each of these epochs (DETR's --lr_drop; several: a multi-step
+    # schedule); None: for the last epoch only (the paper's fine-tuning schedule). From-scratch
+    # trainings use it for a step schedule.
+    lr_drop: list[int] | None = None
     max_steps: int | None = None
     batch_size: int | None = None
     grad_accum: int = 1
@@ -74,6 +75,10 @@ class FinetuneConfig:
     given: tuple[str, ...] | None = None  # settings the user gave (the CLI's flags); None: all non-defaults
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if isinstance(self.lr_drop, (int, tuple)):  # the library's callers may give one epoch, or a tuple
+            self.lr_drop = [self.lr_drop] if isinstance(self.lr_drop, int) else list(self.lr_drop)
+
 
 # What `--resume` may change: where and how the run reports and works, and when it stops. Everything
 # else (model, data, loss and its settings, schedule, recipe, precision) is the run's: a resumed run
@@ -92,15 +97,34 @@ def _as_flag(name: str, value) -> str:
         if name == "freeze_backbone":
             return "--freeze-backbone" if value else "--train-backbone"
         return flag if value else "--no-" + flag[2:]
+    if isinstance(value, list):
+        return f"{flag} {','.join(map(str, value))}"
     return f"{flag} {value}"
 
 
-def resumed_config(requested: FinetuneConfig, saved: dict, where: Path) -> FinetuneConfig:
-    """The config a resumed run continues with: the run's own, but for RESUMABLE_CHANGES, and more
-    --epochs for a run with a step schedule (--lr-drop)."""
+def saved_settings(saved: dict) -> dict:
+    """A run's config.json as this version reads it: dapft before multi-step schedules saved
+    --lr-drop as one epoch."""
+    if isinstance(saved.get("lr_drop"), int):
+        return {**saved, "lr_drop": [saved["lr_drop"]]}
+    return saved
+
+
+def _later_drops(asked: list[int] | None, saved: list[int] | None, reached: int) -> bool:
+    """Whether --lr-drop `asked` only adds drops after the epoch the run is in to its step schedule
+    `saved`: the rates of the epochs trained stay what they were."""
+    return (saved is not None and asked is not None and asked[:len(saved)] == saved
+            and all(d > reached for d in asked[len(saved):]))
+
+
+def resumed_config(requested: FinetuneConfig, saved: dict, where: Path, reached: int = 0) -> FinetuneConfig:
+    """The config a resumed run continues with: the run's own, but for RESUMABLE_CHANGES, and for a
+    run with a step schedule (--lr-drop) more --epochs and further drops after `reached`, the
+    (0-based) epoch its checkpoint is in."""
     may_change = ", ".join("--" + k.replace("_", "-") for k in RESUMABLE_CHANGES)
     defaults = FinetuneConfig(model=requested.model)
-    out, differing, hint = dataclasses.replace(requested), [], ""
+    saved = saved_settings(saved)
+    out, differing, hints = dataclasses.replace(requested), [], []
     for f in dataclasses.fields(FinetuneConfig):
         if f.name in RESUMABLE_CHANGES or f.name in NOT_SETTINGS or f.name not in saved:
             continue
@@ -108,14 +132,22 @@ def resumed_config(requested: FinetuneConfig, saved: dict, where: Path) -> Finet
         given = f.name in requested.given if requested.given is not None else asked != getattr(defaults, f.name)
         same = asked == saved[f.name] or (f.name == "freeze_backbone" and same_freezing(
             asked, saved[f.name], saved.get("extra") or {}))  # --train-backbone where the recipe trains it all
+        # Train longer, and lower the rate again later (DETR's --epochs with --resume): a step
+        # schedule's rates so far depend neither on the total nor on drops still to come.
         if given and f.name == "epochs" and saved.get("lr_drop") is not None and asked > saved[f.name]:
-            continue  # train longer (DETR's --epochs with --resume): a step schedule's rates do not depend on the total
+            continue
+        if given and f.name == "lr_drop" and _later_drops(asked, saved["lr_drop"], reached):
+            continue
         if given and not same:
             differing.append(f"{_as_flag(f.name, asked)} differs from the run's {_as_flag(f.name, saved[f.name])}")
             if f.name == "epochs":
-                hint = (" (a run with the last-epoch rate drop cannot be lengthened: its last epoch trained at a "
-                        "tenth of the rate; one with --lr-drop can)")
+                hints.append("a run with the last-epoch rate drop cannot be lengthened: its last epoch trained at a "
+                             "tenth of the rate; one with --lr-drop can")
+            if f.name == "lr_drop" and saved["lr_drop"] is not None:
+                hints.append(f"a resumed step schedule may gain later drops, of {reached + 1} or more: the run is "
+                             f"in epoch {reached + 1}, and the rates it trained at stay")
         setattr(out, f.name, saved[f.name])
+    hint = f" ({'; '.join(hints)})" if hints else ""
     if differing:  # all of them at once: one fix, not one refusal per flag
         raise ValueError(f"{where}: {'; '.join(differing)}; a resumed run keeps its settings (only {may_change} "
                          f"may change{hint}): drop the flag{'s' if len(differing) > 1 else ''}, or start a new run "
@@ -152,6 +184,10 @@ def check_choices(cfg: FinetuneConfig) -> None:
     check_evaluator(cfg.evaluator)
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ValueError(f"--precision must be auto, bf16, fp16 or fp32, got {cfg.precision!r}")
+    if cfg.lr_drop is not None and (not cfg.lr_drop or any(b <= a for a, b in zip(cfg.lr_drop, cfg.lr_drop[1:]))
+                                    or cfg.lr_drop[0] < 1):
+        raise ValueError(f"--lr-drop must be epochs, at least 1 and increasing (100 or 100,450), got "
+                         f"{','.join(map(str, cfg.lr_drop))}")
     for name, low in _AT_LEAST.items():  # None means: the recipe's value, or no limit
         value = getattr(cfg, name)
         if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison
@@ -168,7 +204,7 @@ def check_choices(cfg: FinetuneConfig) -> None:
 
 # Lower bounds of the numeric settings (0 steps, epochs or images would silently mean the recipe's
 # value, no limit, or an AP computed on nothing).
-_AT_LEAST = {"epochs": 1, "lr_drop": 1, "eval_every": 1, "max_steps": 1, "batch_size": 1, "grad_accum": 1, "bins": 2, "max_eval_images": 1,
+_AT_LEAST = {"epochs": 1, "eval_every": 1, "max_steps": 1, "batch_size": 1, "grad_accum": 1, "bins": 2, "max_eval_images": 1,
              "max_train_images": 1, "train_eval_images": 1, "save_every": 1, "patience": 1, "num_workers": 0, "lr": 0.0,
              "backbone_lr_multiplier": 0.0, "weight_decay": 0.0, "clip_grad_norm": 0.0}
 
@@ -192,11 +228,11 @@ def resolve(cfg: FinetuneConfig, family: str) -> FinetuneConfig:
     return out
 
 
-def lr_factor(epoch: int, epochs: int, lr_drop: int | None = None) -> float:
-    """The factor on cfg.lr in (0-based) `epoch`: 0.1 once `lr_drop` epochs are done. By default the
-    drop comes for the last epoch only (the paper: a tenth of the original rate, in cfg.lr, then a
-    hundredth in the last epoch); a one-epoch run keeps cfg.lr, since dropping would leave no epoch
-    at the fine-tuning rate at all."""
+def lr_factor(epoch: int, epochs: int, lr_drop: list[int] | None = None) -> float:
+    """The factor on cfg.lr in (0-based) `epoch`: a tenth for each drop in `lr_drop` whose epochs
+    are done. By default the drop comes for the last epoch only (the paper: a tenth of the original
+    rate, in cfg.lr, then a hundredth in the last epoch); a one-epoch run keeps cfg.lr, since
+    dropping would leave no epoch at the fine-tuning rate at all."""
     if lr_drop is None:
-        lr_drop = epochs - 1 if epochs >= 2 else epochs
-    return 0.1 if epoch >= lr_drop else 1.0
+        lr_drop = [epochs - 1 if epochs >= 2 else epochs]
+    return 10.0 ** -sum(epoch >= drop for drop in lr_drop)

@@ -12,7 +12,7 @@ import math
 import statistics
 from pathlib import Path
 
-from dapft.config import NOT_SETTINGS, RESUMABLE_CHANGES, FinetuneConfig, check_choices
+from dapft.config import NOT_SETTINGS, RESUMABLE_CHANGES, FinetuneConfig, check_choices, saved_settings
 from dapft.engine import finetune
 from dapft.runtime import (
     OutputFolder,
@@ -120,7 +120,7 @@ def same_settings(cfg: FinetuneConfig, run_dir: Path) -> None:
     the old runs as its own."""
     if not (run_dir / "config.json").is_file():
         return
-    saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    saved = saved_settings(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
     differing = [f"{f.name} = {saved[f.name]!r} (this sweep asks for {getattr(cfg, f.name)!r})"
                  for f in dataclasses.fields(FinetuneConfig)
                  if f.name not in RESUMABLE_CHANGES and f.name not in NOT_SETTINGS and f.name in saved

@@ -205,10 +205,12 @@ def test_a_one_epoch_run_trains_at_the_fine_tuning_rate_and_lr_drop_sets_a_step_
         dapft("finetune", *common, "--output", run, *extra)
         steps = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if '"type": "step"' in x]
         assert [s["lr"] for s in steps] == pytest.approx(expected)
-    dapft("finetune", *common, "--output", tmp_path / "drop", "--epochs", "4", "--lr-drop", "1", "--resume")  # longer
+    # Longer, and a second drop: a multi-step schedule, grown on resume as a plateau asks for it.
+    dapft("finetune", *common, "--output", tmp_path / "drop", "--epochs", "5", "--lr-drop", "1,4", "--resume")
     steps = [json.loads(x) for x in (tmp_path / "drop" / "log.jsonl").read_text().splitlines() if '"type": "step"' in x]
-    assert [s["epoch"] for s in steps[-4:]] == [3, 3, 4, 4]
-    assert [s["lr"] for s in steps[-4:]] == pytest.approx([lr / 10] * 4)
+    assert [s["epoch"] for s in steps[-6:]] == [3, 3, 4, 4, 5, 5]
+    assert [s["lr"] for s in steps[-6:]] == pytest.approx([lr / 10] * 4 + [lr / 100] * 2)
+    assert "/10 after epoch 1 and again after 4" in (tmp_path / "drop" / "report.md").read_text()
 
 
 def test_eval_every_evaluates_every_n_epochs_and_after_the_last(tmp_path, tiny_detr, shapes_root):

@@ -18,7 +18,7 @@ from dapft.sweep import expand, run_name, summarize
 OTHER = {"model": "other/model", "data": "/elsewhere", "loss": "dap+box", "matcher": "constant", "average": "per_class",
          "evaluator": "pycocotools", "precision": "fp32", "label_map": "labels.json", "recipe": "recipe.yaml",
          "train_images": "x", "train_annotations": "x.json", "val_images": "y", "val_annotations": "y.json",
-         "freeze_backbone": True, "ema": True, "ema_decay": 0.5, "lr_drop": 3}
+         "freeze_backbone": True, "ema": True, "ema_decay": 0.5, "lr_drop": [3]}
 
 
 def _fixed_settings() -> list[str]:
@@ -96,12 +96,30 @@ def test_a_run_with_a_step_schedule_may_be_lengthened_on_resume_and_no_other():
         resumed_config(longer, _saved(), Path("runs/x"))
 
 
+def test_a_step_schedule_may_gain_later_drops_on_resume_never_earlier_ones():
+    """A run trained to a plateau at its rate drops it again (a multi-step schedule), resuming: the
+    drops it adds come after the epoch its checkpoint is in, so the epochs trained keep their rates."""
+    step = {**_saved(), "epochs": 6, "lr_drop": 3}  # config.json of a dapft before multi-step schedules
+    again = dataclasses.replace(FinetuneConfig(model=step["model"]), epochs=9, lr_drop=[3, 7],
+                                given=("epochs", "lr_drop"))
+    resumed = resumed_config(again, step, Path("runs/x"), reached=5)
+    assert (resumed.epochs, resumed.lr_drop) == (9, [3, 7])
+    assert [lr_factor(e, resumed.epochs, resumed.lr_drop) for e in range(9)] == [1, 1, 1, .1, .1, .1, .1, .01, .01]
+    for reached, asked in ((7, [3, 7]), (5, [3, 4]), (5, [2, 7]), (5, [7])):  # in the past, or one dropped
+        with pytest.raises(ValueError, match="--lr-drop") as caught:
+            resumed_config(dataclasses.replace(again, lr_drop=asked), step, Path("runs/x"), reached=reached)
+        assert "later drops" in str(caught.value)
+    with pytest.raises(ValueError, match="--lr-drop 7 differs from the run's --lr-drop of its recipe"):
+        resumed_config(dataclasses.replace(again, lr_drop=[7]), _saved(), Path("runs/x"), reached=5)
+
+
 @pytest.mark.parametrize("epochs, lr_drop, factors", [
     (1, None, [1.0]),  # one epoch: the fine-tuning rate (the drop would leave no epoch at it)
     (2, None, [1.0, 0.1]),
     (4, None, [1.0, 1.0, 1.0, 0.1]),  # the paper: /10 (in cfg.lr), then /100 in the last epoch
-    (5, 2, [1.0, 1.0, 0.1, 0.1, 0.1]),  # --lr-drop 2: a step schedule
-    (3, 3, [1.0, 1.0, 1.0]),  # a drop after the last epoch: never
+    (5, [2], [1.0, 1.0, 0.1, 0.1, 0.1]),  # --lr-drop 2: a step schedule
+    (3, [3], [1.0, 1.0, 1.0]),  # a drop after the last epoch: never
+    (6, [1, 4], [1.0, 0.1, 0.1, 0.1, 0.01, 0.01]),  # --lr-drop 1,4: a tenth after each
 ])
 def test_the_rate_of_each_epoch(epochs, lr_drop, factors):
     assert [lr_factor(e, epochs, lr_drop) for e in range(epochs)] == factors
@@ -110,7 +128,8 @@ def test_the_rate_of_each_epoch(epochs, lr_drop, factors):
 @pytest.mark.parametrize("name, value", [("sigma", 1.0), ("sigma", float("nan")), ("momentum", 1.0),
                                          ("clip_grad_norm", float("nan")), ("backbone_lr_multiplier", float("inf")),
                                          ("lr", -1e-4), ("batch_size", 0), ("eval_every", 0), ("ema_decay", 0.0),
-                                         ("evaluator", "cocoapi"), ("precision", "fp64"), ("loss", "ap")])
+                                         ("evaluator", "cocoapi"), ("precision", "fp64"), ("loss", "ap"),
+                                         ("lr_drop", [0]), ("lr_drop", [5, 3]), ("lr_drop", [])])
 def test_out_of_range_and_non_finite_settings_are_refused(name, value):
     with pytest.raises(ValueError, match="--" + name.replace("_", "-")):
         check_choices(FinetuneConfig(model="m", **{name: value}))
