@@ -236,3 +236,10 @@ def lr_factor(epoch: int, epochs: int, lr_drop: list[int] | None = None) -> floa
     if lr_drop is None:
         lr_drop = [epochs - 1 if epochs >= 2 else epochs]
     return 10.0 ** -sum(epoch >= drop for drop in lr_drop)
+
+
+def drops_text(cfg: FinetuneConfig) -> str:
+    """The schedule's drops in words, for the start line and the report."""
+    if cfg.lr_drop is None:
+        return "/10 in the last epoch" if cfg.epochs >= 2 else "no drop"
+    return "/10 after epoch " + " and again after ".join(map(str, cfg.lr_drop))

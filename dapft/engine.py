@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from dapft import distributed as dist_utils
 from dapft.assemble import assemble, write_config
-from dapft.config import FinetuneConfig, lr_factor
+from dapft.config import FinetuneConfig, drops_text, lr_factor
 from dapft.evaluate import evaluate_split
 from dapft.metrics import STAT_NAMES
 from dapft.runtime import OutputFolder, StopRequests, TrainingInterrupted, make_progress, software
@@ -210,7 +210,7 @@ def announce(run) -> None:
     cfg = run.cfg
     run.log(f"[bold]dapft finetune[/] {escape(cfg.model)} ({run.family.name}) · loss {cfg.loss} · matcher "
             f"{cfg.matcher} · sigma {cfg.sigma} · bins {cfg.bins} · {cfg.epochs} epoch{'s' * (cfg.epochs != 1)} "
-            f"· batch {cfg.batch_size} · lr {cfg.lr:g} · {run.device} x{run.dist.world_size} · "
+            f"· batch {cfg.batch_size} · lr {cfg.lr:g} ({drops_text(cfg)}) · {run.device} x{run.dist.world_size} · "
             f"{cfg.num_workers} data workers")
     run.log(f"{run.freezing.summary()} · " + (
         f"model EMA decay {cfg.ema_decay:g} (warm-up {cfg.extra.get('ema_warmup_steps', 0)} steps): evaluated "

@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # headless: plots are files
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dapft.config import drops_text  # noqa: E402
 from dapft.metrics import STAT_NAMES, CocoMetrics  # noqa: E402
 from dapft.runtime import atomic_write_text, software_line  # noqa: E402
 from dapft.state import read_log  # noqa: E402
@@ -184,12 +185,6 @@ def matching_summary(records: list[dict]) -> dict | None:
             "vs_top": sum(top) / len(top) if top else None}  # None: no query overlapped a ground truth
 
 
-def _drops_text(cfg) -> str:
-    if cfg.lr_drop is None:
-        return "/10 in the last epoch" if cfg.epochs >= 2 else "no drop"
-    return "/10 after epoch " + " and again after ".join(map(str, cfg.lr_drop))
-
-
 def write_run_report(run_dir: Path, cfg, family: str, state: dict, freezing) -> dict:
     """report.md + report.json + curves.png of a fine-tuning run."""
     import dataclasses
@@ -225,7 +220,7 @@ def write_run_report(run_dir: Path, cfg, family: str, state: dict, freezing) -> 
     lines = [f"# Fine-tuning `{cfg.model}` ({family}) with `{cfg.loss}`", "",
              f"Matcher {cfg.matcher}, sigma {cfg.sigma}, {cfg.bins} bins, {_epochs(cfg.epochs)} "
              f"({state['global_step']} optimizer steps), batch {cfg.batch_size}, lr {cfg.lr:g} "
-             f"(x{cfg.backbone_lr_multiplier:g} backbone, {_drops_text(cfg)}), seed {cfg.seed}.", "",
+             f"(x{cfg.backbone_lr_multiplier:g} backbone, {drops_text(cfg)}), seed {cfg.seed}.", "",
              _recipe_line(cfg, freezing), "",
              "## COCO AP on the validation split", "",
              metrics_table(rows, deltas_from="before (r_o)" if before else None) if rows else "(no evaluation)", ""]
