@@ -52,8 +52,8 @@ def finetune(
     momentum: float = typer.Option(0.99, help="EMA factor m of the momentum matcher (Eq. 13)."),
     epochs: Optional[int] = typer.Option(None, help="Default: the recipe's (10% of pre-training, at most 12)."),
     lr_drop: Optional[str] = typer.Option(
-        None, metavar="N[,N...]", help="Drop the rate tenfold after N epochs, or after each of several (100,450: a multi-step "
-                   "schedule). Default: for the last epoch only, the paper's."),
+        None, metavar="N[,N...]", help="Drop the rate tenfold after N epochs, or after each of several (100,450: "
+                                       "a multi-step schedule). Default: for the last epoch only, the paper's."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (smoke runs)."),
     batch_size: Optional[int] = typer.Option(None, help="Global batch size (default: the recipe's)."),
     grad_accum: int = typer.Option(1, help="Gradient accumulation steps."),

@@ -160,7 +160,7 @@ def software() -> dict:
 
 
 def software_line(entry: dict) -> str:
-    """One software record in words: `dapft 0.1.0 (commit 1a2b3c4d5e, modified), torch ..., ...`."""
+    """One software record in words: `dapft 0.1.0 (commit 1a2b3c4d5e), torch ..., transformers ...`."""
     code = f"dapft {entry['dapft']}"
     if entry.get("commit"):
         changed = ", with uncommitted changes" if entry.get("modified") else ""
