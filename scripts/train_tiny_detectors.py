@@ -272,7 +272,7 @@ def main() -> None:
             (dest / "dapft_recipe.yaml").write_text(yaml.safe_dump({
                 "family": model_family, "pretrain_lr": spec["lr"],
                 "backbone_lr_multiplier": spec.get("backbone_lr_multiplier", 1.0), "weight_decay": 1e-4,
-                "optimizer": "adamw", "clip_grad_norm": 0.1, "pretrain_epochs": epochs,
+                "optimizer": "adamw", "clip_grad_norm": 0.1, "pretrain_epochs": epochs, "pretrain_lr_drop": drops,
                 "epochs": max(1, round(epochs / 10)), "batch_size": spec["batch"], "auxiliary_loss": True,
                 # the family's per-parameter rates it was trained with (Deformable DETR's offsets)
                 **{k: v for k, v in load_recipe(model_family).items() if k.startswith("linear_proj")}}))
