@@ -76,8 +76,15 @@ class FinetuneConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if isinstance(self.lr_drop, (int, tuple)):  # the library's callers may give one epoch, or a tuple
-            self.lr_drop = [self.lr_drop] if isinstance(self.lr_drop, int) else list(self.lr_drop)
+        self.lr_drop = drop_list(self.lr_drop)
+
+
+def drop_list(lr_drop) -> list[int] | None:
+    """--lr-drop as a list of epochs: the library's callers may give one epoch or a tuple, and the
+    config.json of a dapft before multi-step schedules holds one epoch."""
+    if isinstance(lr_drop, int):
+        return [lr_drop]
+    return list(lr_drop) if isinstance(lr_drop, tuple) else lr_drop
 
 
 # What `--resume` may change: where and how the run reports and works, and when it stops. Everything
@@ -105,9 +112,7 @@ def _as_flag(name: str, value) -> str:
 def saved_settings(saved: dict) -> dict:
     """A run's config.json as this version reads it: dapft before multi-step schedules saved
     --lr-drop as one epoch."""
-    if isinstance(saved.get("lr_drop"), int):
-        return {**saved, "lr_drop": [saved["lr_drop"]]}
-    return saved
+    return {**saved, "lr_drop": drop_list(saved["lr_drop"])} if "lr_drop" in saved else saved
 
 
 def _later_drops(asked: list[int] | None, saved: list[int] | None, reached: int) -> bool:
