@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from dapft.config import FinetuneConfig  # noqa: E402
 from dapft.models import BUNDLED_DIR, bundled_models  # noqa: E402
+from dapft.runtime import TrainingInterrupted  # noqa: E402
 from dapft.shapes import make_shapes_dataset  # noqa: E402
 from dapft.sweep import sweep  # noqa: E402
 
@@ -74,7 +75,11 @@ def main() -> None:
                               num_workers=args.num_workers, max_steps=args.max_steps, progress=False)
         for name in args.grid or PLAN.get(tag, ["loss"]):
             grid, seeds = GRIDS[name]
-            sweep(base, {**grid, "seed": list(range(min(seeds or args.seeds, args.seeds)))})
+            try:
+                sweep(base, {**grid, "seed": list(range(min(seeds or args.seeds, args.seeds)))})
+            except TrainingInterrupted as stopped:  # Ctrl-C / SIGTERM: the interrupted run's checkpoint is saved
+                print(f"{stopped} (for this script: rerun it as it was)", file=sys.stderr)
+                sys.exit(stopped.exit_code)
             shutil.copyfile(work / tag / "sweep.png", work / tag / f"{name}.png")
             table = (work / tag / "sweep.md").read_text().replace("(sweep.png)", f"({name}.png)")
             (work / tag / f"{name}.md").write_text(table)
