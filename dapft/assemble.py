@@ -21,6 +21,7 @@ from dapft.config import FinetuneConfig, check_choices, resolve, resumed_config
 from dapft.criterion import DAPCriterion, install_loss
 from dapft.data import CocoSplit, LabelMap, first_images, load_split, read_label_map, resolve_split
 from dapft.ema import ModelEMA
+from dapft.evaluate import check_evaluator
 from dapft.freeze import FreezeReport, FreezeSpec, apply_freezing
 from dapft.loader import BatchLoader, CocoDetection, EpochSampler, default_num_workers, TrainAugmentation
 from dapft.models import Family
@@ -56,6 +57,7 @@ class Run:
 
 def assemble(requested: FinetuneConfig) -> Run:
     check_choices(requested)  # instant mistakes first
+    check_evaluator(requested.evaluator)
     device = pick_device(requested.device)
     dist = dist_utils.init_distributed(device.type)
     if dist.enabled and device.type == "cuda":

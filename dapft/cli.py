@@ -134,7 +134,7 @@ def eval_(
     progress: bool = typer.Option(True, help="Rich progress bar."),
 ):
     """Evaluate a detector: COCO results JSON, metrics.json, report.md and plots."""
-    from dapft.evaluate import evaluate_model
+    from dapft.engine import evaluate_model
     deliver_interrupts()
 
     m = evaluate_model(model, data, split=split, images=images, annotations=annotations, output=output,

@@ -12,7 +12,6 @@ from pathlib import Path
 import yaml
 
 from dapft.criterion import LOSS_CONFIGS
-from dapft.evaluate import check_evaluator
 from dapft.freeze import same_freezing
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -186,7 +185,6 @@ def check_choices(cfg: FinetuneConfig) -> None:
         raise ValueError(f"--matcher must be constant, momentum or original, got {cfg.matcher!r}")
     if cfg.average not in ("pooled", "per_class"):
         raise ValueError(f"--average must be pooled or per_class, got {cfg.average!r}")
-    check_evaluator(cfg.evaluator)
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ValueError(f"--precision must be auto, bf16, fp16 or fp32, got {cfg.precision!r}")
     if cfg.lr_drop is not None and (not cfg.lr_drop or any(b <= a for a, b in zip(cfg.lr_drop, cfg.lr_drop[1:]))

@@ -1,13 +1,18 @@
-"""The fine-tuning loop behind `dapft finetune`: evaluate before, then epochs of steps at the
-schedule's rate, an evaluation every --eval-every epochs and after the last, a resumable checkpoint
-after every epoch (and every --save-every steps), and the report. The run it works on is assembled
-by dapft.assemble; its state is dapft.state's."""
+"""The two runs the command line starts on a model, as the DETR code's engine holds its training
+loop and its evaluation:
+
+- `finetune` (`dapft finetune`): evaluate before, then epochs of steps at the schedule's rate, an
+  evaluation every --eval-every epochs and after the last, a resumable checkpoint after every epoch
+  (and every --save-every steps), and the report. The run it works on is assembled by
+  dapft.assemble; its state is dapft.state's.
+- `evaluate_model` (`dapft eval`): one checkpoint on one split, its predictions, metrics and report."""
 
 from __future__ import annotations
 
 import math
 import os
 import signal
+import json
 import time
 from pathlib import Path
 
@@ -17,12 +22,17 @@ from rich.markup import escape
 from dapft import distributed as dist_utils
 from dapft.assemble import assemble, write_config
 from dapft.config import FinetuneConfig, drops_text, lr_factor
-from dapft.evaluate import evaluate_split
+from dapft.data import LabelMap, load_split, resolve_split
+from dapft.evaluate import Evaluator, check_evaluator, evaluate_split
+from dapft.loader import BatchLoader, CocoDetection, default_num_workers
 from dapft.metrics import STAT_NAMES
-from dapft.runtime import OutputFolder, StopRequests, TrainingInterrupted, make_progress, software
+from dapft.models import load_detector
+from dapft.report import model_card, write_eval_report, write_run_report
+from dapft.runtime import (OutputFolder, StopRequests, TrainingInterrupted, amp_dtype, console, make_progress,
+                           pick_device, software)
 from dapft.state import RunLog, apply_patience, new_state, record_evaluation, resume_run, save_run
 
-__all__ = ["FinetuneConfig", "Trainer", "TrainingInterrupted", "finetune"]
+__all__ = ["FinetuneConfig", "Trainer", "TrainingInterrupted", "evaluate_model", "finetune"]
 
 
 def _train_part(metrics: dict) -> str:
@@ -178,7 +188,8 @@ class Trainer:
     # ------------------------------------------------------------------ saving, stopping
     def _save(self, best: bool = False) -> None:
         self.state["elapsed"] = time.perf_counter() - self.t_start
-        save_run(self.run, self.state, best)
+        run, state = self.run, self.state
+        save_run(run, state, best, card=lambda which: model_card(run.cfg, run.family.name, state, which))
 
     def _stop_if_requested(self) -> None:
         """At a step boundary, after Ctrl-C or SIGTERM on any process: save a resumable checkpoint and
@@ -277,8 +288,6 @@ def finish(run, state: dict, log: RunLog) -> dict:
     """The report (main process), then the processes part."""
     report = {}
     if run.dist.is_main:
-        from dapft.report import write_run_report
-
         report = write_run_report(run.out, run.cfg, run.family.name, state, run.freezing)
     dist_utils.barrier(run.dist)
     dist_utils.shutdown(run.dist)
@@ -289,3 +298,39 @@ def finish(run, state: dict, log: RunLog) -> dict:
 def finetune(cfg: FinetuneConfig) -> dict:
     """Library entry point of `dapft finetune`: returns the report (before/after metrics, config)."""
     return Trainer(cfg).train()
+
+
+def evaluate_model(model: str, data: str | None = None, *, split: str = "val", images: str | None = None,
+                   annotations: str | None = None, output: str | Path = "runs/eval", batch_size: int = 8,
+                   evaluator: Evaluator = "faster-coco-eval", max_images: int | None = None,
+                   label_map: str | None = None, device: str | None = None, precision: str = "auto",
+                   num_workers: int | None = None, progress: bool = True) -> dict:
+    """`dapft eval`: everything checked first, then inference, predictions.json, metrics, report."""
+    out = Path(output)
+    check_evaluator(evaluator)
+    if (out / "config.json").is_file() and (out / "log.jsonl").is_file():
+        # A fine-tuning run's own report.md and metrics are there: an evaluation must not replace them.
+        raise FileExistsError(f"{out}: a fine-tuning run's directory; write this evaluation into a folder of "
+                              f"its own, e.g. --output {out / 'eval' / 'dapft-eval'}")
+    if (out / "metrics.json").is_file() or (out / "predictions.json").is_file():
+        raise FileExistsError(f"{out}: holds an evaluation already (metrics.json, predictions.json); choose another "
+                              "--output, or delete it to evaluate again")
+    if batch_size < 1 or (num_workers is not None and num_workers < 0):
+        raise ValueError(f"--batch-size must be at least 1 and --num-workers at least 0, got {batch_size} and "
+                         f"{num_workers}")
+    dev = pick_device(device)
+    amp = amp_dtype(precision, dev)  # an unknown --precision fails here, not after inference
+    with OutputFolder(out):
+        source = resolve_split(data, split, images, annotations)
+        coco = load_split(source, max_images=max_images, progress=progress)
+        detector, processor, _family = load_detector(model, log=console.print)
+        mapping = LabelMap.build(coco.categories, detector.config.id2label, label_map, where=str(source.annotations))
+        detector.to(dev)
+        loader = BatchLoader(CocoDetection(coco, mapping), processor, batch_size=batch_size, train=False,
+                             num_workers=default_num_workers(dev) if num_workers is None else num_workers, device=dev)
+        with make_progress(disable=not progress) as bar:
+            metrics = evaluate_split(detector, processor, coco, mapping, loader, device=dev, output=out,
+                                     evaluator=evaluator, amp_dtype=amp, progress=bar)
+        write_eval_report(out, metrics, {"model": model, "annotations": source.annotations,
+                                         "images": len(coco.images), "skipped": coco.skipped})
+    return json.loads((out / "metrics.json").read_text(encoding="utf-8"))

@@ -22,7 +22,7 @@ checkpoint boxes that its own post-processing then misplaces whenever a batch is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -48,96 +48,43 @@ def _interpolation(resample) -> InterpolationMode:
     return pil_torch_interpolation_mapping[resample]
 
 
-@dataclass(frozen=True)
-class BatchPreprocessor:
-    """The resize, rescale, normalisation and padding of a checkpoint's image processor, as data."""
+def check_size(size: dict, name: str = "size") -> None:
+    if not ({"shortest_edge", "longest_edge"} <= size.keys() or {"max_height", "max_width"} <= size.keys()
+            or {"height", "width"} <= size.keys()):
+        raise UnsupportedProcessorError(
+            f"{name}: size {size}; DETR-family processors take shortest_edge and longest_edge, max_height and "
+            "max_width, or height and width")
 
-    size: dict[str, int] | None  # None: no resize
+
+def output_size(size: dict | None, height: int, width: int) -> tuple[int, int]:
+    """(height, width) an image of this size is resized to under `size` (None: not resized), by
+    transformers' own rules."""
+    from transformers.image_transforms import get_size_with_aspect_ratio
+    from transformers.image_utils import get_image_size_for_max_height_width
+
+    if size is None:
+        return height, width
+    if "shortest_edge" in size and "longest_edge" in size:
+        return tuple(get_size_with_aspect_ratio((height, width), size["shortest_edge"], size["longest_edge"]))
+    if "max_height" in size and "max_width" in size:
+        return tuple(get_image_size_for_max_height_width((height, width), size["max_height"], size["max_width"]))
+    return size["height"], size["width"]
+
+
+@dataclass(frozen=True)
+class PixelOps:
+    """What a processor does to the pixels of one resized image: the resize's interpolation, the
+    rescale and the normalisation, in the processor's order and float32 arithmetic."""
+
     interpolation: InterpolationMode = InterpolationMode.BILINEAR
     rescale_factor: float | None = 1 / 255  # None: no rescale
     mean: tuple[float, ...] | None = None  # None: no normalisation
     std: tuple[float, ...] | None = None
-    pad: bool = True
-    pad_size: tuple[int, int] | None = None  # None: the batch's largest image
     # RF-DETR's processor rescales to [0, 1] first and resizes the float image without antialiasing;
     # the others resize the uint8 image with antialiasing, then rescale and normalise in one step.
     rescale_first: bool = False
 
-    @classmethod
-    def from_processor(cls, processor) -> "BatchPreprocessor | ProcessorBatches":
-        """The processor's settings as a BatchPreprocessor, checked against the processor itself on
-        a probe batch (the order of its operations is code, not configuration, and may change between
-        transformers versions): the first of the known orders that reproduces it bit for bit. A
-        processor neither reproduces is used as it is, per batch (`ProcessorBatches`)."""
-        settings = cls._settings(processor)
-        for order in ({"rescale_first": False}, {"rescale_first": True}):
-            candidate = cls(**settings, **order)
-            if candidate._reproduces(processor):
-                return candidate
-        return ProcessorBatches(processor, candidate)
-
-    def _reproduces(self, processor) -> bool:
-        g = torch.Generator().manual_seed(0)
-        probe = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in ((37, 53), (61, 29))]
-        expected = processor(images=probe, return_tensors="pt")
-        try:
-            ours = self(probe)
-        except UnsupportedProcessorError:
-            return False
-        return all(k in ours and ours[k].shape == v.shape and torch.equal(ours[k], v) for k, v in expected.items()
-                   if k in ("pixel_values", "pixel_mask")) and ("pixel_mask" in ours) == ("pixel_mask" in expected)
-
-    @classmethod
-    def _settings(cls, processor) -> dict:
-        name = type(processor).__name__
-        fmt = str(_get(processor, "format", "coco_detection"))
-        if "coco_detection" not in fmt.lower():
-            raise UnsupportedProcessorError(f"{name}: format {fmt!r}; dapft trains detection (coco_detection)")
-        if not _get(processor, "do_convert_annotations", True):
-            raise UnsupportedProcessorError(
-                f"{name}: do_convert_annotations is false, but DETR-family losses need boxes relative to the image; "
-                "set it to true in preprocessor_config.json")
-        if _get(processor, "do_center_crop", False):
-            raise UnsupportedProcessorError(f"{name}: do_center_crop is not part of DETR-family preprocessing")
-        size = None
-        if _get(processor, "do_resize", True):
-            raw = _get(processor, "size", {})
-            size = {k: int(_get(raw, k)) for k in ("shortest_edge", "longest_edge", "max_height", "max_width",
-                                                   "height", "width") if _get(raw, k) is not None}
-            cls._check_size(size, name)
-        pad_size = _get(processor, "pad_size")
-        normalize = bool(_get(processor, "do_normalize", True))
-        return dict(size=size, interpolation=_interpolation(_get(processor, "resample", 2)),
-                    rescale_factor=float(_get(processor, "rescale_factor")) if _get(processor, "do_rescale", True)
-                    else None,
-                    mean=tuple(_get(processor, "image_mean")) if normalize else None,
-                    std=tuple(_get(processor, "image_std")) if normalize else None,
-                    pad=bool(_get(processor, "do_pad", False)),
-                    pad_size=(int(_get(pad_size, "height")), int(_get(pad_size, "width"))) if pad_size else None)
-
-    @staticmethod
-    def _check_size(size: dict, name: str = "size") -> None:
-        if not ({"shortest_edge", "longest_edge"} <= size.keys() or {"max_height", "max_width"} <= size.keys()
-                or {"height", "width"} <= size.keys()):
-            raise UnsupportedProcessorError(
-                f"{name}: size {size}; DETR-family processors take shortest_edge and longest_edge, max_height and "
-                "max_width, or height and width")
-
-    def output_size(self, height: int, width: int, size: dict | None = None) -> tuple[int, int]:
-        """(height, width) an image of this size is resized to, by transformers' own rules."""
-        from transformers.image_transforms import get_size_with_aspect_ratio
-        from transformers.image_utils import get_image_size_for_max_height_width
-
-        size = size or self.size
-        if size is None:
-            return height, width
-        if "shortest_edge" in size and "longest_edge" in size:
-            return tuple(get_size_with_aspect_ratio((height, width), size["shortest_edge"], size["longest_edge"]))
-        if "max_height" in size and "max_width" in size:
-            return tuple(get_image_size_for_max_height_width((height, width), size["max_height"], size["max_width"]))
-        return size["height"], size["width"]
-
-    def _resized(self, images: Tensor, new: tuple[int, int] | None) -> Tensor:
+    def resized(self, images: Tensor, new: tuple[int, int] | None) -> Tensor:
         """A stack of same-sized uint8 images resized to `new` (None: not resized): still uint8 in the
         processors' usual order (normalised later, in place); rescaled and normalised already in
         RF-DETR's."""
@@ -151,7 +98,7 @@ class BatchPreprocessor:
         return tvF.normalize(images.to(torch.float32), list(self.mean), list(self.std)) if self.mean is not None \
             else images.to(torch.float32)
 
-    def _into(self, region: Tensor, image: Tensor) -> None:
+    def write(self, region: Tensor, image: Tensor) -> None:
         """Write one resized image into its place on the batch canvas, rescaled and normalised as the
         processor does it: the fused (x - mean / factor) / (std / factor) on the unscaled pixels, in
         float32 (here, in place, so that no batch-sized intermediate is made)."""
@@ -167,33 +114,101 @@ class BatchPreprocessor:
         elif self.rescale_factor is not None:
             region.mul_(self.rescale_factor)
 
+
+def processor_settings(processor) -> dict:
+    """A checkpoint processor's resize, pixel operations and padding, as BatchPreprocessor's fields;
+    a setting dapft does not reproduce raises UnsupportedProcessorError naming it."""
+    name = type(processor).__name__
+    fmt = str(_get(processor, "format", "coco_detection"))
+    if "coco_detection" not in fmt.lower():
+        raise UnsupportedProcessorError(f"{name}: format {fmt!r}; dapft trains detection (coco_detection)")
+    if not _get(processor, "do_convert_annotations", True):
+        raise UnsupportedProcessorError(
+            f"{name}: do_convert_annotations is false, but DETR-family losses need boxes relative to the image; "
+            "set it to true in preprocessor_config.json")
+    if _get(processor, "do_center_crop", False):
+        raise UnsupportedProcessorError(f"{name}: do_center_crop is not part of DETR-family preprocessing")
+    size = None
+    if _get(processor, "do_resize", True):
+        raw = _get(processor, "size", {})
+        size = {k: int(_get(raw, k)) for k in ("shortest_edge", "longest_edge", "max_height", "max_width",
+                                               "height", "width") if _get(raw, k) is not None}
+        check_size(size, name)
+    pad_size = _get(processor, "pad_size")
+    normalize = bool(_get(processor, "do_normalize", True))
+    pixels = PixelOps(interpolation=_interpolation(_get(processor, "resample", 2)),
+                      rescale_factor=float(_get(processor, "rescale_factor")) if _get(processor, "do_rescale", True)
+                      else None,
+                      mean=tuple(_get(processor, "image_mean")) if normalize else None,
+                      std=tuple(_get(processor, "image_std")) if normalize else None)
+    return dict(size=size, pixels=pixels, pad=bool(_get(processor, "do_pad", False)),
+                pad_size=(int(_get(pad_size, "height")), int(_get(pad_size, "width"))) if pad_size else None)
+
+
+@dataclass(frozen=True)
+class BatchPreprocessor:
+    """A checkpoint image processor's work on a batch, as data: each image resized and written onto
+    the padded batch canvas by `pixels`, the pixel mask, and the boxes made relative to each image."""
+
+    size: dict[str, int] | None  # None: no resize
+    pixels: PixelOps = PixelOps()
+    pad: bool = True
+    pad_size: tuple[int, int] | None = None  # None: the batch's largest image
+
+    @classmethod
+    def from_processor(cls, processor) -> "BatchPreprocessor | ProcessorBatches":
+        """The processor's settings, checked against the processor itself on a probe batch (the
+        order of its operations is code, not configuration, and may change between transformers
+        versions): the first of the known orders that reproduces it bit for bit. A processor neither
+        reproduces is used as it is, per batch (`ProcessorBatches`)."""
+        settings = processor_settings(processor)
+        for rescale_first in (False, True):
+            candidate = cls(**{**settings, "pixels": replace(settings["pixels"], rescale_first=rescale_first)})
+            if candidate.reproduces(processor):
+                return candidate
+        return ProcessorBatches(processor, candidate)
+
+    def reproduces(self, processor) -> bool:
+        """Whether this makes the processor's own pixels and mask, bit for bit, on a probe batch."""
+        g = torch.Generator().manual_seed(0)
+        probe = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in ((37, 53), (61, 29))]
+        expected = processor(images=probe, return_tensors="pt")
+        try:
+            ours = self(probe)
+        except UnsupportedProcessorError:
+            return False
+        return all(k in ours and ours[k].shape == v.shape and torch.equal(ours[k], v) for k, v in expected.items()
+                   if k in ("pixel_values", "pixel_mask")) and ("pixel_mask" in ours) == ("pixel_mask" in expected)
+
+    def _canvas(self, sizes: list[tuple[int, int]]) -> tuple[int, int]:
+        if self.pad:
+            return self.pad_size or (max(h for h, _ in sizes), max(w for _, w in sizes))
+        if len(set(sizes)) > 1:
+            raise UnsupportedProcessorError(
+                f"images of different sizes {sorted(set(sizes))} in one batch, and the processor does not pad "
+                "(do_pad false): give it a fixed size (height and width) or do_pad true")
+        return sizes[0]
+
     def __call__(self, images: list[Tensor], boxes: list[Tensor] | None = None, size: dict | None = None) -> dict:
         """uint8 (3, H, W) images, and their boxes (xyxy in their pixels), on any device -> the model's
         inputs: `pixel_values` (and `pixel_mask` when the processor pads), and with boxes, per image
         the (N, 4) boxes in centre format relative to the resized image. `size` overrides the
         processor's resize (multi-scale training)."""
         if size is not None:
-            self._check_size(size)
-        resize = self.size is not None or size is not None
-        sizes = [self.output_size(*im.shape[-2:], size) for im in images]
-        if self.pad:
-            canvas = self.pad_size or (max(h for h, _ in sizes), max(w for _, w in sizes))
-        elif len(set(sizes)) > 1:
-            raise UnsupportedProcessorError(
-                f"images of different sizes {sorted(set(sizes))} in one batch, and the processor does not pad "
-                "(do_pad false): give it a fixed size (height and width) or do_pad true")
-        else:
-            canvas = sizes[0]
+            check_size(size)
+        size = size or self.size
+        sizes = [output_size(size, *im.shape[-2:]) for im in images]
+        canvas = self._canvas(sizes)
         device = images[0].device
         pixel_values = torch.zeros(len(images), images[0].shape[0], *canvas, dtype=torch.float32, device=device)
         groups: dict[tuple[int, int], list[int]] = {}  # one resize call per input shape, as the processors do
         for i, image in enumerate(images):
             groups.setdefault(tuple(image.shape[-2:]), []).append(i)
-        for shape, members in groups.items():
+        for members in groups.values():
             h, w = sizes[members[0]]
-            resized = self._resized(torch.stack([images[i] for i in members]), (h, w) if resize else None)
+            resized = self.pixels.resized(torch.stack([images[i] for i in members]), (h, w) if size else None)
             for k, i in enumerate(members):
-                self._into(pixel_values[i, :, :h, :w], resized[k])
+                self.pixels.write(pixel_values[i, :, :h, :w], resized[k])
         batch = {"pixel_values": pixel_values}
         if self.pad:
             batch["pixel_mask"] = torch.zeros(len(images), *canvas, dtype=torch.int64, device=device)

@@ -8,6 +8,7 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -65,13 +66,13 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_run(run, state: dict, best: bool = False) -> None:
+def save_run(run, state: dict, best: bool = False, card: Callable[[str], str] | None = None) -> None:
     """checkpoint-last (and checkpoint-best): the evaluated weights (the EMA when on) as a
-    save_pretrained directory, and in checkpoint-last everything needed to continue exactly."""
+    save_pretrained directory, and in checkpoint-last everything needed to continue exactly.
+    `card(which)` writes each one's README.md ('last' or 'best'): the report layer's model card,
+    passed in so that the state stays below the report that reads it."""
     if not run.dist.is_main:
         return
-    from dapft.report import model_card
-
     ema = run.ema is not None
     weights = run.ema.module if ema else run.model
     trainer_state = {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
@@ -80,11 +81,11 @@ def save_run(run, state: dict, best: bool = False) -> None:
                      "ema": run.ema.state_dict() if ema else None, "state": state, "rng": _rng_state()}
     info = {"saved_at": time.strftime("%Y-%m-%d %H:%M:%S"), "epoch": state["epoch"],
             "global_step": state["global_step"], "weights": "ema" if ema else "model"}
-    card = lambda which: model_card(run.cfg, run.family.name, state, which)  # noqa: E731
-    save_checkpoint(run.out / "checkpoint-last", weights, run.processor, trainer_state, info, card=card("last"))
+    save_checkpoint(run.out / "checkpoint-last", weights, run.processor, trainer_state, info,
+                    card=card("last") if card else None)
     if best:
         save_checkpoint(run.out / "checkpoint-best", weights, run.processor, None, {**info, "AP": state["best_ap"]},
-                        card=card("best"))
+                        card=card("best") if card else None)
 
 
 def resume_run(run) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dapft.config import NOT_SETTINGS, RESUMABLE_CHANGES, FinetuneConfig, check_choices, saved_settings
 from dapft.engine import finetune
+from dapft.evaluate import check_evaluator
 from dapft.runtime import (
     OutputFolder,
     TrainingInterrupted,
@@ -63,6 +64,7 @@ def sweep(base: FinetuneConfig, grid: dict[str, list]) -> dict:
     configs = [dataclasses.replace(base, **setting) for setting in settings]
     for cfg in configs:  # every combination checked before the first run starts
         check_choices(cfg)
+    check_evaluator(base.evaluator)
     root = Path(base.output)
     with OutputFolder(root):
         for setting, cfg in zip(settings, configs):  # folders of another sweep refused before any run

@@ -44,8 +44,22 @@ TARGETS = {
     "state": ["record_evaluation", "apply_patience", "new_state", "read_log", "truncate"],
     "engine": ["_train_one_epoch", "_end_of_epoch", "_optimizer_step"],
     "evaluate": ["to_coco_results", "_top", "coco_evaluate", "predict"],
+    # the data path: what a model is shown (files to tensors, augmentation, batches, data order)
+    "data": "*",
+    "loader": "*",
+    "preprocess": "*",
 }
 CLI = "tests/test_cli.py::"
+REAL = "tests/test_real_world.py::"
+# The data path's tests that need files as users have them (EXIF photos, annotation files as tools
+# write them, the image-check cache) or several workers.
+DATA_REAL_WORLD = [REAL + "test_photos_stored_rotated_with_an_exif_orientation_score_as_upright",
+                   REAL + "test_repeated_annotation_ids_are_refused_naming_the_id",
+                   REAL + "test_missing_iscrowd_and_area_mean_0_and_the_box_area",
+                   REAL + "test_annotation_files_with_missing_ids_or_text_ids_are_refused_before_any_work",
+                   REAL + "test_the_image_check_cache_rechecks_a_file_replaced_in_place_and_survives_a_bad_cache"]
+LOADER_REAL_WORLD = [REAL + "test_photos_stored_rotated_with_an_exif_orientation_score_as_upright",
+                     REAL + "test_the_number_of_workers_does_not_change_the_trained_weights"]
 TESTS = {
     "dap": ["tests/test_dap_vs_pycocotools.py", "tests/test_dap_properties.py", "tests/test_dap_kernel.py"],
     "matcher": ["tests/test_matcher.py", "tests/test_criterion.py",
@@ -72,6 +86,10 @@ TESTS = {
                CLI + "test_the_schedule_follows_the_recipe_a_tenth_then_a_hundredth",
                CLI + "test_checkpoint_best_holds_the_best_evaluation_and_a_half_swapped_last_still_resumes"],
     "evaluate": ["tests/test_data_eval.py"],
+    "data": ["tests/test_data_eval.py", "tests/test_augment.py", *DATA_REAL_WORLD],
+    "loader": ["tests/test_augment.py", "tests/test_preprocess.py", "tests/test_data_eval.py", *LOADER_REAL_WORLD],
+    "preprocess": ["tests/test_preprocess.py", "tests/test_augment.py",
+                   "tests/test_data_eval.py::test_collated_boxes_frame_the_objects_after_processing"],
 }
 
 # Mutants that cannot change behaviour, by (module, function, source line as written, operator),

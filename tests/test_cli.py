@@ -20,6 +20,8 @@ from dapft.tiny import save_tiny_checkpoint
 
 from runs_helpers import COMMON, ENV, assert_same_weights as _assert_same_weights, dapft, weights as _weights
 
+pytestmark = pytest.mark.slow  # every test here starts the command line in a subprocess and most train
+
 
 def test_help_reads_well():
     out = dapft("--help").stdout
@@ -478,7 +480,7 @@ def test_grad_accum_2_of_batch_4_is_one_batch_of_8_for_the_original_loss(tmp_pat
 
 
 def test_grad_accum_averages_each_micro_batchs_own_dap(tmp_path, tiny_detr, two_boxes_root):
-    # README's decision: with --grad-accum N each micro-batch is its own DAP, and the step averages
+    # The documented decision (docs/reading-the-paper.md): with --grad-accum N each micro-batch is its own DAP, and the step averages
     # the N gradients (AP is not a sum over images; more processes give a larger batch's exact AP).
     first, second = _step_gradients(tiny_detr, two_boxes_root, tmp_path, loss="dap", batch_size=4, max_steps=2)
     accumulated, = _step_gradients(tiny_detr, two_boxes_root, tmp_path, loss="dap", batch_size=4, grad_accum=2,

@@ -306,7 +306,7 @@ def test_16_bit_images_keep_their_contents(tmp_path, suffix):
 
 @pytest.mark.parametrize("evaluator", ["pycocotools", "faster-coco-eval"])
 def test_boxes_skipped_in_training_are_left_out_of_evaluation_too(tmp_path, shapes_root, evaluator):
-    from dapft.evaluate import evaluate_model
+    from dapft.engine import evaluate_model
 
     clean = json.loads((shapes_root / "annotations" / "instances_val2017.json").read_text())
     bad = json.loads(json.dumps(clean))
@@ -337,7 +337,7 @@ def test_boxes_skipped_in_training_are_left_out_of_evaluation_too(tmp_path, shap
 def test_max_images_scores_exactly_that_subset(tmp_path, shapes_root):
     # The first 5 images by id, evaluated from the whole file, score as a file holding only them:
     # images without detections must not count as misses.
-    from dapft.evaluate import evaluate_model
+    from dapft.engine import evaluate_model
 
     whole = json.loads((shapes_root / "annotations" / "instances_val2017.json").read_text())
     first = sorted(im["id"] for im in whole["images"])[:5]

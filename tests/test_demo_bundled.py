@@ -12,6 +12,8 @@ import pytest
 from dapft.models import BUNDLED_DIR, bundled_models, resolve_model
 from dapft.shapes import make_shapes_dataset
 
+pytestmark = pytest.mark.slow  # the bundled detectors evaluated and fine-tuned
+
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
@@ -21,7 +23,7 @@ def test_the_demo_detector_is_bundled():
 
 @pytest.mark.parametrize("name", bundled_models())
 def test_bundled_checkpoint_reproduces_its_recorded_validation_ap(name, tmp_path):
-    from dapft.evaluate import evaluate_model
+    from dapft.engine import evaluate_model
 
     folder = BUNDLED_DIR / name.split("/", 1)[1]
     meta = json.loads((folder / "bundled.json").read_text())

@@ -16,6 +16,8 @@ import torch
 from dapft.shapes import CLASSES
 from dapft.tiny import tiny_model, tiny_processor
 
+pytestmark = pytest.mark.slow  # torchrun with two processes
+
 HERE = Path(__file__).parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -1,9 +1,10 @@
 """Mixed precision and CUDA: which autocast dtype a --precision gives (runs everywhere), and what only a
-GPU can show (marked `cuda`, skipped where torch sees none): DAP on the device equals DAP on the
+GPU can show (marked `gpu`, skipped where torch sees none): DAP on the device equals DAP on the
 CPU, a bf16 / fp16 training step stays finite and near fp32, and `dapft finetune` / `dapft eval
 --device cuda` run end to end, resume where they stopped, and score as the CPU scores.
 
     python -m pytest tests/test_gpu.py      # on a GPU machine: nothing skipped
+    python -m pytest -m gpu                 # the CUDA tests alone
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ from dapft.runtime import amp_dtype
 from dapft.shapes import CLASSES
 from dapft.tiny import tiny_model
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def cuda(test):
+    """Marks a test `gpu` and skips it where torch sees no GPU."""
+    for mark in CUDA_MARKS:
+        test = mark(test)
+    return test
+
+
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
@@ -115,8 +125,8 @@ def trained_batch(shapes_root):
 
 @pytest.mark.parametrize("device, dtype", [
     ("cpu", torch.float16),
-    pytest.param("cuda", torch.bfloat16, marks=cuda),
-    pytest.param("cuda", torch.float16, marks=cuda),
+    pytest.param("cuda", torch.bfloat16, marks=CUDA_MARKS),
+    pytest.param("cuda", torch.float16, marks=CUDA_MARKS),
 ])
 def test_a_mixed_precision_dap_step_is_finite_and_near_fp32(trained_batch, device, dtype):
     model, family, batch = trained_batch

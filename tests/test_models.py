@@ -65,6 +65,7 @@ CLASS_HEAD = ("class_labels_classifier", "class_embed")
 BOX_HEAD = ("bbox_predictor", "bbox_embed")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 @pytest.mark.parametrize("loss", LOSS_CONFIGS)
 def test_every_loss_trains_every_part_of_the_model(family, loss):

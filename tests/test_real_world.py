@@ -38,6 +38,7 @@ def _one_line(proc) -> str:
 # ---------------------------------------------------------------------------------------------- one run per folder
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_output_is_refused_naming_the_holder(tmp_path, tiny_detr, shapes_root):
     from dapft.runtime import OutputFolder
 
@@ -60,6 +61,7 @@ def test_a_second_process_on_the_same_output_is_refused_naming_the_holder(tmp_pa
     dapft("finetune", "--model", tiny_detr, "--data", shapes_root, "--output", out, "--max-steps", "1", *QUICK)
 
 
+@pytest.mark.slow
 def test_a_run_that_never_checkpointed_starts_afresh_or_resumes_from_step_0(tmp_path, tiny_detr, shapes_root):
     run = tmp_path / "run"
     args = ["finetune", "--model", tiny_detr, "--data", shapes_root, "--output", run, "--max-steps", "2",
@@ -83,6 +85,7 @@ def test_a_run_that_never_checkpointed_starts_afresh_or_resumes_from_step_0(tmp_
 # ---------------------------------------------------------------------------------------------- sweeps
 
 
+@pytest.mark.slow
 def test_a_sweep_run_again_with_other_fixed_settings_is_refused_and_a_stale_before_is_redone(tmp_path, tiny_detr,
                                                                                            shapes_root):
     out = tmp_path / "sweep"
@@ -105,6 +108,7 @@ def test_a_sweep_run_again_with_other_fixed_settings_is_refused_and_a_stale_befo
     assert before["for"]["max_eval_images"] == 2
 
 
+@pytest.mark.slow
 def test_grid_values_that_differ_get_their_own_folders_and_repeats_are_refused(tmp_path, tiny_detr, shapes_root):
     from dapft.sweep import run_name
 
@@ -114,6 +118,7 @@ def test_grid_values_that_differ_get_their_own_folders_and_repeats_are_refused(t
     assert proc.returncode == 2 and "lists 1 more than once" in " ".join(proc.stderr.split())  # a usage error
 
 
+@pytest.mark.slow
 def test_a_diverging_grid_value_is_recorded_as_failed_and_the_others_run(tmp_path, shapes_root):
     out = tmp_path / "sweep"
     args = ["sweep", "--model", "dapft/tiny-rtdetr-shapes", "--data", shapes_root, "--output", out, "--lr",
@@ -129,6 +134,7 @@ def test_a_diverging_grid_value_is_recorded_as_failed_and_the_others_run(tmp_pat
     assert again.returncode == 1 and "failed earlier" in _one_line(again) and "finished earlier" in again.stderr
 
 
+@pytest.mark.slow
 def test_a_sweep_killed_in_its_first_run_continues_when_run_again(tmp_path, tiny_detr, shapes_root):
     out = tmp_path / "sweep"
     args = ["sweep", "--model", tiny_detr, "--data", shapes_root, "--output", out, "--seed", "0,1",
@@ -150,6 +156,7 @@ def test_a_sweep_killed_in_its_first_run_continues_when_run_again(tmp_path, tiny
 # ---------------------------------------------------------------------------------------------- resuming
 
 
+@pytest.mark.slow
 def test_more_patience_on_resume_trains_again(tmp_path, tiny_detr, shapes_root):
     run = tmp_path / "run"
     args = ["finetune", "--model", tiny_detr, "--data", shapes_root, "--output", run, "--epochs", "4", "--lr", "0",
@@ -163,6 +170,7 @@ def test_more_patience_on_resume_trains_again(tmp_path, tiny_detr, shapes_root):
     assert "Stopped early" not in (run / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_train_backbone_on_resume_of_a_run_whose_recipe_trained_it_all(tmp_path, shapes_root):
     run = tmp_path / "run"
     args = ["finetune", "--model", "dapft/tiny-rtdetr-shapes", "--data", shapes_root, "--output", run, "--epochs", "2",
@@ -173,6 +181,7 @@ def test_train_backbone_on_resume_of_a_run_whose_recipe_trained_it_all(tmp_path,
     assert proc.returncode == 1 and "--freeze-backbone differs" in _one_line(proc)
 
 
+@pytest.mark.slow
 def test_a_torn_last_log_line_does_not_stop_a_resume(tmp_path, tiny_detr, shapes_root):
     run = tmp_path / "run"
     args = ["finetune", "--model", tiny_detr, "--data", shapes_root, "--output", run, "--epochs", "2", *QUICK]
@@ -184,6 +193,7 @@ def test_a_torn_last_log_line_does_not_stop_a_resume(tmp_path, tiny_detr, shapes
     assert [r["global_step"] for r in records if r["type"] == "step"] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_the_number_of_workers_does_not_change_the_trained_weights(tmp_path, tiny_detr, shapes_root):
     args = ["finetune", "--model", tiny_detr, "--data", shapes_root, "--max-steps", "3", "--loss", "dap+box",
             "--lr", "1e-3", "--seed", "3", "--no-eval-before", "--max-eval-images", "1", "--max-train-images", "12",
@@ -221,6 +231,7 @@ def uninterrupted(tmp_path_factory, tiny_detr, shapes_root):
     return weights(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_and_ctrl_c_save_a_checkpoint_and_resume_to_the_same_weights(tmp_path, tiny_detr, shapes_root,
                                                                              uninterrupted, sig, code):
@@ -236,6 +247,7 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_and_resume_to_the_same_weights(tmp
     assert_same_weights(uninterrupted, weights(tmp_path / "cut"))
 
 
+@pytest.mark.slow
 def test_ctrl_c_and_sigterm_at_start_up_in_eval_and_twice_in_training_exit_by_the_signal_with_one_line(
         tmp_path, tiny_detr, shapes_root):
     def interrupted(proc, times=1, sig=signal.SIGINT):
@@ -276,6 +288,7 @@ def test_ctrl_c_and_sigterm_at_start_up_in_eval_and_twice_in_training_exit_by_th
 # ---------------------------------------------------------------------------------------------- data as it comes
 
 
+@pytest.mark.slow
 def test_photos_stored_rotated_with_an_exif_orientation_score_as_upright(tmp_path, shapes_root):
     """Each validation image stored as a phone stores a portrait photo: pixels turned, with the EXIF
     orientation (6) that turns them back; the JSON describes the upright image, as labelling tools
@@ -353,6 +366,7 @@ def test_annotation_files_with_missing_ids_or_text_ids_are_refused_before_any_wo
         load_split(resolve_split(root, "val"))
 
 
+@pytest.mark.slow
 def test_a_model_folder_without_its_processor_config_is_refused(tmp_path, tiny_detr, shapes_root):
     model = tmp_path / "model"
     shutil.copytree(tiny_detr, model)
@@ -382,6 +396,7 @@ def test_the_image_check_cache_rechecks_a_file_replaced_in_place_and_survives_a_
         assert isinstance(json.loads(_verdict_cache(source.images).read_text()), dict)
 
 
+@pytest.mark.slow
 def test_files_are_utf8_whatever_the_locale(tmp_path, tiny_detr, shapes_root):
     env = {**ENV, "LANG": "C", "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONIOENCODING": ""}
     run = tmp_path / "run"
@@ -391,6 +406,7 @@ def test_files_are_utf8_whatever_the_locale(tmp_path, tiny_detr, shapes_root):
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"1": "circle"}', '{"1": null}', '{"1": 0.5}',
                                      '{"one": 0}'])
+@pytest.mark.slow
 def test_a_bad_label_map_is_one_line_naming_the_file_and_the_form(tmp_path, tiny_detr, shapes_root, content):
     label_map = tmp_path / "labels.json"
     label_map.write_text(content)
@@ -403,6 +419,7 @@ def test_a_bad_label_map_is_one_line_naming_the_file_and_the_form(tmp_path, tiny
 
 @pytest.mark.parametrize("flag, value", [("--clip-grad-norm", "nan"), ("--backbone-lr-multiplier", "inf"),
                                          ("--sigma", "nan"), ("--lr", "nan")])
+@pytest.mark.slow
 def test_non_finite_settings_are_refused_before_any_work(tmp_path, tiny_detr, shapes_root, flag, value):
     proc = dapft("finetune", "--model", tiny_detr, "--data", shapes_root, "--output", tmp_path / "r", flag, value,
                  *QUICK, check=False)
@@ -410,13 +427,6 @@ def test_non_finite_settings_are_refused_before_any_work(tmp_path, tiny_detr, sh
 
 
 # ---------------------------------------------------------------------------------------------- the first hour
-
-
-def test_the_readme_points_at_nothing_outside_the_repository():
-    repo = Path(__file__).parents[1]
-    for doc in ("README.md", "TESTING.md", "BENCHMARKS.md", "REPRODUCTION.md", *map(str, repo.glob("docs/*.md"))):
-        text = (repo / doc).read_text()
-        assert "shared/" not in text and "../" not in text, doc
 
 
 def test_sweep_takes_every_finetune_option_and_every_option_says_what_it_does():
@@ -476,6 +486,7 @@ def test_progress_bars_keep_counts_and_times_whole_at_80_columns():
         assert whole in joined, joined
 
 
+@pytest.mark.slow
 def test_eval_never_replaces_an_evaluation_and_a_refused_command_leaves_no_folder(tmp_path, tiny_detr, shapes_root):
     out = tmp_path / "ev"
     args = ["eval", "--model", tiny_detr, "--data", shapes_root, "--no-progress", "--max-images", "2"]
@@ -488,6 +499,7 @@ def test_eval_never_replaces_an_evaluation_and_a_refused_command_leaves_no_folde
     assert proc.returncode == 1 and not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow
 def test_the_console_says_minus_for_absent_sizes_one_epoch_and_what_is_frozen(tmp_path, tiny_detr, shapes_root):
     proc = dapft("eval", "--model", "dapft/tiny-rtdetr-shapes", "--data", shapes_root, "--output", tmp_path / "e",
                  "--no-progress", "--num-workers", "0")

@@ -51,6 +51,7 @@ def _real_size(family: str):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["detr", "deformable_detr"])
 def test_real_size_detr_like_trains_layer2_to_4_and_the_transformer_only(family, tmp_path, shapes_root):
     """As the Hub checkpoints are built (timm ResNet-50, whose parameters transformers leaves all

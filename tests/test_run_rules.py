@@ -128,11 +128,25 @@ def test_the_rate_of_each_epoch(epochs, lr_drop, factors):
 @pytest.mark.parametrize("name, value", [("sigma", 1.0), ("sigma", float("nan")), ("momentum", 1.0),
                                          ("clip_grad_norm", float("nan")), ("backbone_lr_multiplier", float("inf")),
                                          ("lr", -1e-4), ("batch_size", 0), ("eval_every", 0), ("ema_decay", 0.0),
-                                         ("evaluator", "cocoapi"), ("precision", "fp64"), ("loss", "ap"),
+                                         ("precision", "fp64"), ("loss", "ap"),
                                          ("lr_drop", [0]), ("lr_drop", [5, 3]), ("lr_drop", [])])
 def test_out_of_range_and_non_finite_settings_are_refused(name, value):
     with pytest.raises(ValueError, match="--" + name.replace("_", "-")):
         check_choices(FinetuneConfig(model="m", **{name: value}))
+
+
+def test_an_unknown_evaluator_is_refused_by_finetune_and_sweep_before_any_work(tmp_path):
+    # The evaluator's own check (dapft.evaluate), made before a run is assembled or a grid starts.
+    from dapft.engine import finetune
+    from dapft.sweep import sweep
+
+    cfg = FinetuneConfig(model="dapft/tiny-rtdetr-shapes", data=str(tmp_path / "none"), evaluator="cocoapi",
+                         output=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="--evaluator must be faster-coco-eval or pycocotools"):
+        finetune(cfg)
+    with pytest.raises(ValueError, match="--evaluator"):
+        sweep(cfg, {"seed": [0, 1]})
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_best_ap_and_patience_follow_the_evaluations():
