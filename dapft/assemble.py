@@ -26,6 +26,7 @@ from dapft.freeze import FreezeReport, FreezeSpec, apply_freezing
 from dapft.loader import BatchLoader, CocoDetection, EpochSampler, default_num_workers, TrainAugmentation
 from dapft.models import Family
 from dapft.runtime import amp_dtype, console, pick_device, seed_everything, write_json
+from dapft.trackers import parse_report_to
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Run:
 def assemble(requested: FinetuneConfig) -> Run:
     check_choices(requested)  # instant mistakes first
     check_evaluator(requested.evaluator)
+    parse_report_to(requested.report_to)  # an unknown tracker, or one not installed
     device = pick_device(requested.device)
     dist = dist_utils.init_distributed(device.type)
     if dist.enabled and device.type == "cuda":

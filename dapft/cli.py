@@ -29,6 +29,11 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
     quiet_transformers()
 
 
+REPORT_TO = typer.Option(
+    None, "--report-to", metavar="NAME[,NAME...]",
+    help="Trackers to send the run to: tensorboard, mlflow, wandb (comma list), or none. Default: TensorBoard "
+         "event files where tensorboard is installed. MLflow reads MLFLOW_TRACKING_URI, W&B WANDB_PROJECT and "
+         "WANDB_MODE.")
 DATA = typer.Option(None, "--data", help="COCO root: ROOT/{train,val}2017/ and ROOT/annotations/instances_*2017.json.")
 
 
@@ -88,6 +93,9 @@ def finetune(
     patience: Optional[int] = typer.Option(None, help="Stop after N evaluations without a better AP."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from checkpoint-last."),
     progress: bool = typer.Option(True, help="Rich progress bars."),
+    report_to: Optional[str] = REPORT_TO,
+    log_checkpoints: bool = typer.Option(
+        False, "--log-checkpoints", help="Also send checkpoint-best to the trackers (MLflow, W&B) at the end."),
 ):
     """Fine-tune a detector with DAP (or another loss configuration) and report COCO AP before/after.
     Its options, but for --resume, are `dapft sweep`'s too (that one takes lists for some)."""
@@ -132,6 +140,7 @@ def eval_(
     num_workers: Optional[int] = typer.Option(
         None, help="Data loading workers (default: on a GPU, from the CPUs, at most 8; on CPU none)."),
     progress: bool = typer.Option(True, help="Rich progress bar."),
+    report_to: Optional[str] = REPORT_TO,
 ):
     """Evaluate a detector: COCO results JSON, metrics.json, report.md and plots."""
     from dapft.engine import evaluate_model
@@ -139,7 +148,8 @@ def eval_(
 
     m = evaluate_model(model, data, split=split, images=images, annotations=annotations, output=output,
                        batch_size=batch_size, evaluator=evaluator, max_images=max_images, label_map=label_map,
-                       device=device, precision=precision, num_workers=num_workers, progress=progress)
+                       device=device, precision=precision, num_workers=num_workers, progress=progress,
+                       report_to=report_to)
     s = m["stats"]
     console.print(f"AP {100 * s['AP']:.2f} · AP50 {100 * s['AP50']:.2f} · AP75 {100 * s['AP75']:.2f} · "
                   f"S/M/L {_pts(s['AP_small'])}/{_pts(s['AP_medium'])}/{_pts(s['AP_large'])} · "

@@ -70,6 +70,11 @@ class FinetuneConfig:
     ema_decay: float | None = None
     patience: int | None = None  # stop after this many evaluations without a better AP
     before_metrics: dict | None = None  # the evaluation before fine-tuning, when already made (a sweep's)
+    # Trackers (dapft.trackers): a comma list of tensorboard, mlflow, wandb, or none; None: TensorBoard
+    # where it is installed. log_checkpoints: checkpoint-best to them too.
+    report_to: str | None = None
+    log_checkpoints: bool = False
+    tracker_group: dict | None = None  # a sweep's: the MLflow parent run, the W&B group
     command: str | None = None  # how the run was started, for reports and model cards
     given: tuple[str, ...] | None = None  # settings the user gave (the CLI's flags); None: all non-defaults
     extra: dict = field(default_factory=dict)
@@ -89,9 +94,11 @@ def drop_list(lr_drop) -> list[int] | None:
 # What `--resume` may change: where and how the run reports and works, and when it stops. Everything
 # else (model, data, loss and its settings, schedule, recipe, precision) is the run's: a resumed run
 # takes it from the run's config.json, and a flag that asks for another value is refused by name.
-RESUMABLE_CHANGES = ("progress", "num_workers", "save_every", "eval_every", "device", "max_steps", "patience")
-# Where the run is and how it was asked for; a sweep's shared evaluation before fine-tuning.
-NOT_SETTINGS = ("output", "resume", "command", "given", "extra", "before_metrics")
+RESUMABLE_CHANGES = ("progress", "num_workers", "save_every", "eval_every", "device", "max_steps", "patience",
+                     "report_to", "log_checkpoints")
+# Where the run is and how it was asked for; a sweep's shared evaluation before fine-tuning and its
+# trackers' grouping.
+NOT_SETTINGS = ("output", "resume", "command", "given", "extra", "before_metrics", "tracker_group")
 
 
 def _as_flag(name: str, value) -> str:

@@ -9,10 +9,11 @@ loop and its evaluation:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import signal
-import json
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from dapft.report import model_card, write_eval_report, write_run_report
 from dapft.runtime import (OutputFolder, StopRequests, TrainingInterrupted, amp_dtype, console, make_progress,
                            pick_device, software)
 from dapft.state import RunLog, apply_patience, new_state, record_evaluation, resume_run, save_run
+from dapft.trackers import Trackers, parse_report_to
 
 __all__ = ["FinetuneConfig", "Trainer", "TrainingInterrupted", "evaluate_model", "finetune"]
 
@@ -46,7 +48,7 @@ class Trainer:
     def setup(self) -> None:
         self.run = run = assemble(self.requested)
         self.cfg = run.cfg
-        self.log = RunLog(run.out, run.dist.is_main)
+        self.log = RunLog(run.out, run.dist.is_main, open_trackers(run) if run.dist.is_main else None)
         skipped = {"train": run.splits["train"].skipped, "val": run.splits["val"].skipped}
         self.state = resume_run(run) if self.cfg.resume else new_state(skipped)
         apply_patience(self.state, self.cfg)
@@ -63,7 +65,11 @@ class Trainer:
         with OutputFolder(Path(self.requested.output), enabled=int(os.environ.get("RANK", "0")) == 0):
             self.setup()
             announce(self.run)
-            return self._loop()
+            try:
+                return self._loop()
+            except BaseException as exc:  # the trackers' run ends as the run does; --resume continues it
+                self.log.close("KILLED" if isinstance(exc, (TrainingInterrupted, KeyboardInterrupt)) else "FAILED")
+                raise
 
     def _loop(self) -> dict:
         run, cfg, st = self.run, self.cfg, self.state
@@ -190,6 +196,7 @@ class Trainer:
         self.state["elapsed"] = time.perf_counter() - self.t_start
         run, state = self.run, self.state
         save_run(run, state, best, card=lambda which: model_card(run.cfg, run.family.name, state, which))
+        self.log.flush()  # what the trackers have never runs ahead of a checkpoint by more than a flush
 
     def _stop_if_requested(self) -> None:
         """At a step boundary, after Ctrl-C or SIGTERM on any process: save a resumable checkpoint and
@@ -289,10 +296,37 @@ def finish(run, state: dict, log: RunLog) -> dict:
     report = {}
     if run.dist.is_main:
         report = write_run_report(run.out, run.cfg, run.family.name, state, run.freezing)
+        if log.trackers is not None:
+            best = run.out / "checkpoint-best"
+            log.trackers.summary(summary_values(report))
+            log.trackers.files([run.out / name for name in ("report.md", "report.json", "curves.png")],
+                               best if run.cfg.log_checkpoints and best.is_dir() else None)
     dist_utils.barrier(run.dist)
     dist_utils.shutdown(run.dist)
     log.close()
     return report
+
+
+def open_trackers(run) -> Trackers | None:
+    """The run's trackers (--report-to; TensorBoard where installed by default), with its settings,
+    the resolved recipe among them, as parameters."""
+    cfg = run.cfg
+    names = parse_report_to(cfg.report_to)
+    if not names:
+        return None
+    params = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("before_metrics", "tracker_group", "given")}
+    params["recipe"] = params.pop("extra")
+    params["family"] = run.family.name
+    return Trackers(run.out, names, run_name=run.out.name, params=params, group=cfg.tracker_group)
+
+
+def summary_values(report: dict) -> dict[str, float]:
+    """A run's before / after / best COCO numbers and the change, as the trackers' summary."""
+    values = {f"{tag}/{k}": v for tag in ("before", "after", "best") for k, v in (report.get(tag) or {}).items()
+              if k in STAT_NAMES}
+    if report.get("delta_AP") is not None:
+        values["delta/AP"] = report["delta_AP"]
+    return values
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
@@ -304,10 +338,12 @@ def evaluate_model(model: str, data: str | None = None, *, split: str = "val", i
                    annotations: str | None = None, output: str | Path = "runs/eval", batch_size: int = 8,
                    evaluator: Evaluator = "faster-coco-eval", max_images: int | None = None,
                    label_map: str | None = None, device: str | None = None, precision: str = "auto",
-                   num_workers: int | None = None, progress: bool = True) -> dict:
-    """`dapft eval`: everything checked first, then inference, predictions.json, metrics, report."""
+                   num_workers: int | None = None, progress: bool = True, report_to: str | None = None) -> dict:
+    """`dapft eval`: everything checked first, then inference, predictions.json, metrics, report,
+    and the numbers to the trackers (--report-to)."""
     out = Path(output)
     check_evaluator(evaluator)
+    trackers = parse_report_to(report_to)  # before any work: an unknown tracker, or one not installed
     if (out / "config.json").is_file() and (out / "log.jsonl").is_file():
         # A fine-tuning run's own report.md and metrics are there: an evaluation must not replace them.
         raise FileExistsError(f"{out}: a fine-tuning run's directory; write this evaluation into a folder of "
@@ -331,6 +367,14 @@ def evaluate_model(model: str, data: str | None = None, *, split: str = "val", i
         with make_progress(disable=not progress) as bar:
             metrics = evaluate_split(detector, processor, coco, mapping, loader, device=dev, output=out,
                                      evaluator=evaluator, amp_dtype=amp, progress=bar)
-        write_eval_report(out, metrics, {"model": model, "annotations": source.annotations,
-                                         "images": len(coco.images), "skipped": coco.skipped})
+        info = {"model": model, "annotations": source.annotations, "images": len(coco.images), "skipped": coco.skipped}
+        write_eval_report(out, metrics, info)
+        if trackers:
+            params = {**info, "annotations": str(source.annotations), "evaluator": evaluator, "batch_size": batch_size,
+                      "max_images": max_images, "label_map": label_map, "precision": precision}
+            tracked = Trackers(out, trackers, run_name=out.name, params=params)
+            tracked.log({"type": "eval", "global_step": 0, **metrics.stats})
+            tracked.summary({f"eval/{k}": v for k, v in metrics.stats.items()})
+            tracked.files([out / name for name in ("report.md", "metrics.json", "pr_curves.png", "per_class_ap.png")])
+            tracked.close()
     return json.loads((out / "metrics.json").read_text(encoding="utf-8"))

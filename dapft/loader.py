@@ -199,15 +199,17 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self._order()[self.rank :: self.world]) - self.skip
 
 
-def default_num_workers(device: torch.device | str, processes_per_node: int = 1, cap: int = 8) -> int:
-    """Data-loader workers per process. For a GPU: the CPUs this process may use (those of the
-    machine shared among its processes), less one for the process itself; at least 1, at most
-    `cap`. For a CPU run: none. There the model's step already uses every core, and a worker beside
+def default_num_workers(device: torch.device | str, processes_per_node: int = 1, cap: int = 8,
+                        cpus: int | None = None) -> int:
+    """Data-loader workers per process. For a GPU: the CPUs this process may use (`cpus`, by default
+    its CPU affinity: those of the machine shared among its processes), less one for the process
+    itself; at least 1, at most `cap`. For a CPU run: none. There the model's step already uses every core, and a worker beside
     it takes them from the step: measured on 2 cores with the bundled tiny RT-DETR, a worker made the
     step 1.19x the bare step and preparing the batch in the step's own process 1.04x (BENCHMARKS.md)."""
     if torch.device(device).type == "cpu":
         return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
     return max(1, min(cap, cpus // max(1, processes_per_node) - 1))
 
 

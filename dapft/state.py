@@ -132,18 +132,11 @@ def read_log(path: Path) -> list[dict]:
 
 
 class RunLog:
-    """log.jsonl (every step and every evaluation, one JSON object a line) and, when installed,
-    TensorBoard scalars; written by the main process only."""
+    """log.jsonl (every step and every evaluation, one JSON object a line), and the same records to
+    the run's trackers (dapft.trackers); written by the main process only."""
 
-    def __init__(self, out: Path, enabled: bool):
-        self.path, self.enabled, self.tb = out / "log.jsonl", enabled, None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:
-                pass
+    def __init__(self, out: Path, enabled: bool, trackers=None):
+        self.path, self.enabled, self.trackers = out / "log.jsonl", enabled, trackers
 
     def truncate(self, global_step: int) -> None:
         """Forget what an interrupted run logged after the checkpoint it resumes from."""
@@ -159,11 +152,14 @@ class RunLog:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("global_step", "epoch"):
-                    self.tb.add_scalar(f"{record['type']}/{k}", v, record.get("global_step", 0))
+        if self.trackers is not None:
+            self.trackers.log(record)
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+    def flush(self) -> None:
+        """At a checkpoint: the trackers get every step it holds."""
+        if self.trackers is not None:
+            self.trackers.flush()
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self.trackers is not None:
+            self.trackers.close(status)

@@ -6,6 +6,7 @@ other values (the control the paper's reviewers asked for)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -15,6 +16,7 @@ from pathlib import Path
 from dapft.config import NOT_SETTINGS, RESUMABLE_CHANGES, FinetuneConfig, check_choices, saved_settings
 from dapft.engine import finetune
 from dapft.evaluate import check_evaluator
+from dapft.trackers import Trackers, parse_report_to
 from dapft.runtime import (
     OutputFolder,
     TrainingInterrupted,
@@ -65,13 +67,16 @@ def sweep(base: FinetuneConfig, grid: dict[str, list]) -> dict:
     for cfg in configs:  # every combination checked before the first run starts
         check_choices(cfg)
     check_evaluator(base.evaluator)
+    names = parse_report_to(base.report_to)
     root = Path(base.output)
     with OutputFolder(root):
         for setting, cfg in zip(settings, configs):  # folders of another sweep refused before any run
             same_settings(cfg, root / run_name(setting))
         before = _shared_before(root, base)
+        parent, group = _tracker_group(root, base, names, grid)
         rows, software = [], []
         for setting, cfg in zip(settings, configs):
+            cfg = dataclasses.replace(cfg, tracker_group=group)
             report, failure = _run_one(root / run_name(setting), cfg, before)
             software += [s for s in report.get("software", []) if s not in software]
             if before is None and report.get("before") is not None:
@@ -82,7 +87,55 @@ def sweep(base: FinetuneConfig, grid: dict[str, list]) -> dict:
                          **{m: (report.get("train_after") or {}).get(m[6:]) for m in TRAIN_METRICS}})
         summary = {**summarize(rows, [k for k in SWEEPABLE if k in grid], before), "software": software}
         _write(root, summary)
+        _summary_to_trackers(root, names, parent, group, summary)
     return summary
+
+
+def _tracker_group(root: Path, base: FinetuneConfig, names: tuple[str, ...], grid: dict) -> tuple:
+    """Where the sweep's runs go in the trackers, as each groups runs: an MLflow parent run (kept in
+    the sweep folder's trackers.json, so a sweep run again keeps it) with the runs as its children,
+    and a W&B group named after the sweep folder. TensorBoard needs none: `tensorboard --logdir`
+    on the sweep folder shows every run's. Returns (the parent's Trackers or None, the group)."""
+    group, parent = {}, None
+    if "mlflow" in names:
+        params = {"grid": {k: ",".join(map(str, v)) for k, v in grid.items()}, "model": base.model,
+                  "data": base.data, "command": base.command}
+        parent = Trackers(root, ("mlflow",), run_name=root.resolve().name, params=params)
+        if "mlflow" in parent.ids:
+            group["mlflow"] = parent.ids["mlflow"]
+    if "wandb" in names:
+        where = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:6]  # two sweeps both named "ab"
+        group["wandb"] = f"{root.resolve().name}-{where}"
+    return parent, group or None
+
+
+def _summary_to_trackers(root: Path, names: tuple[str, ...], parent: Trackers | None, group: dict | None,
+                         summary: dict) -> None:
+    """The sweep's means and paired comparisons: to the MLflow parent run, and to a W&B run of its
+    own in the group (job type sweep-summary), as tables and as numbers."""
+    metrics = summary["metrics"]
+    settings = [[s["setting"], len(s["seeds"])] + [s[m]["mean"] for m in metrics] for s in summary["settings"]]
+    comparisons = [[c["setting"], c["baseline"], c["metric"], c["n"], c["mean_difference"],
+                    *(c["ci95"] or (None, None))] for c in summary["comparisons"]]
+    values = {f"mean_{m}/{s['setting']}": s[m]["mean"] for s in summary["settings"] for m in metrics
+              if s[m]["mean"] is not None}
+    values.update({f"vs_control_{c['metric']}/{c['setting']}": c["mean_difference"] for c in summary["comparisons"]})
+    files = [root / name for name in ("sweep.md", "sweep.json", "sweep.png")]
+
+    def send(trackers: Trackers) -> None:
+        trackers.summary(values)
+        trackers.table("settings", ["setting", "seeds", *(f"mean_{m}" for m in metrics)], settings)
+        trackers.table("comparisons", ["setting", "baseline", "metric", "n", "mean_difference", "ci95_low",
+                                       "ci95_high"], comparisons)
+        trackers.files(files)
+        trackers.close()
+
+    if parent is not None:
+        send(parent)
+    if "wandb" in names and group:
+        send(Trackers(root, ("wandb",), run_name=f"{root.resolve().name} (summary)",
+                      params={"keys": summary["keys"]},
+                      group={"wandb": group["wandb"], "wandb_job_type": "sweep-summary"}))
 
 
 def _run_one(run_dir: Path, cfg: FinetuneConfig, before: dict | None) -> tuple[dict, str | None]:

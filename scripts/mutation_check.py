@@ -107,6 +107,34 @@ EQUIVALENT: dict[tuple[str, str, str, str], str] = {
     ("state", "truncate", 'keep = [json.dumps(r) for r in read_log(self.path) if r.get("global_step", 0) <= '
                           'global_step]', "constant 0->1"):
         "the default of a record without global_step: every record dapft writes has one",
+    # the data path
+    ("data", "_verdict_cache", 'return root / "checked-images" / (hashlib.sha1(str(images.resolve()).encode())'
+                               '.hexdigest()[:16] + ".json")', "constant 16->17"):
+        "the length of the cache file's name: any name fixed per image folder serves (a cache written under "
+        "the other name is not found, and the images are checked once more)",
+    ("loader", "_read_with_pil", 'top = 65535.0 if im.mode.startswith("I;16") or deep.max() <= 65535 else '
+                                 'float(deep.max())', "LtE->Lt"):
+        "at the boundary deep.max() == 65535 both branches give top = 65535",
+    ("loader", "_read_with_pil", "im = Image.fromarray(np.clip(deep / top * 255.0 + 0.5, 0, 255).astype(np.uint8))",
+     "constant 255->256"):
+        "top is at least deep.max(), so deep / top * 255 + 0.5 is at most 255.5, which uint8 truncates to 255 "
+        "under either bound",
+    ("loader", "default_num_workers", "return max(1, min(cap, cpus // max(1, processes_per_node) - 1))",
+     "swap arguments"):
+        "min and max are symmetric in their two arguments",
+    ("loader", "__call__", "ch, cw = rng.randint(min(self.lo, h), min(h, self.hi)), rng.randint(min(self.lo, w), "
+                           "min(w, self.hi))", "swap arguments"):
+        "a min's arguments swapped is the same min; randint's swapped raises for any crop range wider than "
+        "one pixel (caught)",
+    ("preprocess", "processor_settings", 'return dict(size=size, pixels=pixels, pad=bool(_get(processor, "do_pad", '
+                                         'False)),', "constant False->True"):
+        "the default is read only for a processor without do_pad, and every DETR-family processor has one; for "
+        "one without, the probe batch (reproduces) would refuse a wrong guess and use the processor itself",
+    ("loader", "__iter__", "yield (i, (self.seed * 7_919 + self.epoch) * 1_000_003 + i)", "Add->Sub"):
+        "the sample seeds are arbitrary numbers: what a run relies on is that they differ between images and "
+        "epochs and stay the same for a (seed, epoch, image), which the mutant keeps and the tests hold",
+    ("loader", "__iter__", "yield (i, (self.seed * 7_919 + self.epoch) * 1_000_003 + i)", "constant 7919->7920"):
+        "as above: another arbitrary multiplier, the seeds still distinct by image and epoch",
 }
 
 # The hand-written mutants of issue #13 (module, original text, mutated text, what it breaks).

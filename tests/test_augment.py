@@ -184,3 +184,17 @@ def test_prepared_boxes_frame_their_objects_in_the_resized_image_with_their_labe
             [cols, rows, cols, rows])
         torch.testing.assert_close(xyxy, boxes * torch.tensor([cols / w, rows / h, cols / w, rows / h]),
                                    rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("cpus, processes, cap, workers", [
+    (16, 1, 8, 8),   # at most the cap
+    (6, 1, 8, 5),    # one CPU left for the process itself
+    (16, 4, 8, 3),   # the machine's CPUs shared among its torchrun processes, one each for themselves
+    (2, 8, 8, 1),    # at least one
+    (16, 1, 4, 4),
+])
+def test_a_gpu_process_gets_the_workers_its_cpus_allow_and_a_cpu_run_none(cpus, processes, cap, workers):
+    from dapft.loader import default_num_workers
+
+    assert default_num_workers("cuda", processes, cap, cpus=cpus) == workers
+    assert default_num_workers("cpu", processes, cap, cpus=cpus) == 0

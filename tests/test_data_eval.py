@@ -286,6 +286,47 @@ def test_label_map_collisions_and_unknown_categories_are_refused(shapes_root, tm
     f.write_text(json.dumps({**{str(k + 1): k for k in range(len(CLASSES))}, "42": 5}))
     with pytest.raises(DataError, match=r"category ids \[42\] are not in"):
         LabelMap.build(split.categories, labels, f)
+    f.write_text(json.dumps({str(k + 1): k + 3 for k in range(len(CLASSES))}))  # labels 6..8 do not exist
+    with pytest.raises(DataError, match=r"model label indices \[6, 7, 8\] do not exist in the model \(it has 6"):
+        LabelMap.build(split.categories, labels, f)
+
+
+def test_a_root_without_the_2017_names_is_read_and_the_2017_layout_comes_first(shapes_root, tmp_path):
+    plain = tmp_path / "plain"
+    shutil.copytree(shapes_root / "val2017", plain / "val")
+    (plain / "annotations").mkdir()
+    shutil.copy(shapes_root / "annotations" / "instances_val2017.json", plain / "annotations" / "instances_val.json")
+    assert resolve_split(plain, "val").images == plain / "val"
+    both = tmp_path / "both"
+    shutil.copytree(plain, both)
+    shutil.copytree(shapes_root / "val2017", both / "val2017")
+    shutil.copy(shapes_root / "annotations" / "instances_val2017.json", both / "annotations" / "instances_val2017.json")
+    assert resolve_split(both, "val") == resolve_split(shapes_root, "val").__class__(
+        both / "val2017", both / "annotations" / "instances_val2017.json")
+
+
+def test_the_first_images_of_a_loaded_split_are_those_load_split_takes(shapes_root):
+    """--train-eval-images: the subset cut from the loaded split, as loading only it would give."""
+    from dapft.data import first_images
+
+    source = resolve_split(shapes_root, "train")
+    cut, alone = first_images(load_split(source), 5), load_split(source, max_images=5)
+    assert [im["id"] for im in cut.images] == [im["id"] for im in alone.images]
+    assert cut.annotations == alone.annotations and cut.evaluated == alone.evaluated
+
+
+def test_a_tiff_photo_with_an_exif_orientation_is_read_upright(tmp_path):
+    # TIFF goes through PIL (torchvision decodes no TIFF): the orientation must be applied there too.
+    from dapft.loader import read_image
+
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:5, :10] = 255  # a mark in the top left corner as stored
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[274] = 6  # "rotate 90 degrees clockwise to view"
+    image.save(tmp_path / "photo.tiff", exif=exif)
+    upright = read_image(tmp_path / "photo.tiff").permute(1, 2, 0).numpy()
+    assert np.array_equal(upright, np.rot90(pixels, k=-1))
 
 
 @pytest.mark.parametrize("suffix", [".png", ".tiff"])  # torchvision's decoder, and PIL's for what it cannot read

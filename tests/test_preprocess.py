@@ -16,6 +16,9 @@ PROCESSORS = {f: (lambda f=f: tiny_processor(f, 96)) for f in TINY_FAMILIES} | {
     "DeformableDetrImageProcessor()": transformers.DeformableDetrImageProcessor,
     "RTDetrImageProcessor()": transformers.RTDetrImageProcessor,
     "RfDetrImageProcessor()": transformers.RfDetrImageProcessor,
+    # the third form of size a DETR-family processor takes: the image fitted into a box, aspect kept
+    "DetrImageProcessor(max_height, max_width)": lambda: transformers.DetrImageProcessor(
+        size={"max_height": 80, "max_width": 100}),
 }
 
 

@@ -78,7 +78,7 @@ def test_resume_refuses_every_fixed_setting_asked_otherwise(name):
 def test_resume_takes_what_may_change(name):
     saved = _saved()
     value = {"progress": False, "num_workers": 3, "save_every": 7, "eval_every": 2, "device": "cpu", "max_steps": 9,
-             "patience": 4}[name]
+             "patience": 4, "report_to": "mlflow", "log_checkpoints": True}[name]
     requested = dataclasses.replace(FinetuneConfig(model=saved["model"]), **{name: value}, given=(name,))
     assert getattr(resumed_config(requested, saved, Path("runs/x")), name) == value
 

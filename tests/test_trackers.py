@@ -1,0 +1,186 @@
+"""Runs where users track them (`--report-to`), offline and for real: MLflow against a local sqlite
+store read back with MlflowClient, W&B in offline mode read back from its run file, TensorBoard read
+back with its event reader. Each compared with what the run itself wrote (log.jsonl, report.json)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dapft.trackers import parse_report_to
+from runs_helpers import COMMON, ENV, dapft
+
+QUICK = [*COMMON, "--max-train-images", "8", "--max-eval-images", "4"]
+
+
+def tracked_env(tmp_path: Path, **more) -> dict:
+    return {**ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "WANDB_MODE": "offline",
+            "WANDB_SILENT": "true", **more}
+
+
+def wandb_records(run_file: Path) -> list:
+    """The records of a W&B offline run file (`run-ID.wandb`): W&B's protobuf records in the leveldb
+    log format (32 KiB blocks, each record a 7-byte header of checksum, length and kind, split into
+    pieces across blocks), after a 7-byte file header. wandb 0.31 ships no reader of its own."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B"
+    records, pending, pos, block = [], b"", 7, 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _checksum, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def wandb_runs(folder: Path) -> list[dict]:
+    """Each offline run under folder/wandb: its id, group, job type, history rows, and summary."""
+    runs = []
+    for run_file in sorted(folder.glob("wandb/offline-run-*/run-*.wandb")):
+        run = {"id": None, "group": None, "job_type": None, "history": [], "summary": {}}
+        for record in wandb_records(run_file):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                run.update(id=record.run.run_id, group=record.run.run_group, job_type=record.run.job_type)
+            elif kind == "history":
+                run["history"].append({"/".join(i.nested_key) or i.key: json.loads(i.value_json)
+                                       for i in record.history.item})
+            elif kind == "summary":
+                run["summary"].update({"/".join(i.nested_key) or i.key: json.loads(i.value_json)
+                                       for i in record.summary.update})
+        runs.append(run)
+    return runs
+
+
+def logged(run: Path, kind: str, key: str) -> list[tuple[int, float]]:
+    return [(r["global_step"], r[key]) for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+            if r["type"] == kind and key in r]
+
+
+@pytest.mark.slow
+def test_every_tracker_gets_the_run_and_a_resumed_run_continues_the_same_tracker_run(tmp_path, tiny_detr,
+                                                                                     shapes_root):
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    env = tracked_env(tmp_path)
+    run = tmp_path / "run"
+    args = ["finetune", "--model", tiny_detr, "--data", shapes_root, "--output", run, "--epochs", "2",
+            "--report-to", "tensorboard,mlflow,wandb", *QUICK]
+    dapft(*args, "--max-steps", "3", env=env, cwd=tmp_path)  # stops after step 3, checkpointed
+    dapft(*args, "--resume", "--log-checkpoints", env=env, cwd=tmp_path)  # steps 4 to 4: the rest
+    report = json.loads((run / "report.json").read_text())
+    losses = logged(run, "step", "loss")
+    assert [s for s, _ in losses] == [1, 2, 3, 4]
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    [tracked] = client.search_runs([client.get_experiment_by_name("dapft").experiment_id])
+    assert tracked.info.run_id == json.loads((run / "trackers.json").read_text())["ids"]["mlflow"]
+    assert tracked.info.status == "FINISHED"
+    params = tracked.data.params
+    assert params["loss"] == "dap" and params["sigma"] == "0.05" and params["family"] == "detr"
+    assert float(params["recipe.pretrain_lr"]) > 0  # the resolved recipe
+    history = client.get_metric_history(tracked.info.run_id, "train/loss")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == pytest.approx(losses)  # no gap, no repeat
+    evals = sorted(client.get_metric_history(tracked.info.run_id, "eval/AP"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in evals] == pytest.approx(logged(run, "eval", "AP"))
+    assert tracked.data.metrics["after/AP"] == pytest.approx(report["after"]["AP"])
+    artifacts = {a.path for a in client.list_artifacts(tracked.info.run_id)}
+    assert {"report.md", "report.json", "curves.png", "checkpoint-best"} <= artifacts
+
+    first, second = wandb_runs(run)
+    assert first["id"] == second["id"]  # the resumed run continues the same W&B run
+    steps = [row["_step"] for w in (first, second) for row in w["history"] if "train/loss" in row]
+    assert sorted(steps) == [1, 2, 3, 4] and len(set(steps)) == 4
+    assert second["summary"]["after/AP"] == pytest.approx(report["after"]["AP"])
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == pytest.approx(losses)
+
+
+@pytest.mark.slow
+def test_a_sweep_is_an_mlflow_parent_run_with_its_runs_as_children_and_a_wandb_group(tmp_path, tiny_detr,
+                                                                                      shapes_root):
+    from mlflow import MlflowClient
+
+    env = tracked_env(tmp_path)
+    out = tmp_path / "sweep"
+    dapft("sweep", "--model", tiny_detr, "--data", shapes_root, "--output", out, "--loss", "original",
+          "--seed", "0,1", "--epochs", "1", "--max-steps", "1", "--report-to", "mlflow,wandb", *QUICK,
+          env=env, cwd=tmp_path)
+    summary = json.loads((out / "sweep.json").read_text())
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("dapft").experiment_id])
+    parent_id = json.loads((out / "trackers.json").read_text())["ids"]["mlflow"]
+    [parent] = [r for r in runs if r.info.run_id == parent_id]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    assert sorted(r.data.tags["mlflow.runName"] for r in children) == sorted(r["run"] for r in summary["runs"])
+    for setting in summary["settings"]:
+        key = "mean_AP/" + setting["setting"].replace("=", "_").replace(",", "_")
+        assert parent.data.metrics[key] == pytest.approx(setting["AP"]["mean"])
+    assert {"sweep.md", "sweep.json", "sweep.png", "settings.json"} <= {a.path for a in client.list_artifacts(parent_id)}
+
+    members = [w for r in summary["runs"] for w in wandb_runs(out / r["run"])]
+    groups = {w["group"] for w in members}
+    assert len(members) == 2 and len(groups) == 1 and groups.pop().startswith("sweep-")
+    [summary_run] = wandb_runs(out)
+    assert summary_run["job_type"] == "sweep-summary" and summary_run["group"] == members[0]["group"]
+
+
+@pytest.mark.slow
+def test_an_evaluation_goes_to_mlflow(tmp_path, tiny_detr, shapes_root):
+    from mlflow import MlflowClient
+
+    env = tracked_env(tmp_path)
+    ev = tmp_path / "eval"
+    dapft("eval", "--model", tiny_detr, "--data", shapes_root, "--output", ev, "--report-to", "mlflow",
+          "--num-workers", "0", "--no-progress", "--max-images", "4", env=env, cwd=tmp_path)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    [tracked] = client.search_runs([client.get_experiment_by_name("dapft").experiment_id])
+    metrics = json.loads((ev / "metrics.json").read_text())["stats"]
+    assert tracked.data.metrics["eval/AP"] == pytest.approx(metrics["AP"]) and tracked.data.params["images"] == "4"
+    assert {"report.md", "metrics.json", "pr_curves.png"} <= {a.path for a in client.list_artifacts(tracked.info.run_id)}
+
+
+def test_a_tracker_that_is_down_costs_a_warning_and_nothing_else(tmp_path, monkeypatch, capsys):
+    # A real MLflow client against a server that is not there (a closed local port, no retries).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    from dapft.trackers import Trackers
+
+    trackers = Trackers(tmp_path, ("mlflow",), run_name="run", params={"loss": "dap"})
+    trackers.log({"type": "step", "global_step": 1, "loss": 0.5})
+    trackers.summary({"after/AP": 0.3})
+    trackers.close()
+    assert trackers.active == () and not (tmp_path / "trackers.json").exists()
+    out = capsys.readouterr().err
+    assert "warning: mlflow" in " ".join(out.split()) and "is off for the rest of this run" in " ".join(out.split())
+
+
+def test_report_to_refuses_an_unknown_tracker_and_names_the_extra_of_a_missing_client():
+    assert parse_report_to("none") == () and parse_report_to(None) == ("tensorboard",)  # installed with .[test]
+    assert parse_report_to("MLflow, tensorboard") == ("mlflow", "tensorboard")
+    for bad in ("comet", "none,wandb", ","):
+        with pytest.raises(ValueError, match="--report-to takes a comma list of tensorboard, mlflow, wandb"):
+            parse_report_to(bad)
+    # the client as a user without the extra has it: not importable
+    code = ("import sys; sys.modules['wandb'] = None\nfrom dapft.trackers import parse_report_to\n"
+            "try:\n    parse_report_to('wandb')\nexcept ValueError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60).stdout
+    assert "pip install 'dapft[wandb]'" in out
