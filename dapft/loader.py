@@ -42,12 +42,20 @@ def read_image(path: Path) -> Tensor:
     try:
         if decode_image is None:
             raise RuntimeError("no torchvision decoders")
-        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    except RuntimeError:  # formats torchvision does not decode (BMP, TIFF, ...)
+        data = read_file(str(path))
+        # torchvision turns JPEG and PNG upright by their EXIF orientation, but not WebP (0.29): the
+        # others go to PIL, which turns every format it reads upright.
+        if not (bytes(data[:3].tolist()) == _JPEG or bytes(data[:8].tolist()) == _PNG):
+            raise RuntimeError("not JPEG or PNG")
+        image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError:  # formats torchvision does not decode or turn upright (WebP, BMP, TIFF, ...)
         return torch.from_numpy(np.array(_read_with_pil(path))).permute(2, 0, 1).contiguous()
     if image.dtype != torch.uint8:
         image = (image.to(torch.float64) / 65535.0 * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8)
     return image
+
+
+_JPEG, _PNG = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
 
 
 def _read_with_pil(path: Path) -> Image.Image:

@@ -198,3 +198,11 @@ def test_a_gpu_process_gets_the_workers_its_cpus_allow_and_a_cpu_run_none(cpus, 
 
     assert default_num_workers("cuda", processes, cap, cpus=cpus) == workers
     assert default_num_workers("cpu", processes, cap, cpus=cpus) == 0
+
+
+def test_by_default_a_gpu_process_counts_the_cpus_it_may_run_on():
+    import os
+
+    from dapft.loader import default_num_workers
+
+    assert default_num_workers("cuda") == default_num_workers("cuda", cpus=len(os.sched_getaffinity(0)))

@@ -315,8 +315,10 @@ def test_the_first_images_of_a_loaded_split_are_those_load_split_takes(shapes_ro
     assert cut.annotations == alone.annotations and cut.evaluated == alone.evaluated
 
 
-def test_a_tiff_photo_with_an_exif_orientation_is_read_upright(tmp_path):
-    # TIFF goes through PIL (torchvision decodes no TIFF): the orientation must be applied there too.
+@pytest.mark.parametrize("suffix", [".webp", ".tiff", ".jpg", ".png"])
+def test_a_photo_with_an_exif_orientation_is_read_upright_in_every_format(tmp_path, suffix):
+    # torchvision reads JPEG and PNG upright but not WebP; PIL reads TIFF and WebP: each must come out
+    # as a browser shows it, which is what the data check measured and the boxes were drawn on.
     from dapft.loader import read_image
 
     pixels = np.zeros((20, 40, 3), np.uint8)
@@ -324,9 +326,11 @@ def test_a_tiff_photo_with_an_exif_orientation_is_read_upright(tmp_path):
     image = Image.fromarray(pixels)
     exif = image.getexif()
     exif[274] = 6  # "rotate 90 degrees clockwise to view"
-    image.save(tmp_path / "photo.tiff", exif=exif)
-    upright = read_image(tmp_path / "photo.tiff").permute(1, 2, 0).numpy()
-    assert np.array_equal(upright, np.rot90(pixels, k=-1))
+    image.save(tmp_path / f"photo{suffix}", exif=exif, **({"lossless": True} if suffix == ".webp" else {}))
+    upright = read_image(tmp_path / f"photo{suffix}").permute(1, 2, 0).numpy()
+    assert upright.shape == (40, 20, 3)
+    mark = np.argwhere(upright[..., 0] > 128)
+    assert mark[:, 0].max() < 12 and mark[:, 1].min() >= 13  # now in the top right corner
 
 
 @pytest.mark.parametrize("suffix", [".png", ".tiff"])  # torchvision's decoder, and PIL's for what it cannot read
