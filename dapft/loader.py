@@ -191,11 +191,12 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch, self.skip = epoch, skip_samples
 
     def _order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.size))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=g).tolist()
-        pad = (-len(order)) % self.world  # equal shards, as DistributedSampler does
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        pad = (-len(order)) % self.world  # equal shards, as DistributedSampler does, shuffled or not
         return order + order[:pad]
 
     def __iter__(self):

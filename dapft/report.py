@@ -224,6 +224,10 @@ def write_run_report(run_dir: Path, cfg, family: str, state: dict, freezing) -> 
              _recipe_line(cfg, freezing), "",
              "## COCO AP on the validation split", "",
              metrics_table(rows, deltas_from="before (r_o)" if before else None) if rows else "(no evaluation)", ""]
+    if before and after and cfg.loss != "original":
+        lines += [f"The change from before includes what the extra training alone does. The same fine-tune with the "
+                  f"model's own loss, paired by seed, separates the two: `dapft sweep --model {cfg.model} ... --loss "
+                  f"original,{cfg.loss} --seed 0,1,2,3,4`.", ""]
     if train:
         train_rows = {f"{tag} ({cfg.loss})" if tag == "after" else "before": m for tag, m in train.items()}
         lines += [f"## COCO AP on {cfg.train_eval_images} training images (`--train-eval-images`)", "",

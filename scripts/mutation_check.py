@@ -133,6 +133,10 @@ EQUIVALENT: dict[tuple[str, str, str, str], str] = {
     ("loader", "__iter__", "yield (i, (self.seed * 7_919 + self.epoch) * 1_000_003 + i)", "Add->Sub"):
         "the sample seeds are arbitrary numbers: what a run relies on is that they differ between images and "
         "epochs and stay the same for a (seed, epoch, image), which the mutant keeps and the tests hold",
+    ("loader", "_order", "g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)",
+     "constant 1000003->1000004"):
+        "the data order's seed is an arbitrary number: another multiplier gives another order, still fixed by "
+        "(seed, epoch) and different between epochs, which the tests hold",
     ("loader", "__iter__", "yield (i, (self.seed * 7_919 + self.epoch) * 1_000_003 + i)", "constant 7919->7920"):
         "as above: another arbitrary multiplier, the seeds still distinct by image and epoch",
 }

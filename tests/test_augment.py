@@ -206,3 +206,13 @@ def test_by_default_a_gpu_process_counts_the_cpus_it_may_run_on():
     from dapft.loader import default_num_workers
 
     assert default_num_workers("cuda") == default_num_workers("cuda", cpus=len(os.sched_getaffinity(0)))
+
+
+def test_an_unshuffled_sampler_keeps_the_order_and_gives_every_process_as_many_samples():
+    # Unequal shards would leave one process waiting in a collective for a batch that never comes.
+    shards = []
+    for rank in (0, 1):
+        sampler = EpochSampler(5, seed=0, shuffle=False, rank=rank, world_size=2)
+        shards.append([index for index, _seed in sampler])
+    assert shards == [[0, 2, 4], [1, 3, 0]]
+    assert [i for i, _ in EpochSampler(4, seed=0, shuffle=False)] == [0, 1, 2, 3]

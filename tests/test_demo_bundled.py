@@ -59,8 +59,16 @@ def test_demo_runs_and_reports_before_and_after(tmp_path):
                            "40", "--val-images", "20", "--epochs", "1", "--num-workers", "0", "--no-progress"],
                           capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = (tmp_path / "demo" / "run" / "report.md").read_text()
+    runs = tmp_path / "demo" / "sweep"
+    report = (runs / "loss=dap" / "report.md").read_text()
     assert "| before (r_o) |" in report and "| after (dap) |" in report and "| delta |" in report
-    data = json.loads((tmp_path / "demo" / "run" / "report.json").read_text())
-    assert data["before"]["AP"] > 0.01 and data["after"]["AP"] > 0.01
-    assert "after DAP" in proc.stderr
+    assert "--loss original,dap --seed 0,1,2,3,4" in report  # every run's report names the control's sweep
+    data = json.loads((runs / "loss=dap" / "report.json").read_text())
+    control = json.loads((runs / "loss=original" / "report.json").read_text())
+    assert data["before"]["AP"] > 0.01 and data["after"]["AP"] > 0.01 and control["after"]["AP"] > 0.01
+    assert control["global_steps"] == data["global_steps"] and control["config"]["seed"] == data["config"]["seed"]
+    said = " ".join(proc.stderr.split())
+    assert "after its own loss (control)" in said and "| after dap |" in said and "one seed decides nothing" in said
+    difference = 100 * ((data["after"]["AP"] - data["before"]["AP"]) - (control["after"]["AP"] - control["before"]["AP"]))
+    assert f"dap minus the control {difference:+.2f} on one seed" in said
+    assert "+0.11 AP [-0.09, +0.32] over 5 seeds" in said

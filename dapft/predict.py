@@ -1,0 +1,128 @@
+"""`dapft predict`: a checkpoint's detections on any images, drawn and as COCO results.
+
+The images go through the evaluation's own path (read upright by their EXIF orientation, the
+checkpoint's processor per batch, the family's post-processing, at most 100 detections an image),
+so the boxes of a validation image are those `dapft eval` writes to predictions.json."""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from dapft.data import DataError, LabelMap
+from dapft.evaluate import predict
+from dapft.loader import BatchLoader, default_num_workers, read_image
+from dapft.runtime import OutputFolder, amp_dtype, atomic_write_text, console, make_progress, pick_device
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def collect_images(inputs: list[str | Path]) -> list[Path]:
+    """Image files, folders (their images, not recursing) and glob patterns, in the order given,
+    each file once. A name that matches nothing is refused by name, before any model loads."""
+    found: list[Path] = []
+    for item in map(str, inputs):
+        path = Path(item)
+        if path.is_dir():
+            matches = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif path.is_file():
+            matches = [path]
+        else:
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True)
+                             if Path(p).suffix.lower() in IMAGE_SUFFIXES and Path(p).is_file())
+        if not matches:
+            raise DataError(f"{item}: no image there (a file, a folder of {', '.join(IMAGE_SUFFIXES)} files, or a "
+                            "glob pattern such as 'photos/*.jpg')")
+        found += [p for p in matches if p not in found]
+    return found
+
+
+class ImageFiles(Dataset):
+    """Image files as the evaluation's items: upright uint8 tensors with their sizes, no boxes."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            image = read_image(self.paths[index])
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(f"{self.paths[index]}: cannot read image ({exc})") from exc
+        return {"image": image, "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+                "image_id": index + 1, "orig_size": tuple(image.shape[-2:]), "seed": None}
+
+
+def draw(image: torch.Tensor, detections: list[dict], names: dict[int, str]) -> torch.Tensor:
+    """Boxes with 'class score' on a filled label, line and text sized to the image (legible when a
+    Markdown viewer shows the picture a few hundred pixels wide)."""
+    from matplotlib import colormaps, font_manager
+    from torchvision.utils import draw_bounding_boxes
+
+    if not detections:
+        return image
+    side = max(image.shape[-2:])
+    palette = colormaps["tab10"]
+    colors = [tuple(int(255 * c) for c in palette(d["category_id"] % 10)[:3]) for d in detections]
+    boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in detections)], dtype=torch.float32)
+    labels = [f"{names.get(d['category_id'], d['category_id'])} {d['score']:.2f}" for d in detections]
+    return draw_bounding_boxes(image, boxes, labels, colors=colors, width=max(2, side // 300),
+                               font=font_manager.findfont("DejaVu Sans"), font_size=max(12, side // 40),
+                               label_colors="white", label_background_colors=colors, fill_labels=True)
+
+
+def predict_images(model: str, inputs: list[str | Path], output: str | Path, *, threshold: float = 0.5,
+                   batch_size: int = 8, device: str | None = None, precision: str = "auto",
+                   num_workers: int | None = None, progress: bool = True, draw_images: bool = True) -> list[dict]:
+    """`dapft predict`: predictions.json (COCO results, the model's label ids as category ids),
+    images.json (the image ids' files and upright sizes, the categories), and each image drawn in
+    drawn/. Returns the results."""
+    from dapft.models import load_detector
+
+    if not 0.0 <= threshold <= 1.0 or batch_size < 1:
+        raise ValueError(f"--threshold must lie in [0, 1] and --batch-size be at least 1, got {threshold} and "
+                         f"{batch_size}")
+    paths = collect_images(inputs)
+    out = Path(output)
+    if (out / "predictions.json").exists():
+        raise FileExistsError(f"{out}: holds predictions already; choose another --output, or delete it")
+    dev = pick_device(device)
+    amp = amp_dtype(precision, dev)
+    with OutputFolder(out):
+        detector, processor, _family = load_detector(model, log=console.print)
+        detector.to(dev)
+        names = {int(k): v for k, v in detector.config.id2label.items()}
+        loader = BatchLoader(ImageFiles(paths), processor, batch_size=batch_size, train=False,
+                             num_workers=default_num_workers(dev) if num_workers is None else num_workers, device=dev)
+        with make_progress(disable=not progress) as bar:
+            results = predict(detector, processor, loader, LabelMap({k: k for k in names}), device=dev,
+                              amp_dtype=amp, progress=bar)
+        results = [r for r in results if r["score"] >= threshold]
+        images = []
+        by_image: dict[int, list[dict]] = {}
+        for r in results:
+            by_image.setdefault(r["image_id"], []).append(r)
+        drawn = out / "drawn"
+        taken: set[str] = set()
+        for k, path in enumerate(paths, start=1):
+            image = read_image(path)
+            images.append({"id": k, "file_name": str(path), "height": int(image.shape[1]), "width": int(image.shape[2])})
+            if draw_images:
+                from torchvision.io import write_jpeg
+
+                name = path.stem if path.stem not in taken else f"{path.stem}-{k}"
+                taken.add(name)
+                drawn.mkdir(parents=True, exist_ok=True)
+                write_jpeg(draw(image, by_image.get(k, []), names), str(drawn / f"{name}.jpg"), quality=90)
+        atomic_write_text(out / "predictions.json", json.dumps(results))
+        atomic_write_text(out / "images.json", json.dumps(
+            {"images": images, "categories": [{"id": k, "name": v} for k, v in sorted(names.items())]}, indent=1))
+    console.print(f"{len(results)} detections at score >= {threshold:g} on {len(paths)} images: "
+                  f"{out / 'predictions.json'}" + (f", drawn in {drawn}" if draw_images else ""), markup=False)
+    return results
