@@ -25,6 +25,8 @@ import re
 import time
 from pathlib import Path
 
+from rich.markup import escape
+
 from dapft.runtime import atomic_write_text, console
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")  # each its own module name and its own extra: dapft[NAME]
@@ -244,8 +246,8 @@ class Trackers:
         try:
             return fn(*args)
         except Exception as exc:  # noqa: BLE001  (a tracker never costs the run)
-            console.print(f"[yellow]warning:[/] {name}: {type(exc).__name__}: {str(exc)[:300]}; reporting to "
-                          f"{name} is off for the rest of this run", markup=True, highlight=False)
+            console.print(f"[yellow]warning:[/] {name}: {type(exc).__name__}: {escape(str(exc)[:300])}; reporting "
+                          f"to {name} is off for the rest of this run", highlight=False)
             self.backends = [b for b in self.backends if b.name != name]
             return None
 
