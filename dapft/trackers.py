@@ -8,10 +8,10 @@ for the rest of the run: never the run itself.
 
 Resuming: each tracker's run id and the last step sent to it are kept in the run folder
 (`trackers.json`), so a resumed run continues the same tracker run and skips the steps that tracker
-already has. Metrics go out in batches, at most every FLUSH_SECONDS and at every checkpoint, so no
-step waits on a tracker's network or database. A step sent after the last checkpoint of a killed
-run is computed again by the resumed run; dapft's resume is exact on the CPU (the same values), and
-on a GPU within its non-deterministic kernels.
+already has. Metrics go out in batches, at most every FLUSH_SECONDS and at every checkpoint, from a
+thread of their own, so no step waits on a tracker's network or database. A step sent after the last
+checkpoint of a killed run is computed again by the resumed run; dapft's resume is exact on the CPU
+(the same values), and on a GPU within its non-deterministic kernels.
 
 The defaults follow each client: MLflow reads MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME
 (default experiment "dapft"), W&B reads WANDB_PROJECT (default "dapft"), WANDB_ENTITY and WANDB_MODE
@@ -23,6 +23,7 @@ import json
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rich.markup import escape
@@ -223,7 +224,9 @@ BACKENDS = {"tensorboard": _TensorBoard, "mlflow": _MLflow, "wandb": _WandB}
 
 class Trackers:
     """The trackers of one run folder (a fine-tuning run, an evaluation, a sweep's parent). Every
-    call is safe: a tracker that raises is warned about once and dropped."""
+    call is safe: a tracker that raises is warned about once and dropped. They start in the caller's
+    thread (their run ids are needed at once); everything after goes through one thread of their
+    own, in order, so that a training step never waits on a tracker's network, database or CPU."""
 
     def __init__(self, folder: str | Path, names: tuple[str, ...], *, run_name: str, params: dict,
                  group: dict | None = None):
@@ -231,8 +234,10 @@ class Trackers:
         self.path = self.folder / STATE_FILE
         saved = json.loads(self.path.read_text(encoding="utf-8")) if self.path.is_file() else {}
         self.ids, self.sent = saved.get("ids", {}), saved.get("sent_step", -1)
+        self.resumed_after = self.sent  # the steps a resumed run's trackers already have
         self.pending: list[tuple[int, dict[str, float]]] = []
         self.last_flush = time.monotonic()
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dapft-trackers")
         self.backends = []
         for name in names:
             backend = self._call(name, BACKENDS[name], self.folder, run_name, params, self.ids, group)
@@ -255,9 +260,18 @@ class Trackers:
         for backend in list(self.backends):
             self._call(backend.name, getattr(backend, method), *args)
 
+    def _later(self, method: str, *args) -> None:
+        if self.backends:
+            self.worker.submit(self._each, method, *args)
+
     def _save(self) -> None:
         if self.backends or self.ids:
             atomic_write_text(self.path, json.dumps({"ids": self.ids, "sent_step": self.sent}, indent=2))
+
+    def _send(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        self._each("log", rows)
+        self.sent = max(self.sent, max(step for step, _ in rows))
+        self._save()  # after the trackers have them: a kill before this sends them again, never skips them
 
     @property
     def active(self) -> tuple[str, ...]:
@@ -266,32 +280,32 @@ class Trackers:
     def log(self, record: dict) -> None:
         """One log.jsonl record; steps the trackers already have (a resumed run's) are skipped."""
         step = int(record.get("global_step", 0))
-        if not self.backends or (record.get("type") == "step" and step <= self.sent):
+        if not self.backends or (record.get("type") == "step" and step <= self.resumed_after):
             return
         self.pending.append((step, metrics_of(record)))
         if time.monotonic() - self.last_flush > FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
-        if self.pending:
+        if self.pending and self.backends:
             rows, self.pending = self.pending, []
-            self._each("log", rows)
-            self.sent = max(self.sent, max(step for step, _ in rows))
-            self._save()
+            self.worker.submit(self._send, rows)
         self.last_flush = time.monotonic()
 
     def summary(self, values: dict[str, float]) -> None:
         self.flush()
-        self._each("summary", {k: float(v) for k, v in values.items() if v is not None})
+        self._later("summary", {k: float(v) for k, v in values.items() if v is not None})
 
     def files(self, paths: list[Path], checkpoint: Path | None = None) -> None:
-        self._each("files", [p for p in paths if p.is_file()], checkpoint)
+        self._later("files", [p for p in paths if p.is_file()], checkpoint)
 
     def table(self, name: str, columns: list[str], rows: list[list]) -> None:
-        self._each("table", name, columns, rows)
+        self._later("table", name, columns, rows)
 
     def close(self, status: str = "FINISHED") -> None:
-        """FINISHED, FAILED (an error), or KILLED (Ctrl-C, SIGTERM: the run continues on --resume)."""
+        """FINISHED, FAILED (an error), or KILLED (Ctrl-C, SIGTERM: the run continues on --resume).
+        Waits until the trackers have everything."""
         self.flush()
-        self._each("close", status)
+        self._later("close", status)
+        self.worker.shutdown(wait=True)
         self.backends = []
