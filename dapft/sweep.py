@@ -16,7 +16,6 @@ from pathlib import Path
 from dapft.config import NOT_SETTINGS, RESUMABLE_CHANGES, FinetuneConfig, check_choices, saved_settings
 from dapft.engine import finetune
 from dapft.evaluate import check_evaluator
-from dapft.trackers import Trackers, parse_report_to
 from dapft.runtime import (
     OutputFolder,
     TrainingInterrupted,
@@ -25,6 +24,7 @@ from dapft.runtime import (
     software_line,
     write_json,
 )
+from dapft.trackers import Trackers, parse_report_to
 
 # Settings a sweep may vary (FinetuneConfig fields), in the order run names list them.
 SWEEPABLE = ("loss", "matcher", "sigma", "bins", "batch_size", "lr", "seed")
