@@ -372,7 +372,7 @@ def evaluate_model(model: str, data: str | None = None, *, split: str = "val", i
         if trackers:
             params = {**info, "annotations": str(source.annotations), "evaluator": evaluator, "batch_size": batch_size,
                       "max_images": max_images, "label_map": label_map, "precision": precision}
-            tracked = Trackers(out, trackers, run_name=out.name, params=params)
+            tracked = Trackers(out, trackers, run_name=out.name, params=params, group={"wandb_job_type": "eval"})
             tracked.log({"type": "eval", "global_step": 0, **metrics.stats})
             tracked.summary({f"eval/{k}": v for k, v in metrics.stats.items()})
             tracked.files([out / name for name in ("report.md", "metrics.json", "pr_curves.png", "per_class_ap.png")])

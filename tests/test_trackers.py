@@ -143,18 +143,20 @@ def test_a_sweep_is_an_mlflow_parent_run_with_its_runs_as_children_and_a_wandb_g
 
 
 @pytest.mark.slow
-def test_an_evaluation_goes_to_mlflow(tmp_path, tiny_detr, shapes_root):
+def test_an_evaluation_goes_to_mlflow_and_wandb(tmp_path, tiny_detr, shapes_root):
     from mlflow import MlflowClient
 
     env = tracked_env(tmp_path)
     ev = tmp_path / "eval"
-    dapft("eval", "--model", tiny_detr, "--data", shapes_root, "--output", ev, "--report-to", "mlflow",
+    dapft("eval", "--model", tiny_detr, "--data", shapes_root, "--output", ev, "--report-to", "mlflow,wandb",
           "--num-workers", "0", "--no-progress", "--max-images", "4", env=env, cwd=tmp_path)
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     [tracked] = client.search_runs([client.get_experiment_by_name("dapft").experiment_id])
     metrics = json.loads((ev / "metrics.json").read_text())["stats"]
     assert tracked.data.metrics["eval/AP"] == pytest.approx(metrics["AP"]) and tracked.data.params["images"] == "4"
     assert {"report.md", "metrics.json", "pr_curves.png"} <= {a.path for a in client.list_artifacts(tracked.info.run_id)}
+    [run] = wandb_runs(ev)
+    assert run["job_type"] == "eval" and run["summary"]["eval/AP"] == pytest.approx(metrics["AP"])
 
 
 def test_a_tracker_that_is_down_costs_a_warning_and_nothing_else(tmp_path, monkeypatch, capsys):
