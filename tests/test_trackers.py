@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dapft.state import read_log
 from dapft.trackers import parse_report_to
 from runs_helpers import COMMON, ENV, dapft
 
@@ -67,8 +68,7 @@ def wandb_runs(folder: Path) -> list[dict]:
 
 
 def logged(run: Path, kind: str, key: str) -> list[tuple[int, float]]:
-    return [(r["global_step"], r[key]) for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
-            if r["type"] == kind and key in r]
+    return [(r["global_step"], r[key]) for r in read_log(run / "log.jsonl") if r["type"] == kind and key in r]
 
 
 @pytest.mark.slow
