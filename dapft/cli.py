@@ -81,7 +81,7 @@ def finetune(
     train_eval_images: Optional[int] = typer.Option(
         None, help="Also score the first N training images (unaugmented) at each evaluation: did the loss move "
                    "the model, or did the change not transfer?"),
-    evaluator: str = typer.Option("faster-coco-eval", help="faster-coco-eval | pycocotools."),
+    evaluator: str = typer.Option("hotcoco", help="hotcoco | faster-coco-eval | pycocotools (the same numbers)."),
     save_every: Optional[int] = typer.Option(None, help="Also checkpoint every N steps within an epoch."),
     label_map: Optional[str] = typer.Option(None, help="JSON {dataset_category_id: model_label_index}."),
     freeze_backbone: Optional[bool] = typer.Option(
@@ -96,6 +96,8 @@ def finetune(
     report_to: Optional[str] = REPORT_TO,
     log_checkpoints: bool = typer.Option(
         False, "--log-checkpoints", help="Also send checkpoint-best to the trackers (MLflow, W&B) at the end."),
+    gallery: bool = typer.Option(
+        True, help="Draw the validation images whose errors changed most, before beside after, in the report."),
 ):
     """Fine-tune a detector with DAP (or another loss configuration) and report COCO AP before/after.
     Its options, but for --resume, are `dapft sweep`'s too (that one takes lists for some)."""
@@ -132,7 +134,7 @@ def eval_(
     annotations: Optional[str] = typer.Option(None, help="COCO JSON (instead of --data)."),
     output: str = typer.Option("runs/eval", "--output", "-o", help="Where predictions, metrics and the report go."),
     batch_size: int = typer.Option(8, help="Images per batch."),
-    evaluator: str = typer.Option("faster-coco-eval", help="faster-coco-eval | pycocotools."),
+    evaluator: str = typer.Option("hotcoco", help="hotcoco | faster-coco-eval | pycocotools (the same numbers)."),
     max_images: Optional[int] = typer.Option(None, help="Evaluate on the first N images (quick checks)."),
     label_map: Optional[str] = typer.Option(None, help="JSON {dataset_category_id: model_label_index}."),
     device: Optional[str] = typer.Option(None, help="cuda, cpu (default: cuda if available)."),
@@ -141,15 +143,16 @@ def eval_(
         None, help="Data loading workers (default: on a GPU, from the CPUs, at most 8; on CPU none)."),
     progress: bool = typer.Option(True, help="Rich progress bar."),
     report_to: Optional[str] = REPORT_TO,
+    gallery: bool = typer.Option(True, help="Draw the images with the most errors in the report."),
 ):
-    """Evaluate a detector: COCO results JSON, metrics.json, report.md and plots."""
+    """Evaluate a detector: COCO results JSON, metrics.json (with the error breakdown), report.md and plots."""
     from dapft.engine import evaluate_model
     deliver_interrupts()
 
     m = evaluate_model(model, data, split=split, images=images, annotations=annotations, output=output,
                        batch_size=batch_size, evaluator=evaluator, max_images=max_images, label_map=label_map,
                        device=device, precision=precision, num_workers=num_workers, progress=progress,
-                       report_to=report_to)
+                       report_to=report_to, gallery=gallery)
     s = m["stats"]
     console.print(f"AP {100 * s['AP']:.2f} · AP50 {100 * s['AP50']:.2f} · AP75 {100 * s['AP75']:.2f} · "
                   f"S/M/L {_pts(s['AP_small'])}/{_pts(s['AP_medium'])}/{_pts(s['AP_large'])} · "

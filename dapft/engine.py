@@ -25,6 +25,7 @@ from dapft.assemble import assemble, write_config
 from dapft.config import FinetuneConfig, drops_text, lr_factor
 from dapft.data import LabelMap, load_split, resolve_split
 from dapft.evaluate import Evaluator, check_evaluator, evaluate_split
+from dapft.gallery import read_evaluation, write_changed, write_worst
 from dapft.loader import BatchLoader, CocoDetection, default_num_workers
 from dapft.metrics import STAT_NAMES
 from dapft.models import load_detector
@@ -295,7 +296,11 @@ def finish(run, state: dict, log: RunLog) -> dict:
     """The report (main process), then the processes part."""
     report = {}
     if run.dist.is_main:
-        report = write_run_report(run.out, run.cfg, run.family.name, state, run.freezing)
+        before_eval = run.out / "eval" / "before"
+        if not before_eval.is_dir() and run.cfg.before_metrics and run.cfg.before_metrics.get("eval_dir"):
+            before_eval = Path(run.cfg.before_metrics["eval_dir"])  # a sweep's, made in its first run's folder
+        report = write_run_report(run.out, run.cfg, run.family.name, state, run.freezing, before_eval,
+                                  _changed_gallery(run, state, before_eval))
         if log.trackers is not None:
             best = run.out / "checkpoint-best"
             log.trackers.summary(summary_values(report))
@@ -305,6 +310,18 @@ def finish(run, state: dict, log: RunLog) -> dict:
     dist_utils.shutdown(run.dist)
     log.close()
     return report
+
+
+def _changed_gallery(run, state: dict, before_eval: Path) -> list[tuple[Path, str]]:
+    """The before/after pictures of the validation images that changed most (none without both
+    evaluations, or with --no-gallery)."""
+    history = state["history"]
+    if not history or not run.cfg.gallery:
+        return []
+    before, after = read_evaluation(before_eval), read_evaluation(run.out / "eval" / str(history[-1]["tag"]))
+    if before is None or after is None:
+        return []
+    return write_changed(run.out / "gallery", run.splits["val"], before, after)
 
 
 def open_trackers(run) -> Trackers | None:
@@ -336,11 +353,13 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 def evaluate_model(model: str, data: str | None = None, *, split: str = "val", images: str | None = None,
                    annotations: str | None = None, output: str | Path = "runs/eval", batch_size: int = 8,
-                   evaluator: Evaluator = "faster-coco-eval", max_images: int | None = None,
+                   evaluator: Evaluator = "hotcoco", max_images: int | None = None,
                    label_map: str | None = None, device: str | None = None, precision: str = "auto",
-                   num_workers: int | None = None, progress: bool = True, report_to: str | None = None) -> dict:
-    """`dapft eval`: everything checked first, then inference, predictions.json, metrics, report,
-    and the numbers to the trackers (--report-to)."""
+                   num_workers: int | None = None, progress: bool = True, report_to: str | None = None,
+                   gallery: bool = True) -> dict:
+    """`dapft eval`: everything checked first, then inference, predictions.json, metrics (with the
+    error breakdown), report (with its worst images drawn unless `gallery` is False), and the
+    numbers to the trackers (--report-to)."""
     out = Path(output)
     check_evaluator(evaluator)
     trackers = parse_report_to(report_to)  # before any work: an unknown tracker, or one not installed
@@ -368,13 +387,15 @@ def evaluate_model(model: str, data: str | None = None, *, split: str = "val", i
             metrics = evaluate_split(detector, processor, coco, mapping, loader, device=dev, output=out,
                                      evaluator=evaluator, amp_dtype=amp, progress=bar)
         info = {"model": model, "annotations": source.annotations, "images": len(coco.images), "skipped": coco.skipped}
-        write_eval_report(out, metrics, info)
+        shown = read_evaluation(out) if gallery else None
+        write_eval_report(out, metrics, info, write_worst(out / "gallery", coco, *shown) if shown else [])
         if trackers:
             params = {**info, "annotations": str(source.annotations), "evaluator": evaluator, "batch_size": batch_size,
                       "max_images": max_images, "label_map": label_map, "precision": precision}
             tracked = Trackers(out, trackers, run_name=out.name, params=params, group={"wandb_job_type": "eval"})
             tracked.log({"type": "eval", "global_step": 0, **metrics.stats})
             tracked.summary({f"eval/{k}": v for k, v in metrics.stats.items()})
-            tracked.files([out / name for name in ("report.md", "metrics.json", "pr_curves.png", "per_class_ap.png")])
+            tracked.files([out / name for name in ("report.md", "metrics.json", "pr_curves.png", "per_class_ap.png",
+                                                   "confusion.png")])
             tracked.close()
     return json.loads((out / "metrics.json").read_text(encoding="utf-8"))

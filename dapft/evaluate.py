@@ -1,5 +1,6 @@
 """COCO evaluation: inference, the family's own post-processing, the results JSON (written before
-any metric is computed), and COCO metrics from faster-coco-eval or pycocotools."""
+any metric is computed), and COCO metrics from hotcoco, faster-coco-eval or pycocotools (the same
+numbers: tests/test_data_eval.py holds the three to each other)."""
 
 from __future__ import annotations
 
@@ -14,17 +15,18 @@ import numpy as np
 import torch
 
 from dapft.data import CocoSplit, LabelMap
+from dapft.errors import error_breakdown
 from dapft.metrics import STAT_NAMES, CocoMetrics
 from dapft.runtime import atomic_write_text
 
-Evaluator = Literal["faster-coco-eval", "pycocotools"]
-EVALUATORS = ("faster-coco-eval", "pycocotools")
+Evaluator = Literal["hotcoco", "faster-coco-eval", "pycocotools"]
+EVALUATORS = ("hotcoco", "faster-coco-eval", "pycocotools")
 
 
 def check_evaluator(evaluator: str) -> None:
     """Before any work: an unknown evaluator would otherwise fail only after inference."""
     if evaluator not in EVALUATORS:
-        raise ValueError(f"--evaluator must be {' or '.join(EVALUATORS)}, got {evaluator!r}")
+        raise ValueError(f"--evaluator must be {', '.join(EVALUATORS[:-1])} or {EVALUATORS[-1]}, got {evaluator!r}")
 
 
 def to_coco_results(detections: list[dict], image_ids: list[int], label_map: LabelMap) -> list[dict]:
@@ -81,18 +83,20 @@ def _top(det: dict, k: int) -> dict:
 
 
 def coco_evaluate(ground_truth: str | Path | dict, results: list[dict], image_ids: list[int],
-                  evaluator: Evaluator = "faster-coco-eval") -> CocoMetrics:
+                  evaluator: Evaluator = "hotcoco") -> CocoMetrics:
     """Score `results` against the ground truth (an annotation file, or a dataset dict such as
     `CocoSplit.ground_truth()`) on exactly `image_ids` (so --max-images is fair)."""
     check_evaluator(evaluator)
     t0 = time.perf_counter()
-    if evaluator == "faster-coco-eval":
+    if evaluator == "hotcoco":
+        from hotcoco import COCO, COCOeval
+    elif evaluator == "faster-coco-eval":
         from faster_coco_eval import COCO, COCOeval_faster as COCOeval
     else:
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
-    def from_dict(data: dict):  # faster-coco-eval's COCO takes a dict; pycocotools' only a file name
-        if evaluator == "faster-coco-eval":
+    def from_dict(data: dict):  # hotcoco's and faster-coco-eval's COCO take a dict; pycocotools' only a file name
+        if evaluator != "pycocotools":
             return COCO(data)
         coco = COCO()
         coco.dataset = data
@@ -127,10 +131,11 @@ def write_results(path: Path, results: list[dict]) -> None:
 
 
 def evaluate_split(model, processor, split: CocoSplit, label_map: LabelMap, loader, *, device, output: Path,
-                   evaluator: Evaluator = "faster-coco-eval", amp_dtype=None, progress=None,
+                   evaluator: Evaluator = "hotcoco", amp_dtype=None, progress=None,
                    gather: Callable[[list[dict]], list[dict] | None] | None = None) -> CocoMetrics | None:
-    """Predict, write `predictions.json`, then score it. The predictions are on disk before the
-    evaluator runs, so a failure in evaluation loses no inference work.
+    """Predict, write `predictions.json`, then score it: COCO's metrics and the error breakdown
+    (dapft.errors). The predictions are on disk before the evaluator runs, so a failure in
+    evaluation loses no inference work.
 
     Under several processes each predicts its shard of `loader`; `gather` returns all shards' results
     on the main process and None on the others, which then write nothing and return None."""
@@ -144,7 +149,9 @@ def evaluate_split(model, processor, split: CocoSplit, label_map: LabelMap, load
     output.mkdir(parents=True, exist_ok=True)
     write_results(output / "predictions.json", results)
     image_ids = [im["id"] for im in split.images]
-    metrics = coco_evaluate(split.ground_truth(), results, image_ids, evaluator)
+    ground_truth = split.ground_truth()
+    metrics = coco_evaluate(ground_truth, results, image_ids, evaluator)
+    metrics.errors = error_breakdown(ground_truth, results, image_ids)
     payload = {**metrics.to_json(), "images": len(image_ids), "detections": len(results),
                "inference_seconds": round(infer_s, 3), "images_per_second": round(len(image_ids) / max(infer_s, 1e-9), 2),
                "skipped": split.skipped}

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from dapft.data import DataError, LabelMap
 from dapft.evaluate import predict
+from dapft.gallery import draw
 from dapft.loader import BatchLoader, default_num_workers, read_image
 from dapft.runtime import OutputFolder, amp_dtype, atomic_write_text, console, make_progress, pick_device
 
@@ -57,24 +58,6 @@ class ImageFiles(Dataset):
             raise DataError(f"{self.paths[index]}: cannot read image ({exc})") from exc
         return {"image": image, "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
                 "image_id": index + 1, "orig_size": tuple(image.shape[-2:]), "seed": None}
-
-
-def draw(image: torch.Tensor, detections: list[dict], names: dict[int, str]) -> torch.Tensor:
-    """Boxes with 'class score' on a filled label, line and text sized to the image (legible when a
-    Markdown viewer shows the picture a few hundred pixels wide)."""
-    from matplotlib import colormaps, font_manager
-    from torchvision.utils import draw_bounding_boxes
-
-    if not detections:
-        return image
-    side = max(image.shape[-2:])
-    palette = colormaps["tab10"]
-    colors = [tuple(int(255 * c) for c in palette(d["category_id"] % 10)[:3]) for d in detections]
-    boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in detections)], dtype=torch.float32)
-    labels = [f"{names.get(d['category_id'], d['category_id'])} {d['score']:.2f}" for d in detections]
-    return draw_bounding_boxes(image, boxes, labels, colors=colors, width=max(2, side // 300),
-                               font=font_manager.findfont("DejaVu Sans"), font_size=max(12, side // 40),
-                               label_colors="white", label_background_colors=colors, fill_labels=True)
 
 
 def predict_images(model: str, inputs: list[str | Path], output: str | Path, *, threshold: float = 0.5,

@@ -53,6 +53,87 @@ def plot_per_class_ap(metrics: CocoMetrics, path: Path, top: int = 40) -> None:
     plt.close(fig)
 
 
+ERROR_ROWS = (("Cls", "classification (right box, wrong class)"), ("Loc", "localisation (right class, IoU 0.1-0.5)"),
+              ("Both", "classification and localisation"), ("Dupe", "duplicate detection"),
+              ("Bkg", "background (IoU < 0.1 with every object)"), ("Miss", "missed object"),
+              ("FP", "every false positive (oracle)"), ("FN", "every false negative (oracle)"))
+
+
+def errors_table(columns: dict[str, dict]) -> str:
+    """TIDE's dAP per error type (AP50 points gained were those errors fixed) for one or more
+    evaluations' `errors` (metrics.json), with the change when there are two; then TIDE's base AP50
+    and the calibration error. Lower dAP is better."""
+    names = list(columns)
+    extra = {1: ["count"], 2: ["change"]}.get(len(names), [])
+    lines = ["| error type | " + " | ".join(names + extra) + " |", "|---|" + "---:|" * (len(names) + len(extra))]
+
+    def row(label: str, values: list[float], fmt: str, extra: str | None = None) -> str:
+        cells = [fmt.format(v) for v in values]
+        if len(values) == 2:
+            change = values[1] - values[0]
+            shown = ("{:+" + fmt[2:]).format(change)
+            cells.append(shown.replace("-", "+") if float(shown) == 0 else shown)  # no "-0.00"
+        elif extra is not None:
+            cells.append(extra)
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    for key, label in ERROR_ROWS:
+        count = str(columns[names[0]]["counts"][key]) if key in columns[names[0]]["counts"] else ""
+        lines.append(row(label, [100 * c["dAP"][key] for c in columns.values()], "{:.2f}", count))
+    lines.append(row("AP50, the base (not an error)", [100 * c["AP50"] for c in columns.values()], "{:.2f}", ""))
+    lines.append(row("calibration error of the scores (ECE)", [c["ECE"] for c in columns.values()], "{:.3f}", ""))
+    return "\n".join(lines)
+
+
+def plot_confusion(errors: dict, path: Path, top: int = 30) -> None:
+    """The confusion matrix at the drawing threshold, rows normalised (ground truth -> predicted),
+    background last; with more than `top` classes, the `top` with the most ground truth."""
+    matrix = np.asarray(errors["confusion"], dtype=float)
+    names = list(errors["confusion_names"])
+    if len(names) - 1 > top:
+        keep = sorted(np.argsort(-matrix[:-1].sum(1))[:top].tolist()) + [len(names) - 1]
+        matrix, names = matrix[np.ix_(keep, keep)], [names[k] for k in keep]
+    rows = matrix.sum(1, keepdims=True)
+    share = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+    side = 2.5 + 0.32 * len(names)
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    shown = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    if len(names) <= 12:  # counts are readable in cells this size
+        for (r, c), v in np.ndenumerate(matrix):
+            if v:
+                ax.text(c, r, f"{int(v)}", ha="center", va="center", fontsize=7,
+                        color="white" if share[r, c] > 0.5 else "black")
+    ax.set(xlabel="predicted", ylabel="ground truth",
+           title=f"Confusion at score >= {errors['score_threshold']:g}, IoU >= 0.5")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="share of the row")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def gallery_markdown(entries: list[tuple[Path, str]], base: Path, columns: int = 1) -> list[str]:
+    """Pictures with their captions, `columns` to a row (a table: Markdown viewers show its
+    pictures side by side)."""
+    if not entries:
+        return []
+    cells = [f"![{caption}]({Path(path).relative_to(base).as_posix()})<br>{caption}" for path, caption in entries]
+    if columns == 1:
+        return [line for cell in cells for line in (cell, "")]
+    rows = [cells[k:k + columns] for k in range(0, len(cells), columns)]
+    return (["| " + " | ".join([""] * columns) + " |", "|" + "---|" * columns]
+            + ["| " + " | ".join(r + [""] * (columns - len(r))) + " |" for r in rows] + [""])
+
+
+def _errors_section(errors: dict, output: Path, title: str) -> list[str]:
+    plot_confusion(errors, output / "confusion.png")
+    return [f"## {title}", "",
+            "TIDE's error types: the AP at IoU 0.5 gained were every error of that type fixed (lower is better). "
+            f"The confusion matrix counts the detections scoring at least {errors['score_threshold']:g}.", "",
+            errors_table({"dAP": errors}), "", "![confusion matrix](confusion.png)", ""]
+
+
 def _epochs(n: int) -> str:
     return f"{n} epoch" + ("s" if n != 1 else "")
 
@@ -77,7 +158,8 @@ _SKIP_NOTE = (" (degenerate boxes and boxes outside their image are left out of 
               "crowd regions are ignored in matching, as COCO does; clipped boxes train clipped)")
 
 
-def write_eval_report(output: Path, metrics: CocoMetrics, info: dict) -> Path:
+def write_eval_report(output: Path, metrics: CocoMetrics, info: dict,
+                      gallery: list[tuple[Path, str]] = ()) -> Path:
     plot_pr_curves(metrics, output / "pr_curves.png")
     plot_per_class_ap(metrics, output / "per_class_ap.png")
     s = metrics.stats
@@ -91,6 +173,11 @@ def write_eval_report(output: Path, metrics: CocoMetrics, info: dict) -> Path:
         *[f"| {k} | {100 * v:.1f} |" for k, v in sorted(metrics.per_class.items(), key=lambda kv: -kv[1])],
         "", "![per-class AP](per_class_ap.png)", "",
     ]
+    if metrics.errors is not None:
+        lines += _errors_section(metrics.errors.to_json(), output, "What it gets wrong")
+    if gallery:
+        lines += [f"## The images with the most errors (detections scoring >= {metrics.errors.score_threshold:g}; "
+                  "ground truth: white boxes, edged dark)", "", *gallery_markdown(gallery, output, columns=2)]
     if info.get("skipped"):
         lines += ["Annotations skipped or changed as COCO/DETR training would: "
                   + ", ".join(f"{k} {v}" for k, v in info["skipped"].items()) + _SKIP_NOTE, ""]
@@ -144,11 +231,17 @@ def plot_training_curves(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _per_class(run_dir: Path, tag: str | None) -> dict[str, float]:
+def _evaluation(folder: Path | None) -> dict:
+    """An evaluation folder's metrics.json ({} where there is none)."""
     import json
 
-    path = run_dir / "eval" / str(tag) / "metrics.json"
-    return json.loads(path.read_text(encoding="utf-8")).get("per_class_AP", {}) if tag and path.is_file() else {}
+    path = folder / "metrics.json" if folder is not None else None
+    return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else {}
+
+
+def _error_summary(errors: dict | None) -> dict | None:
+    """The breakdown's numbers, without its per-image counts and matrix (report.json, sweeps)."""
+    return {k: errors[k] for k in ("dAP", "counts", "AP50", "ECE", "score_threshold")} if errors else None
 
 
 def per_class_table(before: dict[str, float], after: dict[str, float], show: int = 10) -> str:
@@ -185,8 +278,11 @@ def matching_summary(records: list[dict]) -> dict | None:
             "vs_top": sum(top) / len(top) if top else None}  # None: no query overlapped a ground truth
 
 
-def write_run_report(run_dir: Path, cfg, family: str, state: dict, freezing) -> dict:
-    """report.md + report.json + curves.png of a fine-tuning run."""
+def write_run_report(run_dir: Path, cfg, family: str, state: dict, freezing, before_eval: Path | None = None,
+                     gallery: list[tuple[Path, str]] = ()) -> dict:
+    """report.md + report.json + curves.png (+ confusion.png) of a fine-tuning run. `before_eval`:
+    the folder of the evaluation before fine-tuning (a sweep's shared one lies in another run's
+    folder); `gallery`: the pictures of the images that changed most (dapft.gallery)."""
     import dataclasses
     import json
 
@@ -204,13 +300,15 @@ def write_run_report(run_dir: Path, cfg, family: str, state: dict, freezing) -> 
         rows["before (r_o)"] = before
     if after:
         rows[f"after ({cfg.loss})"] = after
-    per_class_after = _per_class(run_dir, history[-1].get("tag")) if history else {}
-    per_class_before = _per_class(run_dir, "before") if before else {}
+    last = _evaluation(run_dir / "eval" / str(history[-1].get("tag"))) if history else {}
+    first = _evaluation(before_eval or run_dir / "eval" / "before") if before else {}
+    per_class_after, per_class_before = last.get("per_class_AP", {}), first.get("per_class_AP", {})
+    errors = {"before": _error_summary(first.get("errors")), "after": _error_summary(last.get("errors"))}
     payload = {"model": cfg.model, "family": family, "before": before, "after": after,
                "best": {k: best[k] for k in ("epoch", "global_step", *STAT_NAMES)} if best else None,
                "delta_AP": (after["AP"] - before["AP"]) if (before and after) else None,
                "train_before": train.get("before"), "train_after": train.get("after"), "matching": matching,
-               "per_class_AP": {"before": per_class_before, "after": per_class_after},
+               "per_class_AP": {"before": per_class_before, "after": per_class_after}, "errors": errors,
                "history": history, "train_seconds": round(state["elapsed"], 1),
                "global_steps": state["global_step"], "stopped_early": state.get("stopped_early"),
                "parameters": dataclasses.asdict(freezing),
@@ -259,6 +357,17 @@ def write_run_report(run_dir: Path, cfg, family: str, state: dict, freezing) -> 
         lines += ["Ran on " + software_line(ran_on[0]) + "".join(
             f"; resumed on {software_line(s)}" for s in ran_on[1:]) + ".", ""]
     lines += [f"Training time: {state['elapsed']:.0f} s.", "", "![curves](curves.png)", ""]
+    if errors["after"]:
+        plot_confusion(last["errors"], run_dir / "confusion.png")
+        columns = {name: errors[name] for name in ("before", "after") if errors[name]}
+        lines += ["## What changed: the errors before and after", "",
+                  "TIDE's error types: the AP at IoU 0.5 gained were every error of that type fixed (lower is better; "
+                  "a negative change: fewer such errors). The confusion matrix (last evaluation) counts the "
+                  f"detections scoring at least {errors['after']['score_threshold']:g}.", "",
+                  errors_table(columns), "", "![confusion matrix](confusion.png)", ""]
+    if gallery:
+        lines += [f"## The images that changed most (detections scoring >= {errors['after']['score_threshold']:g}; "
+                  "ground truth: white boxes, edged dark)", "", *gallery_markdown(gallery, run_dir)]
     if per_class_after:
         lines += ["## AP per class (last evaluation)", "", per_class_table(per_class_before, per_class_after), ""]
     lines += ["## Configuration", "", "```json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str), "```", ""]

@@ -32,6 +32,9 @@ SWEEPABLE = ("loss", "matcher", "sigma", "bins", "batch_size", "lr", "seed")
 DAP_ONLY = ("matcher", "sigma", "bins")
 METRICS = ("AP", "AP50", "AP75")
 TRAIN_METRICS = ("train_AP", "train_AP50", "train_AP75")  # with --train-eval-images
+# The last evaluation's error breakdown (dapft.errors): TIDE's dAP per error type, the calibration error
+ERROR_TYPES = ("Cls", "Loc", "Both", "Dupe", "Bkg", "Miss", "FP", "FN")
+ERROR_METRICS = tuple(f"dAP_{k}" for k in ERROR_TYPES) + ("ECE",)
 
 
 def run_name(setting: dict) -> str:
@@ -80,11 +83,15 @@ def sweep(base: FinetuneConfig, grid: dict[str, list]) -> dict:
             report, failure = _run_one(root / run_name(setting), cfg, before)
             software += [s for s in report.get("software", []) if s not in software]
             if before is None and report.get("before") is not None:
-                before = report["before"]
-                write_json(root / "before.json", {"for": _before_identity(base), "metrics": before})
+                shared = Path(run_name(setting)) / "eval" / "before"  # its predictions: the runs' galleries
+                write_json(root / "before.json", {"for": _before_identity(base), "metrics": report["before"],
+                                                  "eval_dir": shared.as_posix()})
+                before = {**report["before"], "eval_dir": str(root / shared)}
+            errors = ((report.get("errors") or {}).get("after") or {})
             rows.append({**setting, "seed": cfg.seed, "run": run_name(setting), "failed": failure,
                          **{m: (report.get("after") or {}).get(m) for m in METRICS},
-                         **{m: (report.get("train_after") or {}).get(m[6:]) for m in TRAIN_METRICS}})
+                         **{m: (report.get("train_after") or {}).get(m[6:]) for m in TRAIN_METRICS},
+                         **{f"dAP_{k}": errors.get("dAP", {}).get(k) for k in ERROR_TYPES}, "ECE": errors.get("ECE")})
         summary = {**summarize(rows, [k for k in SWEEPABLE if k in grid], before), "software": software}
         _write(root, summary)
         _summary_to_trackers(root, names, parent, group, summary)
@@ -113,7 +120,7 @@ def _summary_to_trackers(root: Path, names: tuple[str, ...], parent: Trackers | 
                          summary: dict) -> None:
     """The sweep's means and paired comparisons: to the MLflow parent run, and to a W&B run of its
     own in the group (job type sweep-summary), as tables and as numbers."""
-    metrics = summary["metrics"]
+    metrics = summary["metrics"] + summary.get("errors", [])
     settings = [[s["setting"], len(s["seeds"])] + [s[m]["mean"] for m in metrics] for s in summary["settings"]]
     comparisons = [[c["setting"], c["baseline"], c["metric"], c["n"], c["mean_difference"],
                     *(c["ci95"] or (None, None))] for c in summary["comparisons"]]
@@ -187,8 +194,8 @@ def same_settings(cfg: FinetuneConfig, run_dir: Path) -> None:
 
 
 def _before_identity(base: FinetuneConfig) -> dict:
-    """What the shared evaluation before fine-tuning depends on."""
-    keys = ("model", "data", "val_images", "val_annotations", "max_eval_images", "label_map", "evaluator")
+    """What the shared evaluation before fine-tuning depends on (not the evaluator: they agree)."""
+    keys = ("model", "data", "val_images", "val_annotations", "max_eval_images", "label_map")
     return {k: getattr(base, k) for k in keys}
 
 
@@ -201,7 +208,7 @@ def _shared_before(root: Path, base: FinetuneConfig) -> dict | None:
         console.print(f"{path}: made for another model, data or evaluation subset; evaluating again",
                       markup=False, style="yellow")
         return None
-    return saved["metrics"]
+    return {**saved["metrics"], **({"eval_dir": str(root / saved["eval_dir"])} if saved.get("eval_dir") else {})}
 
 
 def paired(differences: list[float]) -> dict:
@@ -222,6 +229,7 @@ def summarize(rows: list[dict], keys: list[str], before: dict | None) -> dict:
     `original`-loss run with the same values of the settings the original loss reads."""
     setting_keys = [k for k in keys if k != "seed"]
     metrics = METRICS + (TRAIN_METRICS if any(r.get("train_AP") is not None for r in rows) else ())
+    errors = ERROR_METRICS if any(r.get("dAP_Cls") is not None for r in rows) else ()
 
     def label(row: dict) -> str:
         return run_name({k: row[k] for k in setting_keys if k in row}) or "base"
@@ -233,8 +241,8 @@ def summarize(rows: list[dict], keys: list[str], before: dict | None) -> dict:
     for name, group in groups.items():
         entry = {"setting": name, **{k: group[0][k] for k in setting_keys if k in group[0]},
                  "seeds": [r["seed"] for r in group]}
-        for m in metrics:
-            values = [r[m] for r in group if r[m] is not None]
+        for m in metrics + errors:
+            values = [r[m] for r in group if r.get(m) is not None]
             entry[m] = {"mean": statistics.fmean(values) if values else None,
                         "sd": statistics.stdev(values) if len(values) > 1 else None, "values": values}
         settings.append(entry)
@@ -246,15 +254,15 @@ def summarize(rows: list[dict], keys: list[str], before: dict | None) -> dict:
             continue
         shared = [k for k in setting_keys if k not in DAP_ONLY and k != "loss"]
         base = {r["seed"]: r for r in baselines if all(r.get(k) == group[0].get(k) for k in shared)}
-        for m in metrics:
+        for m in metrics + errors:
             pairs = [(r[m], base[r["seed"]][m]) for r in group
-                     if r["seed"] in base and r[m] is not None and base[r["seed"]][m] is not None]
+                     if r["seed"] in base and r.get(m) is not None and base[r["seed"]].get(m) is not None]
             if pairs:
                 baseline = label(next(iter(base.values())))
                 comparisons.append({"setting": name, "baseline": baseline, "metric": m,
                                     **paired([a - b for a, b in pairs])})
-    return {"keys": keys, "metrics": list(metrics), "before": before, "runs": rows, "settings": settings,
-            "comparisons": comparisons}
+    return {"keys": keys, "metrics": list(metrics), "errors": list(errors), "before": before, "runs": rows,
+            "settings": settings, "comparisons": comparisons}
 
 
 def _pts(value: float | None) -> str:
@@ -289,10 +297,8 @@ def _write(root: Path, summary: dict) -> None:
                   "(Student t over the paired differences). An interval that contains 0 shows no "
                   "difference at this number of seeds; its width bounds the effect these runs could miss.", "",
                   "| setting | baseline | metric | n | mean difference | 95% interval |", "|---|---|---|---:|---:|---|"]
-        for c in summary["comparisons"]:
-            ci = f"[{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}]" if c["ci95"] else "— (one seed)"
-            lines.append(f"| {c['setting']} | {c['baseline']} | {c['metric']} | {c['n']} | "
-                         f"{100 * c['mean_difference']:+.2f} | {ci} |")
+        lines += [_comparison_row(c) for c in summary["comparisons"] if c["metric"] in metrics]
+    lines += _errors_part(summary)
     lines += ["", "## Runs", "", "| run | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
     lines += [f"| {r['run']} | " + " | ".join([_pts(r[m]) for m in metrics] if not r.get("failed") else
                                              [f"failed: {r['failed'][:200]}"] + [""] * (len(metrics) - 1)) + " |"
@@ -307,6 +313,33 @@ def _write(root: Path, summary: dict) -> None:
     atomic_write_text(root / "sweep.md", "\n".join(lines))
     write_json(root / "sweep.json", summary)
     _plot(root / "sweep.png", summary)
+
+
+def _comparison_row(c: dict, scale: float = 100) -> str:
+    ci = f"[{scale * c['ci95'][0]:+.2f}, {scale * c['ci95'][1]:+.2f}]" if c["ci95"] else "— (one seed)"
+    return (f"| {c['setting']} | {c['baseline']} | {c['metric']} | {c['n']} | {scale * c['mean_difference']:+.2f} "
+            f"| {ci} |")
+
+
+def _errors_part(summary: dict) -> list[str]:
+    """sweep.md's error breakdown: TIDE's dAP of each setting's last evaluations, and each against
+    the original loss paired by seed (a negative difference: fewer such errors)."""
+    errors = summary.get("errors") or []
+    if not errors:
+        return []
+    lines = ["", "## Error breakdown (TIDE, last evaluation; mean over seeds)", "",
+             "dAP: the AP at IoU 0.5 (points) gained were every error of that type fixed; lower is better. ECE: "
+             "the calibration error of the scores (x100). Each run's report.md has its own, before and after.", "",
+             "| setting | seeds | " + " | ".join(e.removeprefix("dAP_") for e in errors) + " |",
+             "|---|---:|" + "---:|" * len(errors)]
+    for s in summary["settings"]:
+        lines.append(f"| {s['setting']} | {len(s['seeds'])} | " + " | ".join(_pts(s[e]["mean"]) for e in errors) + " |")
+    paired_errors = [c for c in summary["comparisons"] if c["metric"] in errors]
+    if paired_errors:
+        lines += ["", "Against the original loss, paired by seed (a negative difference: fewer such errors):", "",
+                  "| setting | baseline | error | n | mean difference | 95% interval |", "|---|---|---|---:|---:|---|"]
+        lines += [_comparison_row(c) for c in paired_errors]
+    return lines
 
 
 def _plot(path: Path, summary: dict) -> None:

@@ -151,8 +151,13 @@ def test_finetune_then_eval_of_the_checkpoint_matches_the_report(tmp_path, tiny_
           "--no-progress", "--batch-size", "3", "--evaluator", "pycocotools")
     metrics = json.loads((ev / "metrics.json").read_text())
     assert metrics["stats"]["AP"] == pytest.approx(report["after"]["AP"], abs=1e-6)
-    for f in ("predictions.json", "report.md", "pr_curves.png", "per_class_ap.png"):
+    for f in ("predictions.json", "report.md", "pr_curves.png", "per_class_ap.png", "confusion.png"):
         assert (ev / f).exists(), f
+    # The run's last evaluation and this one: the same error breakdown, in both reports
+    assert ({k: metrics["errors"][k] for k in ("dAP", "counts", "AP50", "ECE")}
+            == {k: report["errors"]["after"][k] for k in ("dAP", "counts", "AP50", "ECE")})
+    assert "## What it gets wrong" in (ev / "report.md").read_text()
+    assert "## What changed: the errors before and after" in (run / "report.md").read_text()
     from transformers import AutoModelForObjectDetection
 
     AutoModelForObjectDetection.from_pretrained(run / "checkpoint-best")  # loads as any HF checkpoint
@@ -362,7 +367,7 @@ def test_sweep_over_loss_and_seed_pairs_each_setting_with_the_original_loss(tmp_
     # Each comparison recomputed here from the runs' own reports: paired by seed, Student t.
     after = {n: json.loads((out / n / "report.json").read_text())["after"] for n in names}
     comparisons = {(c["setting"], c["metric"]): c for c in summary["comparisons"]}
-    assert len(comparisons) == 2 * 3
+    assert len([c for c in comparisons if c[1] in ("AP", "AP50", "AP75")]) == 2 * 3
     for m in ("constant", "momentum"):
         for metric in ("AP", "AP50", "AP75"):
             diffs = [after[f"loss=dap+box_matcher={m}_seed={s}"][metric] - after[f"loss=original_seed={s}"][metric]
@@ -377,6 +382,19 @@ def test_sweep_over_loss_and_seed_pairs_each_setting_with_the_original_loss(tmp_
     assert setting["seeds"] == [0, 1, 2] and len(setting["AP"]["values"]) == 3
     text = (out / "sweep.md").read_text()
     assert "paired by seed" in text and "loss=dap+box_matcher=momentum" in text
+    # The error breakdown: every run's before (the shared evaluation, made in the first run's folder)
+    # and after, and the sweep's per-setting means and paired differences of the same numbers.
+    errors = {n: json.loads((out / n / "report.json").read_text())["errors"] for n in names}
+    assert all(e["before"] == errors["loss=original_seed=0"]["before"] and e["before"] is not None
+               for e in errors.values())
+    assert "## What changed: the errors before and after" in (out / "loss=original_seed=2" / "report.md").read_text()
+    for kind in ("Cls", "Miss"):
+        diffs = [errors[f"loss=dap+box_matcher=momentum_seed={s}"]["after"]["dAP"][kind]
+                 - errors[f"loss=original_seed={s}"]["after"]["dAP"][kind] for s in range(3)]
+        c = comparisons[("loss=dap+box_matcher=momentum", f"dAP_{kind}")]
+        assert c["mean_difference"] == pytest.approx(sum(diffs) / 3, abs=1e-12)
+    assert setting["ECE"]["values"] == [errors[f"loss=original_seed={s}"]["after"]["ECE"] for s in range(3)]
+    assert "## Error breakdown (TIDE" in text and "| loss=dap+box_matcher=constant | 3 |" in text
 
 
 def test_ctrl_c_in_a_sweep_saves_the_run_and_the_same_command_continues_it(tmp_path, tiny_detr, shapes_root):

@@ -17,7 +17,7 @@ from transformers import DetrImageProcessor, RTDetrImageProcessor
 from dapft.coco_names import contiguous_id2label, detr_id2label
 from dapft.data import DataError, LabelMap, load_split, resolve_split
 from dapft.loader import BatchLoader, CocoDetection, TrainAugmentation
-from dapft.evaluate import coco_evaluate, to_coco_results
+from dapft.evaluate import EVALUATORS, coco_evaluate, to_coco_results
 from dapft.shapes import CLASSES, make_shapes_dataset
 
 CONVENTIONS = {
@@ -44,7 +44,7 @@ def _ground_truth_as_outputs(batch, num_labels: int, kind: str, queries: int = 3
 
 
 @pytest.mark.parametrize("convention", CONVENTIONS)
-@pytest.mark.parametrize("evaluator", ["pycocotools", "faster-coco-eval"])
+@pytest.mark.parametrize("evaluator", EVALUATORS)
 def test_ground_truth_as_predictions_scores_ap_one(coco_named_root, convention, evaluator):
     id2label, processor, kind = CONVENTIONS[convention]
     split = load_split(resolve_split(coco_named_root, "val"))
@@ -99,17 +99,19 @@ def _noisy_results(split) -> list[dict]:
     return results
 
 
-def test_both_evaluators_agree_on_imperfect_predictions(shapes_root):
+@pytest.mark.parametrize("evaluator", ["hotcoco", "faster-coco-eval"])
+def test_each_evaluator_agrees_with_pycocotools_on_imperfect_predictions(shapes_root, evaluator):
     split = load_split(resolve_split(shapes_root, "val"))
     results = _noisy_results(split)
     ids = [im["id"] for im in split.images]
     a = coco_evaluate(split.source.annotations, results, ids, "pycocotools")
-    b = coco_evaluate(split.source.annotations, results, ids, "faster-coco-eval")
+    b = coco_evaluate(split.source.annotations, results, ids, evaluator)
     assert 0.1 < a.stats["AP"] < 0.9
     for k in a.stats:
         assert a.stats[k] == pytest.approx(b.stats[k], abs=1e-4), k
     for k in a.per_class:
         assert a.per_class[k] == pytest.approx(b.per_class[k], abs=1e-4), k
+    np.testing.assert_allclose(a.precision, b.precision, atol=1e-6)
 
 
 def test_shapes_dataset_is_deterministic_by_seed(tmp_path):
@@ -349,7 +351,7 @@ def test_16_bit_images_keep_their_contents(tmp_path, suffix):
     np.testing.assert_allclose(rgb.astype(int), plain.astype(int), atol=1)
 
 
-@pytest.mark.parametrize("evaluator", ["pycocotools", "faster-coco-eval"])
+@pytest.mark.parametrize("evaluator", EVALUATORS)
 def test_boxes_skipped_in_training_are_left_out_of_evaluation_too(tmp_path, shapes_root, evaluator):
     from dapft.engine import evaluate_model
 
@@ -399,7 +401,7 @@ def test_max_images_scores_exactly_that_subset(tmp_path, shapes_root):
     assert cut["stats"] == alone["stats"]
 
 
-@pytest.mark.parametrize("evaluator", ["pycocotools", "faster-coco-eval"])
+@pytest.mark.parametrize("evaluator", EVALUATORS)
 def test_coco_evaluate_of_a_whole_file_scores_only_the_image_ids_it_is_given(shapes_root, evaluator):
     # The library call a researcher makes with a whole annotation file and predictions for some of
     # its images: the other images' boxes are not misses.
@@ -411,7 +413,7 @@ def test_coco_evaluate_of_a_whole_file_scores_only_the_image_ids_it_is_given(sha
     assert coco_evaluate(path, exact, first, evaluator).stats["AP"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("evaluator", ["pycocotools", "faster-coco-eval"])
+@pytest.mark.parametrize("evaluator", EVALUATORS)
 def test_per_class_ap_is_cocoevals_ap_of_that_category_alone(shapes_root, evaluator):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -454,7 +456,7 @@ def test_at_most_100_detections_an_image_the_best_and_the_same_ap(shapes_root):
     assert a.stats == b.stats
 
 
-@pytest.mark.parametrize("evaluator", ["pycocotools", "faster-coco-eval"])
+@pytest.mark.parametrize("evaluator", EVALUATORS)
 def test_no_detections_at_all_score_zero_as_detections_that_match_nothing(shapes_root, evaluator):
     split = load_split(resolve_split(shapes_root, "val"))
     ids = [im["id"] for im in split.images]

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from dapft.evaluate import EVALUATORS
 from dapft.data import DataError, load_split, resolve_split
 from runs_helpers import COMMON, ENV, assert_same_weights, dapft, weights
 
@@ -333,7 +334,7 @@ def test_repeated_annotation_ids_are_refused_naming_the_id(tmp_path, shapes_root
         load_split(resolve_split(root, "val"))
 
 
-@pytest.mark.parametrize("evaluator", ["pycocotools", "faster-coco-eval"])
+@pytest.mark.parametrize("evaluator", EVALUATORS)
 def test_missing_iscrowd_and_area_mean_0_and_the_box_area(tmp_path, shapes_root, evaluator):
     from dapft.evaluate import coco_evaluate
 

@@ -78,7 +78,8 @@ def test_resume_refuses_every_fixed_setting_asked_otherwise(name):
 def test_resume_takes_what_may_change(name):
     saved = _saved()
     value = {"progress": False, "num_workers": 3, "save_every": 7, "eval_every": 2, "device": "cpu", "max_steps": 9,
-             "patience": 4, "report_to": "mlflow", "log_checkpoints": True}[name]
+             "patience": 4, "report_to": "mlflow", "log_checkpoints": True, "gallery": False,
+             "evaluator": "pycocotools"}[name]
     requested = dataclasses.replace(FinetuneConfig(model=saved["model"]), **{name: value}, given=(name,))
     assert getattr(resumed_config(requested, saved, Path("runs/x")), name) == value
 
@@ -142,7 +143,7 @@ def test_an_unknown_evaluator_is_refused_by_finetune_and_sweep_before_any_work(t
 
     cfg = FinetuneConfig(model="dapft/tiny-rtdetr-shapes", data=str(tmp_path / "none"), evaluator="cocoapi",
                          output=str(tmp_path / "run"))
-    with pytest.raises(ValueError, match="--evaluator must be faster-coco-eval or pycocotools"):
+    with pytest.raises(ValueError, match="--evaluator must be hotcoco, faster-coco-eval or pycocotools"):
         finetune(cfg)
     with pytest.raises(ValueError, match="--evaluator"):
         sweep(cfg, {"seed": [0, 1]})
