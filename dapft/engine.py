@@ -304,7 +304,8 @@ def finish(run, state: dict, log: RunLog) -> dict:
         if log.trackers is not None:
             best = run.out / "checkpoint-best"
             log.trackers.summary(summary_values(report))
-            log.trackers.files([run.out / name for name in ("report.md", "report.json", "curves.png")],
+            log.trackers.files([run.out / name for name in ("report.md", "report.json", "curves.png", "confusion.png")
+                                if (run.out / name).is_file()],
                                best if run.cfg.log_checkpoints and best.is_dir() else None)
     dist_utils.barrier(run.dist)
     dist_utils.shutdown(run.dist)
@@ -396,6 +397,6 @@ def evaluate_model(model: str, data: str | None = None, *, split: str = "val", i
             tracked.log({"type": "eval", "global_step": 0, **metrics.stats})
             tracked.summary({f"eval/{k}": v for k, v in metrics.stats.items()})
             tracked.files([out / name for name in ("report.md", "metrics.json", "pr_curves.png", "per_class_ap.png",
-                                                   "confusion.png")])
+                                                   "confusion.png") if (out / name).is_file()])
             tracked.close()
     return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
