@@ -4,6 +4,7 @@ Nothing heavy is imported before a command runs: `--help` answers at once."""
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -216,8 +217,13 @@ def sweep(**options):
     base = FinetuneConfig(**options, **fixed, command=shlex.join(["dapft", *sys.argv[1:]]))
     summary = run(base, swept)
     failed = [r["run"] for r in summary["runs"] if r.get("failed")]
+    unfinished = [r["run"] for r in summary["runs"] if r.get("state") in ("running", "unfinished")]
+    if os.environ.get("RANK", "0") != "0":  # torchrun: the main process speaks for all
+        raise typer.Exit(1 if failed else 0)
     console.print(f"sweep done: {len(summary['runs'])} runs" + (f", {len(failed)} failed ({', '.join(failed)})"
                                                                  if failed else "")
+                  + (f", {len(unfinished)} not finished here (running in another worker, or interrupted)"
+                     if unfinished else "")
                   + f"; summary: {escape(str(Path(options['output']) / 'sweep.md'))}")
     if len(summary["software"]) > 1:
         console.print(f"[yellow]warning:[/] the runs ran on {len(summary['software'])} different versions of the "
@@ -322,7 +328,8 @@ def run() -> None:
         raise
     except TrainingInterrupted as exc:  # Ctrl-C or SIGTERM in a fine-tuning run, its checkpoint saved
         ignore_further_signals()
-        console.print(str(exc), style="red", markup=False, highlight=False)
+        if os.environ.get("RANK", "0") == "0":  # torchrun: every process stopped at the same step; one says so
+            console.print(str(exc), style="red", markup=False, highlight=False)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         code = 130

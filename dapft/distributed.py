@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from dapft.dap import DAPStatistics
+from dapft.runtime import end_blocked_sigterm
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1  # processes on this machine (they share its CPUs for data loading)
+    owner: bool = False  # this call made the process group (a sweep's runs share the sweep's)
 
     @property
     def is_main(self) -> bool:
@@ -38,12 +40,14 @@ def init_distributed(device_type: str) -> DistInfo:
     if world <= 1:
         return DistInfo()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
+    owner = not dist.is_initialized()
+    if owner:
+        end_blocked_sigterm()
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend)
-    return DistInfo(rank, world, local, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    return DistInfo(rank, world, local, int(os.environ.get("LOCAL_WORLD_SIZE", world)), owner)
 
 
 def all_reduce_statistics(stats: DAPStatistics) -> DAPStatistics:
@@ -92,5 +96,6 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    """Ends the process group where `info`'s call made it: a sweep's runs leave the sweep's."""
+    if info.enabled and info.owner and dist.is_initialized():
         dist.destroy_process_group()

@@ -352,6 +352,18 @@ def finetune(cfg: FinetuneConfig) -> dict:
     return Trainer(cfg).train()
 
 
+def evaluate_start(cfg: FinetuneConfig) -> dict:
+    """The evaluation before fine-tuning alone, as a run of `cfg` makes it (its assembly, loaders and
+    evaluation), into cfg.output/eval/before: a sweep's, made once for all its runs. Returns COCO's
+    12 numbers (on every process under torchrun)."""
+    run = assemble(dataclasses.replace(cfg, train_eval_images=None, resume=False, report_to="none"))
+    stats = evaluate(run, "before")
+    del run
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the runs after it need the memory
+    return stats
+
+
 def evaluate_model(model: str, data: str | None = None, *, split: str = "val", images: str | None = None,
                    annotations: str | None = None, output: str | Path = "runs/eval", batch_size: int = 8,
                    evaluator: Evaluator = "hotcoco", max_images: int | None = None,

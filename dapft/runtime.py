@@ -8,6 +8,7 @@ import random
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -77,23 +78,74 @@ class FolderInUseError(RuntimeError):
     """Another dapft process is writing the same output folder."""
 
 
+_NO_LOCKS = ("dapft's locks need a filesystem with flock(2): a local disk, NFS v4 (or v3 with its lock "
+             "daemon), Lustre mounted with -o flock, GPFS; choose another")
+
+
+def take_lock(fd: int, path: Path, *, shared: bool = False, blocking: bool = False, flag: str = "--output") -> bool:
+    """flock `fd` (open on `path`): True when taken, False when another process holds it (only
+    without `blocking`). A filesystem that cannot lock is refused, naming what it needs: without
+    the lock two workers would make the same run."""
+    import errno
+    import fcntl
+
+    mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB)
+    try:
+        fcntl.flock(fd, mode)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(f"{flag} {path.parent}: cannot take a lock there ({exc.strerror}); {_NO_LOCKS} {flag}") from None
+        raise
+
+
+class FileLock:
+    """A lock file beside a folder's work (a sweep's evaluation before fine-tuning, its summary),
+    held for a block: blocking, so that the second process waits for the first to finish."""
+
+    def __init__(self, path: Path, flag: str = "--output", enabled: bool = True):
+        self.path, self.flag, self.enabled, self.fd = Path(path), flag, enabled, None
+
+    def __enter__(self) -> "FileLock":
+        if self.enabled:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            take_lock(self.fd, self.path, blocking=True, flag=self.flag)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class OutputFolder:
     """The folder a command writes into, held for the command's length: made and checked writable
     before any long work (a read-only or full disk shows now, not after an hour of training), and
     locked, so that a second dapft process writing the same folder at the same time is refused at
     once, naming the holder. The lock (an flock on FOLDER/.dapft.lock) goes with the process however
-    it ends. A folder this command made and left empty is removed again."""
+    it ends. A folder this command made and left empty is removed again.
+
+    `shared`: several processes may hold the folder at once (the workers of one sweep), and none
+    may hold it alone. A folder this process holds already (a sweep's run, which the sweep locked
+    before starting it) is entered again without a second lock."""
 
     NAME = ".dapft.lock"
+    _held: dict[Path, int] = {}  # folders this process holds, and how many times entered
 
-    def __init__(self, folder: Path, flag: str = "--output", enabled: bool = True):
-        self.folder, self.flag, self.enabled, self.fd, self.made = Path(folder), flag, enabled, None, False
+    def __init__(self, folder: Path, flag: str = "--output", enabled: bool = True, shared: bool = False):
+        self.folder, self.flag, self.enabled, self.shared = Path(folder), flag, enabled, shared
+        self.fd, self.made, self.key = None, False, None
 
     def __enter__(self) -> "OutputFolder":
         if not self.enabled:
             return self
-        import fcntl
-
+        key = self.folder.resolve()
+        if key in OutputFolder._held:
+            OutputFolder._held[key] += 1
+            self.key = key
+            return self
         self.made = not self.folder.exists()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -101,24 +153,32 @@ class OutputFolder:
         except OSError as exc:
             raise OSError(f"{self.flag} {self.folder}: cannot write there ({exc.strerror or exc}); choose another "
                           f"{self.flag}") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not take_lock(self.fd, self.folder / self.NAME, shared=self.shared, flag=self.flag):
             holder = os.pread(self.fd, 64, 0).decode("utf-8", "replace").strip() or "?"
             os.close(self.fd)
             self.fd = None
             raise FolderInUseError(f"{self.flag} {self.folder}: another dapft process (pid {holder}) is writing there "
-                                   f"now; wait for it to end, or choose another {self.flag}") from None
+                                   f"now; wait for it to end, or choose another {self.flag}")
         try:
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+            if not self.shared:  # the holder's pid, for the message of the one refused
+                os.ftruncate(self.fd, 0)
+                os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
         except OSError as exc:
             self.__exit__()
             raise OSError(f"{self.flag} {self.folder}: cannot write there ({exc.strerror or exc}); choose another "
                           f"{self.flag}") from None
+        self.key = key
+        OutputFolder._held[key] = 1
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.key is not None:
+            OutputFolder._held[self.key] -= 1
+            if OutputFolder._held[self.key] > 0:
+                self.key = None
+                return
+            del OutputFolder._held[self.key]
+            self.key = None
         if self.fd is None:
             return
         os.close(self.fd)  # releases the lock
@@ -236,6 +296,44 @@ def ignore_further_signals() -> None:
     """Stopping on a signal, all saved: a further Ctrl-C (the impatient second one) would only turn the
     exit into a traceback or a death by the signal at interpreter shutdown."""
     _on_stop_signals(signal.SIG_IGN)
+
+
+_watchdog: list = []  # the wakeup socket pair, kept for the process's life
+
+
+def end_blocked_sigterm(grace: float = 20.0) -> None:
+    """Under torchrun: a SIGTERM Python has not acted on after `grace` seconds ends the process (exit
+    status 143). Python runs a signal handler only between bytecodes, so a main thread blocked in
+    C++ (a collective or a rendezvous waiting on a peer that died) would ignore torchrun's SIGTERM
+    until its SIGKILL 30 s later, leaving no line about why. The C-level handler writes the signal's
+    number to a socket (signal.set_wakeup_fd); a thread of its own reads it. The grace leaves the
+    usual path (a checkpoint at the end of the step, then exit 143) its time."""
+    import socket
+
+    if _watchdog or threading.current_thread() is not threading.main_thread():
+        return
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    _watchdog.extend([reader, writer])
+    os.register_at_fork(after_in_child=_no_wakeup_fd)  # a data-loader worker's signals are not ours
+
+    def watch() -> None:
+        while signal.SIGTERM not in reader.recv(64):
+            pass
+        time.sleep(grace)
+        os.write(2, f"SIGTERM: still blocked {grace:g} s later (waiting on another process that ended?); "
+                    "exiting\n".encode())
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="dapft-sigterm-watchdog", daemon=True).start()
+
+
+def _no_wakeup_fd() -> None:
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # forked from another thread than the main one: not a Python main thread here
+        pass
 
 
 class TrainingInterrupted(Exception):

@@ -10,18 +10,24 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 
+from dapft import distributed as dist_utils
 from dapft.config import NOT_SETTINGS, RESUMABLE_CHANGES, FinetuneConfig, check_choices, saved_settings
-from dapft.engine import finetune
+from dapft.engine import evaluate_start, finetune
 from dapft.evaluate import check_evaluator
 from dapft.runtime import (
+    FileLock,
+    FolderInUseError,
     OutputFolder,
     TrainingInterrupted,
     atomic_write_text,
     console,
+    pick_device,
     software_line,
+    take_lock,
     write_json,
 )
 from dapft.trackers import Trackers, parse_report_to
@@ -64,7 +70,16 @@ def sweep(base: FinetuneConfig, grid: dict[str, list]) -> dict:
     A finished run (report.json present) is kept and skipped; an interrupted one is resumed; a run
     that fails (diverges, runs out of memory) is recorded as failed and the others go on. Returns
     the summary written to sweep.json: `runs`, `settings` (mean and sd over seeds) and
-    `comparisons` (paired by seed against the `original` loss)."""
+    `comparisons` (paired by seed against the `original` loss).
+
+    Spreading a sweep (docs/scaling-out.md):
+    - under torchrun, each run is one DDP run over all the processes, one after another; the main
+      process takes the locks and writes, the others follow its decisions;
+    - the same sweep started several times against one output folder (one worker per GPU, node or
+      SLURM array task) divides the grid: each worker takes the next run that is neither finished
+      nor locked by another (the run folder's lock goes with its holder however it ends), the
+      evaluation before fine-tuning is made once (under a lock the others wait on) and shared, and
+      each worker writes the summary when it runs out of runs; the last one's is complete."""
     settings = expand(grid)
     configs = [dataclasses.replace(base, **setting) for setting in settings]
     for cfg in configs:  # every combination checked before the first run starts
@@ -72,30 +87,160 @@ def sweep(base: FinetuneConfig, grid: dict[str, list]) -> dict:
     check_evaluator(base.evaluator)
     names = parse_report_to(base.report_to)
     root = Path(base.output)
-    with OutputFolder(root):
-        for setting, cfg in zip(settings, configs):  # folders of another sweep refused before any run
-            same_settings(cfg, root / run_name(setting))
-        before = _shared_before(root, base)
-        parent, group = _tracker_group(root, base, names, grid)
-        rows, software = [], []
-        for setting, cfg in zip(settings, configs):
-            cfg = dataclasses.replace(cfg, tracker_group=group)
-            report, failure = _run_one(root / run_name(setting), cfg, before)
-            software += [s for s in report.get("software", []) if s not in software]
-            if before is None and report.get("before") is not None:
-                shared = Path(run_name(setting)) / "eval" / "before"  # its predictions: the runs' galleries
-                write_json(root / "before.json", {"for": _before_identity(base), "metrics": report["before"],
-                                                  "eval_dir": shared.as_posix()})
-                before = {**report["before"], "eval_dir": str(root / shared)}
-            errors = ((report.get("errors") or {}).get("after") or {})
-            rows.append({**setting, "seed": cfg.seed, "run": run_name(setting), "failed": failure,
-                         **{m: (report.get("after") or {}).get(m) for m in METRICS},
-                         **{m: (report.get("train_after") or {}).get(m[6:]) for m in TRAIN_METRICS},
-                         **{f"dAP_{k}": errors.get("dAP", {}).get(k) for k in ERROR_TYPES}, "ECE": errors.get("ECE")})
-        summary = {**summarize(rows, [k for k in SWEEPABLE if k in grid], before), "software": software}
-        _write(root, summary)
-        _summary_to_trackers(root, names, parent, group, summary)
-    return summary
+    dist = dist_utils.init_distributed(pick_device(base.device).type)  # torchrun: the runs share the group
+    try:
+        with OutputFolder(root, enabled=dist.is_main, shared=True):
+            for setting, cfg in zip(settings, configs):  # folders of another sweep refused before any run
+                same_settings(cfg, root / run_name(setting))
+            before = _before(root, base, dist)
+            with FileLock(root / ".summary.lock", enabled=dist.is_main):  # one MLflow parent for every worker
+                parent, group = _tracker_group(root, base, names, grid) if dist.is_main else (None, None)
+            group = dist_utils.broadcast_object(group, dist)
+            for setting, cfg in zip(settings, configs):
+                _run_one(root / run_name(setting), dataclasses.replace(cfg, tracker_group=group), before, dist)
+            summary = None
+            if dist.is_main:
+                with FileLock(root / ".summary.lock"):
+                    rows, software = _rows(root, settings, configs)
+                    summary = {**summarize(rows, [k for k in SWEEPABLE if k in grid], before), "software": software}
+                    _write(root, summary)
+                    _summary_to_trackers(root, names, parent, group, summary)
+            return dist_utils.broadcast_object(summary, dist)
+    finally:
+        dist_utils.shutdown(dist)
+
+
+def _before(root: Path, base: FinetuneConfig, dist) -> dict | None:
+    """The evaluation before fine-tuning (None with --no-eval-before), made once for the whole
+    sweep into eval/before/ (the runs' own assembly and evaluation) and kept in before.json. The
+    first worker makes it under a lock; the others wait on that lock and read it."""
+    if not base.eval_before:
+        return None
+    with FileLock(root / ".before.lock", enabled=dist.is_main):
+        before = dist_utils.broadcast_object(_shared_before(root, base) if dist.is_main else None, dist)
+        if before is None:
+            _say(dist, "evaluating the model before fine-tuning, once for every run", "bold")
+            metrics = evaluate_start(dataclasses.replace(base, output=str(root)))
+            if dist.is_main:
+                write_json(root / "before.json", {"for": _before_identity(base), "metrics": metrics,
+                                                  "eval_dir": "eval/before"})
+            before = {**metrics, "eval_dir": str(root / "eval" / "before")}
+    return before
+
+
+RUNNING = "running"  # a run another worker holds
+
+
+def _say(dist, text: str, style: str) -> None:
+    if dist.is_main:  # under torchrun the main process speaks for all
+        console.print(text, markup=False, style=style)
+
+
+def _run_one(run_dir: Path, cfg: FinetuneConfig, before: dict, dist) -> None:
+    """One setting's run: finished or failed earlier (skipped), held by another worker (skipped),
+    resumed, or run now, with its folder's lock held from the decision to the end. Under torchrun
+    the main process decides and every process follows."""
+    lock = OutputFolder(run_dir, enabled=dist.is_main)
+    decision = _claim(run_dir, lock) if dist.is_main else None
+    decision = dist_utils.broadcast_object(decision, dist)
+    if decision == "finished":
+        _say(dist, f"{run_dir.name}: finished earlier, skipped", "dim")
+        return
+    if decision == "failed":
+        failure = json.loads((run_dir / FAILED).read_text(encoding="utf-8"))["error"]
+        _say(dist, f"{run_dir.name}: failed earlier ({failure}); delete the folder to try it again", "dim")
+        return
+    if decision == RUNNING:
+        _say(dist, f"{run_dir.name}: running in another worker, skipped", "dim")
+        return
+    resume = decision == "resume"
+    _say(dist, run_dir.name + (" (resuming)" if resume else ""), "bold")
+    try:
+        finetune(dataclasses.replace(cfg, output=str(run_dir), resume=resume, before_metrics=before))
+    except TrainingInterrupted as exc:  # its checkpoint is saved; the sweep resumes it
+        raise TrainingInterrupted(
+            f"sweep interrupted in {run_dir.name} ({exc}); run the same dapft sweep command again to "
+            "continue: finished runs are kept, this one resumes", exc.signum) from exc
+    except (FloatingPointError, RuntimeError) as exc:  # this setting diverged, or did not fit the memory
+        if dist.enabled and _peer_ended(exc):
+            raise  # not this setting's failure: the run resumes when the same command runs again
+        everywhere = isinstance(exc, FloatingPointError)
+        if dist.is_main or not everywhere:
+            failure = f"{type(exc).__name__}: {exc}"[:1000] + (f" (rank {dist.rank})" if dist.enabled else "")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / FAILED, {"error": failure})
+            console.print(f"{run_dir.name} failed: {failure}", markup=False, style="red")
+        if dist.enabled and not everywhere:
+            # Divergence shows on every process at the same step (the weights are the same on all),
+            # so all go on together. Another error may be this process's alone while the others
+            # wait in a collective it will never join: it ends, torchrun ends the others, and the
+            # same command goes on past the run recorded as failed.
+            raise
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _peer_ended(exc: BaseException) -> bool:
+    """A collective's error because another process ended (killed, preempted, failed itself)."""
+    import torch.distributed as dist
+
+    text = str(exc)
+    return isinstance(exc, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL",
+                            "Socket Timeout", "timed out", "ProcessGroup"))
+
+
+def _claim(run_dir: Path, lock: OutputFolder) -> str:
+    """finished | failed | running (another worker holds it) | resume | new; for the last two the
+    run folder's lock is taken (and released by the caller)."""
+    if (run_dir / "report.json").exists():
+        return "finished"
+    if (run_dir / FAILED).exists():
+        return "failed"
+    try:
+        lock.__enter__()
+    except FolderInUseError:
+        return RUNNING
+    # Finished or failed by another worker between the look above and the lock
+    done = "finished" if (run_dir / "report.json").exists() else "failed" if (run_dir / FAILED).exists() else None
+    if done:
+        lock.__exit__(None, None, None)
+        return done
+    return "resume" if (run_dir / "checkpoint-last").exists() or (run_dir / ".checkpoint-last.old").exists() else "new"
+
+
+def _rows(root: Path, settings: list[dict], configs: list[FinetuneConfig]) -> tuple[list[dict], list[dict]]:
+    """Every run's row from its folder: finished (its report), failed, running in another worker,
+    or not finished (interrupted: the same command resumes it); and the code versions they ran on."""
+    rows, software = [], []
+    for setting, cfg in zip(settings, configs):
+        run_dir = root / run_name(setting)
+        report, failure, state = {}, None, "finished"
+        if (run_dir / "report.json").exists():
+            report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+        elif (run_dir / FAILED).exists():
+            failure, state = json.loads((run_dir / FAILED).read_text(encoding="utf-8"))["error"], "failed"
+        else:
+            state = RUNNING if _held(run_dir) else "unfinished"
+        software += [s for s in report.get("software", []) if s not in software]
+        errors = ((report.get("errors") or {}).get("after") or {})
+        rows.append({**setting, "seed": cfg.seed, "run": run_name(setting), "failed": failure, "state": state,
+                     **{m: (report.get("after") or {}).get(m) for m in METRICS},
+                     **{m: (report.get("train_after") or {}).get(m[6:]) for m in TRAIN_METRICS},
+                     **{f"dAP_{k}": errors.get("dAP", {}).get(k) for k in ERROR_TYPES}, "ECE": errors.get("ECE")})
+    return rows, software
+
+
+def _held(run_dir: Path) -> bool:
+    """Whether another process holds the run folder's lock now."""
+    path = run_dir / OutputFolder.NAME
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return not take_lock(fd, path)
+    finally:
+        os.close(fd)
 
 
 def _tracker_group(root: Path, base: FinetuneConfig, names: tuple[str, ...], grid: dict) -> tuple:
@@ -143,34 +288,6 @@ def _summary_to_trackers(root: Path, names: tuple[str, ...], parent: Trackers | 
         send(Trackers(root, ("wandb",), run_name=f"{root.resolve().name} (summary)",
                       params={"keys": summary["keys"]},
                       group={"wandb": group["wandb"], "wandb_job_type": "sweep-summary"}))
-
-
-def _run_one(run_dir: Path, cfg: FinetuneConfig, before: dict | None) -> tuple[dict, str | None]:
-    """One setting's run: finished earlier, failed earlier, resumed, or run now. (report, failure)."""
-    if (run_dir / "report.json").exists():
-        console.print(f"{run_dir.name}: finished earlier, skipped", markup=False, style="dim")
-        return json.loads((run_dir / "report.json").read_text(encoding="utf-8")), None
-    if (run_dir / FAILED).exists():
-        failure = json.loads((run_dir / FAILED).read_text(encoding="utf-8"))["error"]
-        console.print(f"{run_dir.name}: failed earlier ({failure}); delete the folder to try it again",
-                      markup=False, style="dim")
-        return {}, failure
-    resume = (run_dir / "checkpoint-last").exists() or (run_dir / ".checkpoint-last.old").exists()
-    console.print(run_dir.name + (" (resuming)" if resume else ""), markup=False, style="bold")
-    # Same model, same validation data: the first run evaluates the model before fine-tuning,
-    # every later one reuses that evaluation.
-    try:
-        return finetune(dataclasses.replace(cfg, output=str(run_dir), resume=resume, before_metrics=before)), None
-    except TrainingInterrupted as exc:  # its checkpoint is saved; the sweep resumes it
-        raise TrainingInterrupted(
-            f"sweep interrupted in {run_dir.name} ({exc}); run the same dapft sweep command again to "
-            "continue: finished runs are kept, this one resumes", exc.signum) from exc
-    except (FloatingPointError, RuntimeError) as exc:  # this setting diverged, or did not fit the memory
-        failure = f"{type(exc).__name__}: {exc}"[:1000]
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / FAILED, {"error": failure})
-        console.print(f"{run_dir.name} failed: {failure}", markup=False, style="red")
-        return {}, failure
 
 
 FAILED = "failed.json"  # a run's folder: the error that ended it, which a sweep run again reports
@@ -273,6 +390,13 @@ def _write(root: Path, summary: dict) -> None:
     keys, metrics = summary["keys"], summary["metrics"]
     before = summary["before"]
     lines = [f"# Sweep over {', '.join(keys)}", ""]
+    open_runs = [r["run"] for r in summary["runs"] if r.get("state") in (RUNNING, "unfinished")]
+    if open_runs:
+        lines += [f"**Partial: {len(open_runs)} of {len(summary['runs'])} runs not finished** ("
+                  + ", ".join(f"{r['run']}: {'running in another worker' if r['state'] == RUNNING else 'interrupted'}"
+                              for r in summary["runs"] if r["run"] in open_runs)
+                  + "). The worker that ends the last run writes the whole summary; the same command run again "
+                  "resumes an interrupted run, or, once all are finished, only writes the summary.", ""]
     if before is not None:
         lines += [f"Before fine-tuning (evaluated once, shared by every run): AP {_pts(before['AP'])}, "
                   f"AP50 {_pts(before['AP50'])}, AP75 {_pts(before['AP75'])}.", ""]
@@ -300,9 +424,7 @@ def _write(root: Path, summary: dict) -> None:
         lines += [_comparison_row(c) for c in summary["comparisons"] if c["metric"] in metrics]
     lines += _errors_part(summary)
     lines += ["", "## Runs", "", "| run | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
-    lines += [f"| {r['run']} | " + " | ".join([_pts(r[m]) for m in metrics] if not r.get("failed") else
-                                             [f"failed: {r['failed'][:200]}"] + [""] * (len(metrics) - 1)) + " |"
-              for r in summary["runs"]]
+    lines += [f"| {r['run']} | " + " | ".join(_run_cells(r, metrics)) + " |" for r in summary["runs"]]
     failed = [r for r in summary["runs"] if r.get("failed")]
     if failed:
         lines += ["", f"{len(failed)} run(s) failed (their errors above; `failed.json` in each run's folder): they "
@@ -313,6 +435,15 @@ def _write(root: Path, summary: dict) -> None:
     atomic_write_text(root / "sweep.md", "\n".join(lines))
     write_json(root / "sweep.json", summary)
     _plot(root / "sweep.png", summary)
+
+
+def _run_cells(row: dict, metrics: list[str]) -> list[str]:
+    state = row.get("state", "finished")
+    if state == "finished" and not row.get("failed"):
+        return [_pts(row[m]) for m in metrics]
+    text = {"failed": f"failed: {(row.get('failed') or '')[:200]}", RUNNING: "running in another worker",
+            "unfinished": "not finished (the same command resumes it)"}[state if not row.get("failed") else "failed"]
+    return [text] + [""] * (len(metrics) - 1)
 
 
 def _comparison_row(c: dict, scale: float = 100) -> str:

@@ -1,0 +1,98 @@
+"""A sweep spread out: under real `torchrun` (gloo, CPU), and as several `dapft sweep` processes on
+one output folder dividing the grid between them by the run folders' locks."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from runs_helpers import assert_same_weights, weights
+
+pytestmark = pytest.mark.slow  # several processes, each training
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+QUICK = ["--model", "dapft/tiny-rtdetr-shapes", "--batch-size", "4", "--max-train-images", "8", "--no-augment",
+         "--num-workers", "0", "--no-progress", "--device", "cpu", "--max-eval-images", "4", "--report-to", "none"]
+
+
+def _dapft(*args, prefix=(sys.executable,), check=True, timeout=400):
+    proc = subprocess.run([*prefix, "-m", "dapft", *map(str, args)], capture_output=True, text=True, env=ENV,
+                          timeout=timeout)
+    assert not check or proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _started(stderr: str) -> list[str]:
+    """The runs a sweep process started or resumed (its bold run-name lines)."""
+    return [line.split()[0] for line in stderr.splitlines() if line.startswith("seed=") and ":" not in line]
+
+
+def test_torchrun_sweep_runs_end_at_the_weights_torchrun_finetune_gives(tmp_path, shapes_root):
+    common = [*QUICK, "--data", shapes_root, "--max-steps", "2"]
+    _dapft("sweep", *common, "--output", tmp_path / "sweep", "--seed", "0,1", prefix=TORCHRUN)
+    _dapft("finetune", *common, "--output", tmp_path / "alone", "--seed", "1", prefix=TORCHRUN)
+    # the sweep's second run, made after the first in the same process group, as a run of its own
+    assert_same_weights(weights(tmp_path / "sweep" / "seed=1"), weights(tmp_path / "alone"))
+    assert (tmp_path / "sweep" / "eval" / "before" / "metrics.json").is_file()
+    before = json.loads((tmp_path / "sweep" / "before.json").read_text())["metrics"]
+    assert before["AP"] == json.loads((tmp_path / "alone" / "report.json").read_text())["before"]["AP"]
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [r["state"] for r in summary["runs"]] == ["finished", "finished"]
+
+
+def test_two_workers_divide_a_grid_each_run_made_once_and_the_summary_one_workers(tmp_path, shapes_root):
+    args = ["sweep", *QUICK, "--data", shapes_root, "--seed", "0,1,2,3", "--max-steps", "6"]
+    shared = tmp_path / "shared"
+    workers = [subprocess.Popen([sys.executable, "-m", "dapft", *map(str, args), "--output", str(shared)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[1] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    started = [_started(out) for out in outputs]
+    assert sorted(started[0] + started[1]) == [f"seed={s}" for s in range(4)]  # every run made, none twice
+    assert started[0] and started[1]  # both worked
+    assert sum(out.count("evaluating the model before fine-tuning") for out in outputs) == 1
+    _dapft(*args, "--output", tmp_path / "alone")
+    a, b = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("shared", "alone"))
+    assert [r["AP"] for r in a["runs"]] == [r["AP"] for r in b["runs"]]  # to the last digit
+    assert a["comparisons"] == b["comparisons"] and a["settings"] == b["settings"]
+    again = _dapft(*args, "--output", shared)  # everything finished: only the summary is written
+    assert _started(again.stderr) == [] and again.stderr.count("finished earlier, skipped") == 4
+
+
+def test_a_run_another_worker_holds_is_left_to_it_and_the_summary_says_so(tmp_path, shapes_root):
+    args = ["sweep", *QUICK, "--data", shapes_root, "--seed", "0,1", "--max-steps", "2", "--output", tmp_path / "s"]
+    (tmp_path / "s" / "seed=1").mkdir(parents=True)
+    with open(tmp_path / "s" / "seed=1" / ".dapft.lock", "w") as held:  # as another worker running it holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = _dapft(*args)
+        assert "seed=1: running in another worker, skipped" in proc.stderr
+        text = (tmp_path / "s" / "sweep.md").read_text()
+        assert "**Partial: 1 of 2 runs not finished** (seed=1: running in another worker)" in text
+        assert json.loads((tmp_path / "s" / "sweep.json").read_text())["runs"][1]["state"] == "running"
+    proc = _dapft(*args)  # the holder gone: the same command makes it
+    assert _started(proc.stderr) == ["seed=1"] and "Partial" not in (tmp_path / "s" / "sweep.md").read_text()
+
+
+def test_a_worker_killed_mid_run_leaves_it_resumable_and_the_next_worker_resumes_it(tmp_path, shapes_root):
+    args = ["sweep", *QUICK, "--data", shapes_root, "--seed", "0,1", "--epochs", "3", "--save-every", "1",
+            "--output", tmp_path / "s"]
+    first = subprocess.Popen([sys.executable, "-m", "dapft", *map(str, args)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=ENV)
+    checkpoint = tmp_path / "s" / "seed=0" / "checkpoint-last"
+    deadline = time.time() + 300
+    while time.time() < deadline and not checkpoint.is_dir():
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)  # no chance to save or to release anything: the lock goes with it
+    first.communicate()
+    proc = _dapft(*args)
+    assert "seed=0 (resuming)" in proc.stderr
+    rows = json.loads((tmp_path / "s" / "sweep.json").read_text())["runs"]
+    assert [r["state"] for r in rows] == ["finished", "finished"]
