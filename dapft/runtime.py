@@ -322,7 +322,7 @@ def end_blocked_sigterm(grace: float = 20.0) -> None:
         while signal.SIGTERM not in reader.recv(64):
             pass
         time.sleep(grace)
-        os.write(2, f"SIGTERM: still blocked {grace:g} s later (waiting on another process that ended?); "
+        os.write(2, f"SIGTERM: still blocked {grace:g} s later (waiting on another process that ended or hangs?); "
                     "exiting\n".encode())
         os._exit(128 + signal.SIGTERM)
 

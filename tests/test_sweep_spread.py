@@ -96,3 +96,33 @@ def test_a_worker_killed_mid_run_leaves_it_resumable_and_the_next_worker_resumes
     assert "seed=0 (resuming)" in proc.stderr
     rows = json.loads((tmp_path / "s" / "sweep.json").read_text())["runs"]
     assert [r["state"] for r in rows] == ["finished", "finished"]
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = dict(x.split("=", 1) for x in open(f"/proc/{pid}/environ").read().split("\0") if "=" in x)
+    except OSError:
+        return None
+    return int(env["RANK"]) if "RANK" in env and "TORCHELASTIC_RUN_ID" in env else None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks through /proc")
+def test_torchruns_sigterm_ends_a_process_blocked_on_a_hung_peer_with_a_line_saying_so(tmp_path, shapes_root):
+    # Rank 1 frozen (SIGSTOP) mid-training: rank 0 waits in a collective that will not finish, where
+    # Python cannot run its SIGTERM handler. It must still end on torchrun's SIGTERM, saying why.
+    args = ["sweep", *QUICK, "--data", shapes_root, "--seed", "0,1", "--epochs", "200", "--output", tmp_path / "s"]
+    agent = subprocess.Popen([*TORCHRUN, "-m", "dapft", *map(str, args)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=ENV)
+    log = tmp_path / "s" / "seed=0" / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and '"type": "step"' in log.read_text()):
+        time.sleep(0.2)
+    children = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+    [peer] = [int(p) for p in children if _rank_of(int(p)) == 1]
+    os.kill(peer, signal.SIGSTOP)
+    time.sleep(1)
+    started = time.time()
+    agent.send_signal(signal.SIGTERM)
+    _, stderr = agent.communicate(timeout=120)
+    assert "SIGTERM: still blocked 20 s later" in stderr
+    assert time.time() - started < 60  # torchrun's own SIGKILL comes 30 s after its SIGTERM
