@@ -192,6 +192,22 @@ def _pts(value: float) -> str:
 _LIST = "Comma-separated values: each combination with the other swept flags is one run."
 # Settings `dapft sweep` takes as lists (FinetuneConfig fields), with their element types.
 GRID = {"loss": str, "matcher": str, "sigma": float, "bins": int, "seed": int, "batch_size": int, "lr": float}
+# `dapft sweep --slurm-partition P`: the workers as a SLURM job array (dapft.slurm), sbatch's names
+SLURM = {
+    "slurm_partition": typer.Option(None, help="Submit the sweep's workers to this SLURM partition (as one job "
+                                               "array, through submitit) and return; pip install 'dapft[slurm]'."),
+    "slurm_workers": typer.Option(1, help="Sweep workers (array tasks): they divide the grid."),
+    "slurm_nodes": typer.Option(1, help="Nodes per worker (each run of the grid uses all of them)."),
+    "slurm_gpus_per_node": typer.Option(1, help="GPUs per node, one DDP process each."),
+    "slurm_time": typer.Option(24 * 60, help="Minutes a worker may run; near the limit its run saves a checkpoint "
+                                             "and the worker is requeued."),
+    "slurm_account": typer.Option(None, help="sbatch --account."),
+    "slurm_cpus_per_task": typer.Option(None, help="CPUs per GPU process (default 8: its data loaders)."),
+    "slurm_sbatch": typer.Option(None, metavar="KEY=VALUE[,KEY=VALUE...]",
+                                 help="More sbatch options, e.g. 'qos=high,constraint=a100'."),
+    "slurm_signal_delay": typer.Option(90, help="Seconds before the time limit that SLURM signals a worker to save."),
+    "slurm_requeues": typer.Option(100, help="Times a worker may be requeued at its time limit."),
+}
 
 
 def sweep(**options):
@@ -214,7 +230,10 @@ def sweep(**options):
                                  "--sigma, --bins, --seed, --batch-size, --lr")
     fixed = {k: v[0] for k, v in grid.items() if len(v) == 1}
     options["lr_drop"] = _drops(options["lr_drop"])
+    slurm = {name: options.pop(name) for name in SLURM}
     base = FinetuneConfig(**options, **fixed, command=shlex.join(["dapft", *sys.argv[1:]]))
+    if slurm["slurm_partition"] is not None:
+        return _submit(base, swept, slurm)
     summary = run(base, swept)
     failed = [r["run"] for r in summary["runs"] if r.get("failed")]
     unfinished = [r["run"] for r in summary["runs"] if r.get("state") in ("running", "unfinished")]
@@ -230,6 +249,24 @@ def sweep(**options):
                       "code; sweep.md names them (a comparison across versions is not one of settings alone)")
     if failed:
         raise typer.Exit(1)
+
+
+def _submit(base, grid: dict, slurm: dict) -> None:
+    from dapft.slurm import SlurmOptions, print_submitted, submit_sweep
+
+    extra = {}
+    for item in (slurm["slurm_sbatch"] or "").split(","):
+        if item.strip():
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise typer.BadParameter(f"--slurm-sbatch takes KEY=VALUE items, got {item!r}")
+            extra[key.strip()] = value.strip()
+    options = SlurmOptions(partition=slurm["slurm_partition"], nodes=slurm["slurm_nodes"],
+                           gpus_per_node=slurm["slurm_gpus_per_node"], workers=slurm["slurm_workers"],
+                           time=slurm["slurm_time"], account=slurm["slurm_account"],
+                           cpus_per_task=slurm["slurm_cpus_per_task"], sbatch=extra,
+                           signal_delay=slurm["slurm_signal_delay"], requeues=slurm["slurm_requeues"])
+    print_submitted(submit_sweep(base, grid, options), base.output)
 
 
 def _sweep_signature() -> None:
@@ -249,6 +286,10 @@ def _sweep_signature() -> None:
             p = p.replace(default=typer.Option("runs/sweep", *opt.param_decls,
                                                help="One run directory per setting under it."))
         params.append(p)
+    for name, option in SLURM.items():
+        kind = {"slurm_cpus_per_task": Optional[int]}.get(name, type(option.default) if option.default is not None
+                                                          else Optional[str])
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
     sweep.__signature__ = inspect.Signature(params)
     sweep.__annotations__ = {p.name: p.annotation for p in params}
     app.command()(sweep)

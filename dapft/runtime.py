@@ -240,6 +240,13 @@ def write_json(path: Path, payload) -> None:
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what SLURM, Kubernetes and `timeout` send
+_also_stop_on: list[int] = []  # more, for a run's length: SIGUSR2 under submitit (a time limit's warning)
+
+
+def also_stop_on(signum: int) -> None:
+    """A run also saves a resumable checkpoint at the end of its step and stops on `signum`."""
+    if signum not in _also_stop_on:
+        _also_stop_on.append(signum)
 _pending_signal = 0
 _raised_signal = 0
 
@@ -355,7 +362,7 @@ class StopRequests:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+            self.previous = {s: signal.signal(s, self._handle) for s in (*STOP_SIGNALS, *_also_stop_on)}
         return self
 
     def __exit__(self, *exc):

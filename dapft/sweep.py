@@ -80,12 +80,7 @@ def sweep(base: FinetuneConfig, grid: dict[str, list]) -> dict:
       nor locked by another (the run folder's lock goes with its holder however it ends), the
       evaluation before fine-tuning is made once (under a lock the others wait on) and shared, and
       each worker writes the summary when it runs out of runs; the last one's is complete."""
-    settings = expand(grid)
-    configs = [dataclasses.replace(base, **setting) for setting in settings]
-    for cfg in configs:  # every combination checked before the first run starts
-        check_choices(cfg)
-    check_evaluator(base.evaluator)
-    names = parse_report_to(base.report_to)
+    settings, configs, names = check_sweep(base, grid)
     root = Path(base.output)
     dist = dist_utils.init_distributed(pick_device(base.device).type)  # torchrun: the runs share the group
     try:
@@ -108,6 +103,17 @@ def sweep(base: FinetuneConfig, grid: dict[str, list]) -> dict:
             return dist_utils.broadcast_object(summary, dist)
     finally:
         dist_utils.shutdown(dist)
+
+
+def check_sweep(base: FinetuneConfig, grid: dict[str, list]) -> tuple[list[dict], list[FinetuneConfig], tuple]:
+    """Every combination's settings, the evaluator and the trackers checked at once, before the
+    first run (or a SLURM submission): (settings, their configs, the trackers' names)."""
+    settings = expand(grid)
+    configs = [dataclasses.replace(base, **setting) for setting in settings]
+    for cfg in configs:
+        check_choices(cfg)
+    check_evaluator(base.evaluator)
+    return settings, configs, parse_report_to(base.report_to)
 
 
 def _before(root: Path, base: FinetuneConfig, dist) -> dict | None:

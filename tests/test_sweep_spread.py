@@ -126,3 +126,56 @@ def test_torchruns_sigterm_ends_a_process_blocked_on_a_hung_peer_with_a_line_say
     _, stderr = agent.communicate(timeout=120)
     assert "SIGTERM: still blocked 20 s later" in stderr
     assert time.time() - started < 60  # torchrun's own SIGKILL comes 30 s after its SIGTERM
+
+
+# ------------------------------------------------------------------------------ SLURM through submitit
+# submitit's local executor runs a job's tasks as local processes with the environment SLURM gives
+# them (ranks, the job id, the time limit's signal, requeueing): dapft's SLURM path up to sbatch.
+
+def _base(tmp_path, shapes_root, **kw):
+    from dapft.config import FinetuneConfig
+
+    settings = dict(model="dapft/tiny-rtdetr-shapes", data=str(shapes_root), output=str(tmp_path / "s"), batch_size=4,
+                    max_train_images=8, augment=False, num_workers=0, progress=False, device="cpu",
+                    max_eval_images=4, report_to="none", gallery=False)
+    return FinetuneConfig(**{**settings, **kw})
+
+
+def _logs(tmp_path) -> str:
+    return "".join(p.read_text() for p in sorted((tmp_path / "s" / "slurm").glob("*_log.*")))
+
+
+def test_slurm_workers_as_a_job_array_divide_the_grid_and_a_worker_of_two_tasks_runs_ddp(tmp_path, shapes_root,
+                                                                                          monkeypatch):
+    from dapft.slurm import SlurmOptions, submit_sweep
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    base = _base(tmp_path, shapes_root, max_steps=2)
+    jobs = submit_sweep(base, {"seed": [0, 1, 2]}, SlurmOptions("local", workers=2, time=10), cluster="local")
+    assert len(jobs) == 2
+    for job in jobs:
+        job.result()
+    logs = _logs(tmp_path)
+    assert sorted(_started(logs)) == ["seed=0", "seed=1", "seed=2"]  # each run made once, by one worker or the other
+    assert [r["state"] for r in json.loads((tmp_path / "s" / "sweep.json").read_text())["runs"]] == ["finished"] * 3
+    # One worker of two tasks: submitit's torch distributed environment, every run over both processes
+    jobs = submit_sweep(_base(tmp_path, shapes_root, max_steps=2, output=str(tmp_path / "ddp")), {"seed": [0, 1]},
+                        SlurmOptions("local", gpus_per_node=2, time=10), cluster="local")
+    jobs[0].results()
+    text = "".join(p.read_text() for p in (tmp_path / "ddp" / "slurm").glob("*_0_log.err"))
+    assert text.count("cpu x2") == 2 and (tmp_path / "ddp" / "seed=1" / "report.json").is_file()
+
+
+def test_a_slurm_worker_warned_of_its_time_limit_saves_its_run_is_requeued_and_resumes_it(tmp_path, shapes_root,
+                                                                                         monkeypatch):
+    from dapft.slurm import SlurmOptions, submit_sweep
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    base = _base(tmp_path, shapes_root, epochs=100, eval_every=1000)  # longer than one attempt can train
+    # a 1-minute limit, its SIGUSR2 35 s before: mid-run in the first attempt
+    [job] = submit_sweep(base, {"seed": [0, 1]}, SlurmOptions("local", time=1, signal_delay=35), cluster="local")
+    job.result()
+    logs = _logs(tmp_path)
+    assert "SIGUSR2: saving a resumable checkpoint" in logs
+    assert "seed=0 (resuming)" in logs or "seed=1 (resuming)" in logs
+    assert [r["state"] for r in json.loads((tmp_path / "s" / "sweep.json").read_text())["runs"]] == ["finished"] * 2
