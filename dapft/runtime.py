@@ -308,9 +308,9 @@ def ignore_further_signals() -> None:
 _watchdog: list = []  # the wakeup socket pair, kept for the process's life
 
 
-def end_blocked_sigterm(grace: float = 20.0) -> None:
-    """Under torchrun: a SIGTERM Python has not acted on after `grace` seconds ends the process (exit
-    status 143). Python runs a signal handler only between bytecodes, so a main thread blocked in
+def end_blocked_sigterm(grace: float | None = None) -> None:
+    """Under torchrun: a SIGTERM Python has not acted on after `grace` seconds (default 20, or
+    $DAPFT_SIGTERM_GRACE) ends the process (exit status 143). Python runs a signal handler only between bytecodes, so a main thread blocked in
     C++ (a collective or a rendezvous waiting on a peer that died) would ignore torchrun's SIGTERM
     until its SIGKILL 30 s later, leaving no line about why. The C-level handler writes the signal's
     number to a socket (signal.set_wakeup_fd); a thread of its own reads it. The grace leaves the
@@ -319,6 +319,7 @@ def end_blocked_sigterm(grace: float = 20.0) -> None:
 
     if _watchdog or threading.current_thread() is not threading.main_thread():
         return
+    grace = float(os.environ.get("DAPFT_SIGTERM_GRACE", 20)) if grace is None else grace
     reader, writer = socket.socketpair()
     writer.setblocking(False)
     signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
