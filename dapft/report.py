@@ -81,7 +81,8 @@ def errors_table(columns: dict[str, dict]) -> str:
         count = str(columns[names[0]]["counts"][key]) if key in columns[names[0]]["counts"] else ""
         lines.append(row(label, [100 * c["dAP"][key] for c in columns.values()], "{:.2f}", count))
     lines.append(row("AP50, the base (not an error)", [100 * c["AP50"] for c in columns.values()], "{:.2f}", ""))
-    lines.append(row("calibration error of the scores (ECE)", [c["ECE"] for c in columns.values()], "{:.3f}", ""))
+    lines.append(row("calibration error of the scores (ECE, x100)", [100 * c["ECE"] for c in columns.values()],
+                     "{:.2f}", ""))
     return "\n".join(lines)
 
 
