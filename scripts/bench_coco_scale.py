@@ -1,0 +1,179 @@
+"""What a COCO-train-sized annotation set costs dapft: start-up and memory.
+
+Generates (once, into --work) a COCO-format training split of COCO train2017's size: 118,287 small
+JPEG images (distinct files; their sizes in the JSON), about 7.3 boxes an image (Poisson), COCO's
+80 categories with their ids, a polygon of 24 points for each object as COCO's files carry, and a
+500-image validation split. Then, each in a fresh process:
+
+1. `json.load` of the training file: its time and the process's peak resident memory.
+2. The dataset as training reads it (dapft.data.load_split, dapft.loader.CocoDetection) behind a
+   DataLoader with 2 workers, read until each worker has read at least 10,000 items: the main
+   process's peak resident memory, and each worker's unique (private) memory after about 1,200
+   items and at the end (Linux: /proc/PID/smaps_rollup). A worker forked with the annotation set as
+   Python objects copies every page whose reference counts it touches.
+3. `dapft finetune --max-steps 1` of a tiny RT-DETR with COCO's labels on the split, twice: the
+   first start decodes every image once (the image check), the second finds its verdicts cached.
+   Wall time of the whole command (its one step and an evaluation of 8 images are a second).
+
+    python scripts/bench_coco_scale.py --json runs/coco-scale.json        # about 10 minutes, 2 cores
+    python scripts/bench_coco_scale.py --images 20000 --json small.json    # a quicker look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def generate(root: Path, images: int, seed: int = 0) -> Path:
+    """The COCO layout under root (kept: generated once per size)."""
+    done = root / f"done-{images}"
+    if done.exists():
+        return root
+    from PIL import Image
+
+    from dapft.coco_names import detr_id2label
+
+    rng = np.random.default_rng(seed)
+    cats = [{"id": i, "name": n, "supercategory": "thing"} for i, n in detr_id2label().items() if n != "N/A"]
+    cat_ids = np.array([c["id"] for c in cats])
+    sizes = [(40, 30), (32, 32), (48, 36), (30, 40)]
+    templates = {}
+    for s in sizes:  # a few distinct small photos' bytes per size, written under every name
+        for k in range(8):
+            path = root / "template.jpg"
+            root.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (s[1], s[0], 3), dtype=np.uint8)).save(path, quality=90)
+            templates.setdefault(s, []).append(path.read_bytes())
+    for split, count in (("train2017", images), ("val2017", 500)):
+        folder = root / split
+        folder.mkdir(parents=True, exist_ok=True)
+        data = {"info": {"description": "generated, COCO-sized"}, "licenses": [], "categories": cats,
+                "images": [], "annotations": []}
+        for i in range(1, count + 1):
+            w, h = sizes[i % len(sizes)]
+            name = f"{i:012d}.jpg"
+            (folder / name).write_bytes(templates[(w, h)][i % 8])
+            data["images"].append({"id": i, "file_name": name, "width": w, "height": h, "license": 1,
+                                   "date_captured": "2013-11-14 11:18:45"})
+            for _ in range(rng.poisson(7.3)):
+                bw, bh = rng.uniform(2, w), rng.uniform(2, h)
+                x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+                angles = np.sort(rng.uniform(0, 2 * np.pi, 24))
+                poly = np.stack([x + bw / 2 * (1 + np.cos(angles)), y + bh / 2 * (1 + np.sin(angles))], 1)
+                data["annotations"].append({
+                    "id": len(data["annotations"]) + 1, "image_id": i, "category_id": int(rng.choice(cat_ids)),
+                    "bbox": [round(x, 2), round(y, 2), round(bw, 2), round(bh, 2)], "area": round(bw * bh * 0.7, 2),
+                    "iscrowd": 0, "segmentation": [np.round(poly.reshape(-1), 2).tolist()]})
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+    (root / "template.jpg").unlink(missing_ok=True)
+    done.touch()
+    return root
+
+
+def run_python(code: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+JSON_LOAD = """
+import json, sys, time
+t0 = time.perf_counter()
+with open(sys.argv[1] if len(sys.argv) > 1 else {path!r}) as f:
+    data = json.load(f)
+seconds = time.perf_counter() - t0
+hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))  # per process image (ru_maxrss
+print(json.dumps({{"seconds": seconds, "peak_rss_mb": int(hwm.split()[1]) / 1024}}))  # keeps the forking parent's)
+"""
+
+WORKERS = """
+import json, os, time
+import torch
+from torch.utils.data import DataLoader
+from dapft.coco_names import detr_id2label
+from dapft.data import LabelMap, load_split, resolve_split
+from dapft.loader import CocoDetection
+
+def uss(pid):  # unique (private) memory, MB
+    fields = dict(l.split(":", 1) for l in open(f"/proc/{{pid}}/smaps_rollup").read().splitlines()[1:])
+    return sum(int(fields[k].split()[0]) for k in ("Private_Clean", "Private_Dirty")) / 1024
+
+split = load_split(resolve_split({root!r}, "train"), check=False)
+dataset = CocoDetection(split, LabelMap.build(split.categories, detr_id2label()))
+loader = DataLoader(dataset, batch_size=16, shuffle=True, num_workers=2, persistent_workers=True,
+                    collate_fn=lambda items: len(items), generator=torch.Generator().manual_seed(0))
+workers, early, read = None, None, 0
+for n in loader:
+    read += n
+    if workers is None:
+        workers = [w.pid for w in loader._iterator._workers]
+    if early is None and read >= 2400:
+        early = [uss(p) for p in workers]
+    if read >= 2 * {per_worker}:
+        break
+late = [uss(p) for p in workers]
+print(json.dumps({{"items_read": read, "worker_uss_mb_at_1200": early, "worker_uss_mb_at_end": late,
+                  "main_uss_mb": uss(os.getpid()),
+                  "main_peak_rss_mb": int(next(l for l in open("/proc/self/status")
+                                              if l.startswith("VmHWM")).split()[1]) / 1024}}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=118_287)
+    ap.add_argument("--work", default="runs/coco-scale", help="Where the generated set is kept.")
+    ap.add_argument("--json", help="Write the numbers here too.")
+    ap.add_argument("--per-worker", type=int, default=10_000, help="Items each worker reads.")
+    args = ap.parse_args()
+
+    from dapft.coco_names import detr_id2label
+    from dapft.tiny import save_tiny_checkpoint
+
+    root = Path(args.work) / f"coco-{args.images}"
+    t0 = time.perf_counter()
+    generate(root, args.images)
+    train = root / "annotations" / "instances_train2017.json"
+    out = {"images": args.images, "annotation_file_mb": round(train.stat().st_size / 2**20, 1),
+           "generate_seconds": round(time.perf_counter() - t0, 1)}
+    out["json_load"] = run_python(JSON_LOAD.format(path=str(train)))
+    out["workers"] = run_python(WORKERS.format(root=str(root), per_worker=args.per_worker))
+    model = Path(args.work) / "tiny-rtdetr-coco"
+    if not model.exists():
+        save_tiny_checkpoint("rt_detr", model, {i: n for i, n in enumerate(v for v in detr_id2label().values()
+                                                                           if v != "N/A")})
+    cache = Path(args.work) / f"cache-{args.images}"
+    env = {**os.environ, "DAPFT_CACHE": str(cache), "OMP_NUM_THREADS": "2"}
+    starts = []
+    for attempt in ("first", "second"):
+        run = Path(args.work) / f"run-{args.images}-{attempt}"
+        subprocess.run(["rm", "-rf", str(run)] + ([str(cache)] if attempt == "first" else []), check=True)
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "dapft", "finetune", "--model", str(model), "--data", str(root),
+                               "--output", str(run), "--max-steps", "1", "--no-eval-before", "--max-eval-images", "8",
+                               "--batch-size", "4", "--num-workers", "2", "--no-progress", "--device", "cpu",
+                               "--report-to", "none", "--no-gallery"], capture_output=True, text=True, env=env)
+        if proc.returncode:
+            raise SystemExit(proc.stderr[-3000:])
+        starts.append(round(time.perf_counter() - t, 1))
+    out["finetune_1_step_seconds"] = {"first_start": starts[0], "second_start": starts[1]}
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
