@@ -268,8 +268,11 @@ def _annotations(data: dict, image_by_id: dict, kept_ids: set, ann_file: Path):
         if ann["image_id"] not in kept_ids:
             continue
         x, y, w, h = ann["bbox"]
-        ann.setdefault("iscrowd", 0)
-        ann.setdefault("area", float(w * h) if all(map(math.isfinite, ann["bbox"])) else 0.0)
+        # What box training and box evaluation read, and no more: a polygon (most of a COCO file's
+        # size) is freed with the parsed file.
+        ann = {"id": ann["id"], "image_id": ann["image_id"], "category_id": ann["category_id"], "bbox": ann["bbox"],
+               "iscrowd": ann.get("iscrowd", 0),
+               "area": ann.get("area", float(w * h) if all(map(math.isfinite, ann["bbox"])) else 0.0)}
         if ann["iscrowd"]:
             skipped["crowd_annotations"] += 1  # COCO ignores crowd regions in matching: kept for eval only
             evaluated[ann["image_id"]].append(ann)

@@ -9,6 +9,7 @@ CUDA run, so that a GPU user's accelerator does not wait on per-image processing
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 from pathlib import Path
@@ -119,31 +120,50 @@ def multi_scale_sizes(processor) -> list[dict] | None:
 
 class CocoDetection(Dataset):
     """Images of a validated split as uint8 tensors, with their boxes (xyxy, pixels) and labels in
-    model label space; augmented when given an augmentation."""
+    model label space; augmented when given an augmentation.
+
+    The split is copied into a few flat numpy arrays (file names as one byte buffer, boxes, labels,
+    offsets) and not kept: data-loader workers forked with it read items without touching a Python
+    object of the annotation set, whose pages would become each worker's own as reading moves their
+    reference counts (about 10 KB an item on COCO train's size: BENCHMARKS.md)."""
 
     def __init__(self, split: CocoSplit, label_map: LabelMap, augment: TrainAugmentation | None = None):
-        self.split, self.label_map, self.augment = split, label_map, augment
+        self.folder, self.augment = split.source.images, augment
+        images = split.images
+        self.ids = np.array([im["id"] for im in images], dtype=np.int64)
+        self.sizes = np.array([(im["height"], im["width"]) for im in images], dtype=np.int64).reshape(-1, 2)
+        names = [im["file_name"].encode() for im in images]
+        self.name_ends = np.cumsum([len(n) for n in names], dtype=np.int64)
+        self.names = np.frombuffer(b"".join(names), dtype=np.uint8)
+        anns = [split.annotations[im["id"]] for im in images]
+        self.box_ends = np.cumsum([len(a) for a in anns], dtype=np.int64)
+        self.boxes = np.array([a["bbox"] for group in anns for a in group], dtype=np.float32).reshape(-1, 4)
+        to_model = label_map.to_model
+        self.labels = np.array([to_model[a["category_id"]] for group in anns for a in group], dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.split.images)
+        return len(self.ids)
+
+    def _span(self, ends: np.ndarray, index: int) -> slice:
+        return slice(int(ends[index - 1]) if index else 0, int(ends[index]))
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         # Training samplers pass (index, seed): the sample's augmentation then depends on that seed
         # alone, not on worker count or on where a resumed run restarted.
         index, seed = key if isinstance(key, tuple) else (key, None)
-        info = self.split.images[index]
-        path = self.split.source.images / info["file_name"]
+        path = self.folder / self.names[self._span(self.name_ends, index)].tobytes().decode()
         try:
             image = read_image(path)
         except Exception as exc:  # noqa: BLE001
             raise DataError(f"{path}: cannot read image ({exc})") from exc
-        anns = self.split.annotations[info["id"]]
-        boxes = box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4), "xywh", "xyxy")
-        labels = torch.tensor([self.label_map.to_model[a["category_id"]] for a in anns], dtype=torch.int64)
+        span = self._span(self.box_ends, index)
+        boxes = box_convert(torch.from_numpy(self.boxes[span].copy()), "xywh", "xyxy")
+        labels = torch.from_numpy(self.labels[span].copy())
         if self.augment is not None:
             image, boxes, labels = self.augment(image, boxes, labels, random.Random(seed))
-        return {"image": image, "boxes": boxes, "labels": labels, "image_id": info["id"],
-                "orig_size": (info["height"], info["width"]), "seed": seed}
+        height, width = self.sizes[index].tolist()
+        return {"image": image, "boxes": boxes, "labels": labels, "image_id": int(self.ids[index]),
+                "orig_size": (height, width), "seed": seed}
 
 
 class Collate:
@@ -252,6 +272,11 @@ class BatchLoader:
         return len(self.loader)
 
     def __iter__(self):
+        if self.loader.num_workers:
+            # Workers are forked at the first iteration (and persist): objects alive now are left
+            # out of the cyclic collector's scans, which would write into every object's header in
+            # each worker and so copy the whole annotation set's pages into it.
+            gc.freeze()
         for batch in self.loader:
             yield batch if "pixel_values" in batch else finish_batch(batch, self.prepare, self.device)
 

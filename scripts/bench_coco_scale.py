@@ -6,10 +6,10 @@ JPEG images (distinct files; their sizes in the JSON), about 7.3 boxes an image 
 500-image validation split. Then, each in a fresh process:
 
 1. `json.load` of the training file: its time and the process's peak resident memory.
-2. The dataset as training reads it (dapft.data.load_split, dapft.loader.CocoDetection) behind a
-   DataLoader with 2 workers, read until each worker has read at least 10,000 items: the main
-   process's peak resident memory, and each worker's unique (private) memory after about 1,200
-   items and at the end (Linux: /proc/PID/smaps_rollup). A worker forked with the annotation set as
+2. The training split as a run reads it (dapft.data.load_split, dapft.loader.CocoDetection and
+   BatchLoader, augmented and prepared in 2 workers, batches of 16), until each worker has read at
+   least 10,000 items: the main process's peak resident memory, and each worker's unique (private)
+   memory after about 1,200 items and at the end (Linux: /proc/PID/smaps_rollup). A worker forked with the annotation set as
    Python objects copies every page whose reference counts it touches.
 3. `dapft finetune --max-steps 1` of a tiny RT-DETR with COCO's labels on the split, twice: the
    first start decodes every image once (the image check), the second finds its verdicts cached.
@@ -100,32 +100,29 @@ print(json.dumps({{"seconds": seconds, "peak_rss_mb": int(hwm.split()[1]) / 1024
 
 WORKERS = """
 import json, os, time
-import torch
-from torch.utils.data import DataLoader
-from dapft.coco_names import detr_id2label
+from transformers import AutoImageProcessor
 from dapft.data import LabelMap, load_split, resolve_split
-from dapft.loader import CocoDetection
+from dapft.loader import BatchLoader, CocoDetection
 
 def uss(pid):  # unique (private) memory, MB
     fields = dict(l.split(":", 1) for l in open(f"/proc/{{pid}}/smaps_rollup").read().splitlines()[1:])
     return sum(int(fields[k].split()[0]) for k in ("Private_Clean", "Private_Dirty")) / 1024
 
 split = load_split(resolve_split({root!r}, "train"), check=False)
-dataset = CocoDetection(split, LabelMap.build(split.categories, detr_id2label()))
-loader = DataLoader(dataset, batch_size=16, shuffle=True, num_workers=2, persistent_workers=True,
-                    collate_fn=lambda items: len(items), generator=torch.Generator().manual_seed(0))
+processor = AutoImageProcessor.from_pretrained({model!r})
+mapping = LabelMap.build(split.categories, {{int(k): v for k, v in json.load(open({model!r} + "/config.json"))["id2label"].items()}})
+loader = BatchLoader(CocoDetection(split, mapping), processor, batch_size=16, train=True, num_workers=2)
 workers, early, read = None, None, 0
-for n in loader:
-    read += n
+for batch in loader:
+    read += len(batch["image_ids"])
     if workers is None:
-        workers = [w.pid for w in loader._iterator._workers]
+        workers = [w.pid for w in loader.loader._iterator._workers]
     if early is None and read >= 2400:
         early = [uss(p) for p in workers]
     if read >= 2 * {per_worker}:
         break
 late = [uss(p) for p in workers]
 print(json.dumps({{"items_read": read, "worker_uss_mb_at_1200": early, "worker_uss_mb_at_end": late,
-                  "main_uss_mb": uss(os.getpid()),
                   "main_peak_rss_mb": int(next(l for l in open("/proc/self/status")
                                               if l.startswith("VmHWM")).split()[1]) / 1024}}))
 """
@@ -149,11 +146,12 @@ def main() -> None:
     out = {"images": args.images, "annotation_file_mb": round(train.stat().st_size / 2**20, 1),
            "generate_seconds": round(time.perf_counter() - t0, 1)}
     out["json_load"] = run_python(JSON_LOAD.format(path=str(train)))
-    out["workers"] = run_python(WORKERS.format(root=str(root), per_worker=args.per_worker))
     model = Path(args.work) / "tiny-rtdetr-coco"
     if not model.exists():
         save_tiny_checkpoint("rt_detr", model, {i: n for i, n in enumerate(v for v in detr_id2label().values()
                                                                            if v != "N/A")})
+    out["workers"] = run_python(WORKERS.format(root=str(root), model=str(model.resolve()),
+                                               per_worker=args.per_worker))
     cache = Path(args.work) / f"cache-{args.images}"
     env = {**os.environ, "DAPFT_CACHE": str(cache), "OMP_NUM_THREADS": "2"}
     starts = []
