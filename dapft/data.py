@@ -253,6 +253,9 @@ def _index_images(images: list, ann_file: Path) -> dict:
     return image_by_id
 
 
+_KEPT = {"id", "image_id", "category_id", "bbox", "iscrowd", "area"}
+
+
 def _annotations(data: dict, image_by_id: dict, kept_ids: set, ann_file: Path):
     """Every annotation checked; per kept image those training uses (clipped) and those evaluation
     scores. A missing `iscrowd` means 0; a missing `area` means the box's area (COCO's own files give
@@ -268,11 +271,12 @@ def _annotations(data: dict, image_by_id: dict, kept_ids: set, ann_file: Path):
         if ann["image_id"] not in kept_ids:
             continue
         x, y, w, h = ann["bbox"]
-        # What box training and box evaluation read, and no more: a polygon (most of a COCO file's
-        # size) is freed with the parsed file.
-        ann = {"id": ann["id"], "image_id": ann["image_id"], "category_id": ann["category_id"], "bbox": ann["bbox"],
-               "iscrowd": ann.get("iscrowd", 0),
-               "area": ann.get("area", float(w * h) if all(map(math.isfinite, ann["bbox"])) else 0.0)}
+        # What box training and box evaluation read, and no more: a polygon is most of a COCO file's
+        # size, freed here rather than kept for the run's length.
+        for key in [k for k in ann if k not in _KEPT]:
+            del ann[key]
+        ann.setdefault("iscrowd", 0)
+        ann.setdefault("area", float(w * h) if all(map(math.isfinite, ann["bbox"])) else 0.0)
         if ann["iscrowd"]:
             skipped["crowd_annotations"] += 1  # COCO ignores crowd regions in matching: kept for eval only
             evaluated[ann["image_id"]].append(ann)
