@@ -485,3 +485,46 @@ def test_scores_under_bf16_autocast_are_post_processed_in_float32(shapes_root):
     results = predict(model, processor, loader, mapping, device=torch.device("cpu"), amp_dtype=torch.bfloat16)
     scores = torch.tensor([r["score"] for r in results])
     assert (scores.bfloat16().float() != scores).any()  # not all of them bf16 values
+
+
+def test_a_split_keeps_only_what_box_training_and_evaluation_read_and_scores_the_same(tmp_path, shapes_root):
+    # COCO's files carry a polygon for every object (most of their size): a box-only fine-tune
+    # must not hold them for the run's length, and leaving them out must change no number.
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(shapes_root, root)
+    path = root / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    for a in data["annotations"]:
+        x, y, w, h = a["bbox"]
+        a["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+        a["attributes"] = {"occluded": False}
+    path.write_text(json.dumps(data))
+    split = load_split(resolve_split(root, "val"))
+    kept = {"id", "image_id", "category_id", "bbox", "iscrowd", "area"}
+    assert all(set(a) <= kept for anns in split.evaluated.values() for a in anns)
+    assert all(set(a) <= kept for anns in split.annotations.values() for a in anns)
+    results = _noisy_results(split)
+    ids = [im["id"] for im in split.images]
+    assert coco_evaluate(split.ground_truth(), results, ids, "pycocotools").stats == coco_evaluate(
+        path, results, ids, "pycocotools").stats  # the file as written, polygons and all
+
+
+def test_the_dataset_item_is_the_splits_image_and_boxes(shapes_root):
+    # The dataset holds the split as flat arrays: each item must still be its image's file, size,
+    # id and boxes (xyxy) with their labels in model label space.
+    from dapft.loader import read_image
+
+    split = load_split(resolve_split(shapes_root, "val"))
+    mapping = LabelMap.build(split.categories, {i: n for i, n in enumerate(CLASSES)})
+    dataset = CocoDetection(split, mapping)
+    assert len(dataset) == len(split.images)
+    for index, im in enumerate(split.images):
+        item = dataset[index]
+        anns = split.annotations[im["id"]]
+        assert item["image_id"] == im["id"] and item["orig_size"] == (im["height"], im["width"])
+        assert torch.equal(item["image"], read_image(split.source.images / im["file_name"]))
+        expected = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]).reshape(-1, 4)
+        torch.testing.assert_close(item["boxes"], expected.float())
+        assert item["labels"].tolist() == [mapping.to_model[a["category_id"]] for a in anns]
