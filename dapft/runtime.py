@@ -97,7 +97,8 @@ def take_lock(fd: int, path: Path, *, shared: bool = False, blocking: bool = Fal
         return False
     except OSError as exc:
         if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            raise OSError(f"{flag} {path.parent}: cannot take a lock there ({exc.strerror}); {_NO_LOCKS} {flag}") from None
+            raise OSError(f"{flag} {path.parent}: cannot take a lock there ({exc.strerror}); "
+                          f"{_NO_LOCKS} {flag}") from None
         raise
 
 
