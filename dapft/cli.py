@@ -218,7 +218,7 @@ def sweep(**options):
     import shlex
 
     from dapft.config import FinetuneConfig
-    from dapft.sweep import sweep as run
+    from dapft.sweep import RUNNING, sweep as run
     deliver_interrupts()
 
     grid = {name: _values(options.pop(name), kind, name) for name, kind in GRID.items() if options[name] is not None}
@@ -236,7 +236,7 @@ def sweep(**options):
         return _submit(base, swept, slurm)
     summary = run(base, swept)
     failed = [r["run"] for r in summary["runs"] if r.get("failed")]
-    unfinished = [r["run"] for r in summary["runs"] if r.get("state") in ("running", "unfinished")]
+    unfinished = [r["run"] for r in summary["runs"] if r.get("state") in (RUNNING, "unfinished")]
     if os.environ.get("RANK", "0") != "0":  # torchrun: the main process speaks for all
         raise typer.Exit(1 if failed else 0)
     console.print(f"sweep done: {len(summary['runs'])} runs" + (f", {len(failed)} failed ({', '.join(failed)})"

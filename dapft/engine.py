@@ -298,7 +298,7 @@ def finish(run, state: dict, log: RunLog) -> dict:
     if run.dist.is_main:
         before_eval = run.out / "eval" / "before"
         if not before_eval.is_dir() and run.cfg.before_metrics and run.cfg.before_metrics.get("eval_dir"):
-            before_eval = Path(run.cfg.before_metrics["eval_dir"])  # a sweep's, made in its first run's folder
+            before_eval = Path(run.cfg.before_metrics["eval_dir"])  # a sweep's, made once in the sweep's folder
         report = write_run_report(run.out, run.cfg, run.family.name, state, run.freezing, before_eval,
                                   _changed_gallery(run, state, before_eval))
         if log.trackers is not None:

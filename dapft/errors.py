@@ -68,14 +68,14 @@ def _counts_at(threshold: float, results: list[dict], ground_truth: dict, image_
                 counts[a["image_id"]]["missed"] += 1
         return counts
     # loadRes numbers results 1..N in the order given (pycocotools and hotcoco alike)
-    score = {k + 1: r["score"] for k, r in enumerate(results)}
     for dt_id, status in diagnostics["dt_status"].items():  # ignored ones (on crowd regions) are not listed
-        image = results[dt_id - 1]["image_id"]
-        if score[dt_id] >= threshold and image in counts:
-            counts[image]["found" if status == "tp" else "false"] += 1
+        result = results[dt_id - 1]
+        if result["score"] >= threshold and result["image_id"] in counts:
+            counts[result["image_id"]]["found" if status == "tp" else "false"] += 1
     matched_by = diagnostics["gt_match"]
     for gt_id, status in diagnostics["gt_status"].items():
         image = image_of_gt[gt_id]
-        if image in counts and (status == "fn" or (status == "matched" and score[matched_by[gt_id]] < threshold)):
+        below = status == "matched" and results[matched_by[gt_id] - 1]["score"] < threshold
+        if image in counts and (status == "fn" or below):
             counts[image]["missed"] += 1
     return counts

@@ -15,7 +15,8 @@ from torch.utils.data import Dataset
 
 from dapft.data import DataError, LabelMap
 from dapft.evaluate import predict
-from dapft.gallery import draw
+from dapft.errors import SCORE_THRESHOLD
+from dapft.gallery import detections_by_image, draw
 from dapft.loader import BatchLoader, default_num_workers, read_image
 from dapft.runtime import OutputFolder, amp_dtype, atomic_write_text, console, make_progress, pick_device
 
@@ -60,9 +61,10 @@ class ImageFiles(Dataset):
                 "image_id": index + 1, "orig_size": tuple(image.shape[-2:]), "seed": None}
 
 
-def predict_images(model: str, inputs: list[str | Path], output: str | Path, *, threshold: float = 0.5,
-                   batch_size: int = 8, device: str | None = None, precision: str = "auto",
-                   num_workers: int | None = None, progress: bool = True, draw_images: bool = True) -> list[dict]:
+def predict_images(model: str, inputs: list[str | Path], output: str | Path, *,
+                   threshold: float = SCORE_THRESHOLD, batch_size: int = 8, device: str | None = None,
+                   precision: str = "auto", num_workers: int | None = None, progress: bool = True,
+                   draw_images: bool = True) -> list[dict]:
     """`dapft predict`: predictions.json (COCO results, the model's label ids as category ids),
     images.json (the image ids' files and upright sizes, the categories), and each image drawn in
     drawn/. Returns the results."""
@@ -90,9 +92,7 @@ def predict_images(model: str, inputs: list[str | Path], output: str | Path, *, 
                               amp_dtype=amp, progress=bar)
         results = [r for r in results if r["score"] >= threshold]
         images = []
-        by_image: dict[int, list[dict]] = {}
-        for r in results:
-            by_image.setdefault(r["image_id"], []).append(r)
+        by_image = detections_by_image(results, threshold)
         drawn = out / "drawn"
         taken: set[str] = set()
         for k, path in enumerate(paths, start=1):

@@ -127,12 +127,23 @@ def gallery_markdown(entries: list[tuple[Path, str]], base: Path, columns: int =
             + ["| " + " | ".join(r + [""] * (columns - len(r))) + " |" for r in rows] + [""])
 
 
-def _errors_section(errors: dict, output: Path, title: str) -> list[str]:
-    plot_confusion(errors, output / "confusion.png")
+def _errors_section(title: str, columns: dict[str, dict], confusion: dict, folder: Path, *,
+                    of_run: bool = False) -> list[str]:
+    """A report's error breakdown: the table of `columns` (evaluations' `errors`) and the confusion
+    matrix of `confusion`, drawn into folder/confusion.png."""
+    plot_confusion(confusion, folder / "confusion.png")
+    change, which = ("; a negative change: fewer such errors", " (last evaluation)") if of_run else ("", "")
     return [f"## {title}", "",
-            "TIDE's error types: the AP at IoU 0.5 gained were every error of that type fixed (lower is better). "
-            f"The confusion matrix counts the detections scoring at least {errors['score_threshold']:g}.", "",
-            errors_table({"dAP": errors}), "", "![confusion matrix](confusion.png)", ""]
+            "TIDE's error types: the AP at IoU 0.5 gained were every error of that type fixed (lower is "
+            f"better{change}). The confusion matrix{which} counts the detections scoring at least "
+            f"{confusion['score_threshold']:g}.", "",
+            errors_table(columns), "", "![confusion matrix](confusion.png)", ""]
+
+
+def _gallery_section(title: str, threshold: float, entries: list[tuple[Path, str]], base: Path,
+                     columns: int = 1) -> list[str]:
+    return [f"## {title} (detections scoring >= {threshold:g}; ground truth: white boxes, edged dark)", "",
+            *gallery_markdown(entries, base, columns)]
 
 
 def _epochs(n: int) -> str:
@@ -175,10 +186,11 @@ def write_eval_report(output: Path, metrics: CocoMetrics, info: dict,
         "", "![per-class AP](per_class_ap.png)", "",
     ]
     if metrics.errors is not None:
-        lines += _errors_section(metrics.errors.to_json(), output, "What it gets wrong")
+        errors = metrics.errors.to_json()
+        lines += _errors_section("What it gets wrong", {"dAP": errors}, errors, output)
     if gallery:
-        lines += [f"## The images with the most errors (detections scoring >= {metrics.errors.score_threshold:g}; "
-                  "ground truth: white boxes, edged dark)", "", *gallery_markdown(gallery, output, columns=2)]
+        lines += _gallery_section("The images with the most errors", metrics.errors.score_threshold, gallery, output,
+                                  columns=2)
     if info.get("skipped"):
         lines += ["Annotations skipped or changed as COCO/DETR training would: "
                   + ", ".join(f"{k} {v}" for k, v in info["skipped"].items()) + _SKIP_NOTE, ""]
@@ -282,7 +294,7 @@ def matching_summary(records: list[dict]) -> dict | None:
 def write_run_report(run_dir: Path, cfg, family: str, state: dict, freezing, before_eval: Path | None = None,
                      gallery: list[tuple[Path, str]] = ()) -> dict:
     """report.md + report.json + curves.png (+ confusion.png) of a fine-tuning run. `before_eval`:
-    the folder of the evaluation before fine-tuning (a sweep's shared one lies in another run's
+    the folder of the evaluation before fine-tuning (a sweep's shared one lies in the sweep's
     folder); `gallery`: the pictures of the images that changed most (dapft.gallery)."""
     import dataclasses
     import json
@@ -359,16 +371,12 @@ def write_run_report(run_dir: Path, cfg, family: str, state: dict, freezing, bef
             f"; resumed on {software_line(s)}" for s in ran_on[1:]) + ".", ""]
     lines += [f"Training time: {state['elapsed']:.0f} s.", "", "![curves](curves.png)", ""]
     if errors["after"]:
-        plot_confusion(last["errors"], run_dir / "confusion.png")
         columns = {name: errors[name] for name in ("before", "after") if errors[name]}
-        lines += ["## What changed: the errors before and after", "",
-                  "TIDE's error types: the AP at IoU 0.5 gained were every error of that type fixed (lower is better; "
-                  "a negative change: fewer such errors). The confusion matrix (last evaluation) counts the "
-                  f"detections scoring at least {errors['after']['score_threshold']:g}.", "",
-                  errors_table(columns), "", "![confusion matrix](confusion.png)", ""]
+        lines += _errors_section("What changed: the errors before and after", columns, last["errors"], run_dir,
+                                 of_run=True)
     if gallery:
-        lines += [f"## The images that changed most (detections scoring >= {errors['after']['score_threshold']:g}; "
-                  "ground truth: white boxes, edged dark)", "", *gallery_markdown(gallery, run_dir)]
+        lines += _gallery_section("The images that changed most", errors["after"]["score_threshold"], gallery,
+                                  run_dir)
     if per_class_after:
         lines += ["## AP per class (last evaluation)", "", per_class_table(per_class_before, per_class_after), ""]
     lines += ["## Configuration", "", "```json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str), "```", ""]

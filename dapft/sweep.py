@@ -17,6 +17,7 @@ from pathlib import Path
 from dapft import distributed as dist_utils
 from dapft.config import NOT_SETTINGS, RESUMABLE_CHANGES, FinetuneConfig, check_choices, saved_settings
 from dapft.engine import evaluate_start, finetune
+from dapft.errors import ORACLES, TIDE_TYPES
 from dapft.evaluate import check_evaluator
 from dapft.runtime import (
     FileLock,
@@ -39,7 +40,7 @@ DAP_ONLY = ("matcher", "sigma", "bins")
 METRICS = ("AP", "AP50", "AP75")
 TRAIN_METRICS = ("train_AP", "train_AP50", "train_AP75")  # with --train-eval-images
 # The last evaluation's error breakdown (dapft.errors): TIDE's dAP per error type, the calibration error
-ERROR_TYPES = ("Cls", "Loc", "Both", "Dupe", "Bkg", "Miss", "FP", "FN")
+ERROR_TYPES = TIDE_TYPES + ORACLES
 ERROR_METRICS = tuple(f"dAP_{k}" for k in ERROR_TYPES) + ("ECE",)
 
 
