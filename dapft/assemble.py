@@ -93,7 +93,7 @@ def assemble(requested: FinetuneConfig) -> Run:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {dist.world_size} processes")
     if cfg.num_workers is None:
         cfg = dataclasses.replace(cfg, num_workers=default_num_workers(device, dist.local_world_size))
-    sampler = EpochSampler(len(splits["train"].images), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+    sampler = EpochSampler(len(splits["train"]), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
     loaders = _loaders(cfg, splits, label_map, processor, sampler, dist, device)
     batches = math.ceil(len(sampler) / per_process)
     return Run(cfg, out, dist, device, log, splits, label_map, family, model, ddp_model, processor, freezing, ema,
@@ -191,15 +191,14 @@ def _loaders(cfg: FinetuneConfig, splits: dict, label_map: LabelMap, processor, 
     common = dict(batch_size=cfg.batch_size // dist.world_size, num_workers=cfg.num_workers, device=device)
     augment = None
     if cfg.augment:  # the crop's scale from the images' size (DETR: 384-600 px crops of ~800 px images)
-        first = splits["train"].images[0]
-        augment = TrainAugmentation(max(first["width"], first["height"]))
+        augment = TrainAugmentation(int(splits["train"].sizes[0].max()))
     loaders = {"train": BatchLoader(CocoDetection(splits["train"], label_map, augment), processor,
                                     train=cfg.augment, sampler=sampler, **common)}
     for name in ("val", "train_eval"):
         split = splits[name]
         loaders[name] = None if split is None else BatchLoader(
             CocoDetection(split, label_map), processor, train=False,
-            sampler=list(range(len(split.images)))[dist.rank :: dist.world_size], **common)
+            sampler=list(range(len(split)))[dist.rank :: dist.world_size], **common)
     return loaders
 
 

@@ -13,7 +13,10 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
 
+import msgspec
+import numpy as np
 from PIL import Image
 
 from dapft.runtime import atomic_write_text, make_progress
@@ -60,33 +63,97 @@ def resolve_split(data: str | Path | None, split: str, images: str | Path | None
 # Reading and checking a split
 
 
-@dataclass
+TRAINED, CROWD, SKIPPED = 0, 1, 2  # what an annotation is to a run: CocoSplit.use
+
+
+@dataclass(frozen=True)
 class CocoSplit:
-    """A validated split. `annotations[image_id]` holds the annotations kept for training (boxes
-    clipped to the image, degenerate ones dropped); `ground_truth` what evaluation scores against."""
+    """A validated split as flat numpy arrays: a few dozen bytes an annotation, which data-loader
+    workers read without touching a Python object (a worker forked with a split of dicts and lists
+    copies every page whose reference counts reading moves: about 10 KB an item read at COCO train's
+    size, BENCHMARKS.md).
+
+    Image i is `ids[i]` of `sizes[i]` (width, height) in file `names[i]` (UTF-8); its annotations are
+    rows `rows(i)` of the annotation columns, in the file's order, each with its `use`: TRAINED
+    (scored, and trained on as `clipped`, the box cut to its image), CROWD (a region COCO's matching
+    ignores: scored, never trained on) or SKIPPED (a degenerate box or one outside its image: neither,
+    so that evaluation does not count as missed what the model was never shown)."""
 
     source: SplitSource
-    images: list[dict]
-    annotations: dict[int, list[dict]]
     categories: list[dict]
+    ids: np.ndarray           # int64 [images]
+    sizes: np.ndarray         # int64 [images, 2]: width, height
+    names: np.ndarray         # bytes [images], fixed width
+    ann_ends: np.ndarray      # int64 [images]: image i's rows end here
+    ann_ids: np.ndarray       # int64 [annotations]
+    category_ids: np.ndarray  # int64 [annotations]
+    bbox: np.ndarray          # float64 [annotations, 4]: x, y, width, height as the file has them
+    iscrowd: np.ndarray       # int64 [annotations]
+    area: np.ndarray          # float64 [annotations]: the file's, else the box's
+    use: np.ndarray           # int8 [annotations]: TRAINED, CROWD or SKIPPED
+    clipped: np.ndarray       # float64 [annotations, 4]: the box inside its image (TRAINED rows)
     skipped: dict[str, int] = field(default_factory=dict)
-    # Per image, the annotations as the file has them (missing iscrowd and area filled in), less
-    # those training skipped (degenerate boxes, boxes outside their image): evaluation must not
-    # count as missed what the model was never shown.
-    evaluated: dict[int, list[dict]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
     @property
     def category_names(self) -> dict[int, str]:
         return {c["id"]: c["name"] for c in self.categories}
 
+    def rows(self, i: int) -> slice:
+        return slice(int(self.ann_ends[i - 1]) if i else 0, int(self.ann_ends[i]))
+
+    def index(self, image_id: int) -> int:
+        return int(np.flatnonzero(self.ids == image_id)[0])
+
+    def image(self, i: int) -> dict:
+        width, height = self.sizes[i].tolist()
+        return {"id": int(self.ids[i]), "file_name": self.names[i].decode(), "width": width, "height": height}
+
+    def evaluated(self, i: int) -> list[dict]:
+        """Image i's annotations that evaluation scores, as COCO annotation dicts."""
+        rows = np.arange(self.rows(i).start, self.rows(i).stop)
+        return self._dicts(rows[self.use[rows] != SKIPPED], self.bbox, self.ids[i])
+
+    def trained(self, i: int) -> list[dict]:
+        """Image i's annotations that training reads, their boxes clipped to the image."""
+        rows = np.arange(self.rows(i).start, self.rows(i).stop)
+        return self._dicts(rows[self.use[rows] == TRAINED], self.clipped, self.ids[i])
+
     def ground_truth(self) -> dict:
-        """The split's ground truth as a COCO dataset dict (copies: COCOeval writes into them)."""
-        return {"images": [dict(im) for im in self.images], "categories": [dict(c) for c in self.categories],
-                "annotations": [dict(a) for im in self.images for a in self.evaluated.get(im["id"], [])]}
+        """The split's ground truth as a COCO dataset dict (new objects: COCOeval writes into them)."""
+        rows = np.flatnonzero(self.use != SKIPPED)
+        return {"images": [self.image(i) for i in range(len(self))], "categories": [dict(c) for c in self.categories],
+                "annotations": self._dicts(rows, self.bbox, self.ids[self.image_of_rows()[rows]])}
+
+    def image_of_rows(self) -> np.ndarray:
+        """Each annotation row's image (its position in the split)."""
+        return np.repeat(np.arange(len(self)), np.diff(self.ann_ends, prepend=0))
+
+    def _dicts(self, rows: np.ndarray, boxes: np.ndarray, image_ids) -> list[dict]:
+        image_ids = np.broadcast_to(image_ids, rows.shape)
+        return [{"id": a, "image_id": im, "category_id": c, "bbox": b, "iscrowd": crowd, "area": area}
+                for a, im, c, b, crowd, area in zip(
+                    self.ann_ids[rows].tolist(), image_ids.tolist(), self.category_ids[rows].tolist(),
+                    boxes[rows].tolist(), self.iscrowd[rows].tolist(), self.area[rows].tolist())]
+
+    def take(self, images: np.ndarray) -> CocoSplit:
+        """The split of these images (positions), in this order, with their annotations."""
+        images = np.asarray(images, dtype=np.int64)
+        starts = np.concatenate([[0], self.ann_ends[:-1]])[images]
+        counts = self.ann_ends[images] - starts
+        rows = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) + np.arange(counts.sum())
+        return dataclasses.replace(
+            self, ids=self.ids[images], sizes=self.sizes[images], names=self.names[images],
+            ann_ends=np.cumsum(counts), **{k: getattr(self, k)[rows] for k in _ANNOTATION_COLUMNS})
 
 
-def _check_image(path: Path) -> tuple[Path, str | None, tuple[int, int] | None]:
-    if not path.is_file():
+_ANNOTATION_COLUMNS = ("ann_ids", "category_ids", "bbox", "iscrowd", "area", "use", "clipped")
+
+
+def _check_image(path: str) -> tuple[str, str | None, tuple[int, int] | None]:
+    if not os.path.isfile(path):
         return path, "missing", None
     try:
         with Image.open(path) as im:
@@ -108,13 +175,13 @@ def _verdict_cache(images: Path) -> Path:
     return root / "checked-images" / (hashlib.sha1(str(images.resolve()).encode()).hexdigest()[:16] + ".json")
 
 
-def _fingerprint(path: Path) -> str:
+def _fingerprint(path: str) -> str:
     """What tells the cache a file is the one it decoded: its inode, size, modification time and
     change time. The change time (ctime) moves whenever the file is written, replaced or has its
     times reset, and no user call can set it back: an image replaced in place with its size and
     mtime kept is checked again. A hash of the contents would do the same by reading every byte of
     the data set at every start (18 GB for COCO train), which is what the cache is there to avoid."""
-    st = path.stat()
+    st = os.stat(path)
     return f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}-{st.st_ctime_ns}"
 
 
@@ -129,25 +196,27 @@ def _read_cache(cache_file: Path) -> dict:
     return {k: v for k, v in cache.items() if isinstance(v, list) and len(v) == 3 and isinstance(v[0], str)}
 
 
-def check_images(images: Path, entries: list[dict], ann_file: Path, progress: bool = False) -> None:
-    """Decode every image of `entries` fully (threads; decoders release the GIL), unless the cache
+def check_images(split: CocoSplit, progress: bool = False) -> None:
+    """Decode every image of the split fully (threads; decoders release the GIL), unless the cache
     says a file of these very contents decoded before; then check each against its declared width
-    and height."""
-    cache_file = _verdict_cache(images)
+    and height. Paths are plain strings here: at COCO train's size pathlib's objects cost seconds."""
+    folder, ann_file = split.source.images, split.source.annotations
+    cache_file = _verdict_cache(folder)
     cache = _read_cache(cache_file)
+    names = [n.decode() for n in split.names.tolist()]
     todo, sizes, prints = {}, {}, {}  # path -> file_name still to decode; -> (width, height); -> fingerprint
-    for im in entries:
-        path = images / im["file_name"]
+    for name in names:
+        path = os.path.join(folder, name)
         try:
             prints[path] = _fingerprint(path)
         except OSError:
-            todo[path] = im["file_name"]
+            todo[path] = name
             continue
-        known = cache.get(im["file_name"])
+        known = cache.get(name)
         if known and known[0] == prints[path]:
             sizes[path] = tuple(known[1:])
         else:
-            todo[path] = im["file_name"]
+            todo[path] = name
     bad = []
     if todo:
         with make_progress(disable=not progress or len(todo) < 200) as bar, \
@@ -167,47 +236,172 @@ def check_images(images: Path, entries: list[dict], ann_file: Path, progress: bo
             pass  # a read-only home: the check runs again next time, nothing else changes
     if bad:
         listing = "; ".join(f"{p} ({why})" for p, why in bad[:5])
-        raise DataError(f"{ann_file}: {len(bad)} of {len(entries)} images cannot be read: {listing}"
+        raise DataError(f"{ann_file}: {len(bad)} of {len(names)} images cannot be read: {listing}"
                         f"{' ...' if len(bad) > 5 else ''}. Fix or remove them from 'images'")
-    for im in entries:
-        size = sizes[images / im["file_name"]]
-        if size != (im["width"], im["height"]):
-            raise DataError(f"{images / im['file_name']}: the image is {size[0]}x{size[1]} but {ann_file} says "
-                            f"{im['width']}x{im['height']}; fix 'width'/'height' of image id {im['id']}")
+    for name, image_id, declared in zip(names, split.ids.tolist(), split.sizes.tolist()):
+        size = sizes[os.path.join(folder, name)]
+        if list(size) != declared:
+            raise DataError(f"{folder / name}: the image is {size[0]}x{size[1]} but {ann_file} says "
+                            f"{declared[0]}x{declared[1]}; fix 'width'/'height' of image id {image_id}")
 
 
 def first_images(split: CocoSplit, n: int) -> CocoSplit:
     """The split's first `n` images by id (as `load_split(max_images=n)` takes them), from a split
     already loaded and checked: no second pass over the annotation file or the images."""
-    images = sorted(split.images, key=lambda im: im["id"])[:n]
-    ids = [im["id"] for im in images]
-    return dataclasses.replace(split, images=images, annotations={i: split.annotations[i] for i in ids},
-                               evaluated={i: split.evaluated.get(i, []) for i in ids})
+    return split.take(np.argsort(split.ids, kind="stable")[:n])
 
 
 def load_split(source: SplitSource, *, check: bool = True, max_images: int | None = None,
                progress: bool = False) -> CocoSplit:
     """Read a COCO annotation file and check everything that would otherwise fail mid-run."""
     ann_file = source.annotations
-    data = _read_coco_file(ann_file)
-    image_by_id = _index_images(data["images"], ann_file)
-    images = data["images"] if max_images is None else sorted(data["images"], key=lambda im: im["id"])[:max_images]
-    per_image, evaluated, skipped = _annotations(data, image_by_id, {im["id"] for im in images}, ann_file)
-    if not any(per_image.values()) and not skipped["crowd_annotations"]:
+    table = read_coco_file(ann_file)
+    images = np.arange(len(table.image_ids))
+    if max_images is not None:
+        images = np.argsort(table.image_ids, kind="stable")[:max_images]
+    split = _split(source, table, images)
+    if not (split.use == TRAINED).any() and not split.skipped.get("crowd_annotations"):
         subset = f" among its first {max_images} images (--max-*-images)" if max_images is not None else ""
-        raise DataError(f"{ann_file}: no usable annotations{subset} ({sum(skipped.values())} skipped); COCO AP "
-                        "and training both need ground-truth boxes: annotate the split or choose another")
+        raise DataError(f"{ann_file}: no usable annotations{subset} ({sum(split.skipped.values())} skipped); COCO "
+                        "AP and training both need ground-truth boxes: annotate the split or choose another")
     if check:
-        check_images(source.images, images, ann_file, progress)
-    return CocoSplit(source, images, per_image, data["categories"], {k: v for k, v in skipped.items() if v},
-                     evaluated)
+        check_images(split, progress)
+    return split
 
 
-def _read_coco_file(ann_file: Path) -> dict:
+@dataclass
+class CocoTable:
+    """What dapft reads of a COCO annotation file, as columns: every image and annotation, checked
+    (ids unique and integer, every annotation's image and category known, boxes of 4 numbers)."""
+
+    categories: list[dict]
+    image_ids: np.ndarray     # int64
+    sizes: np.ndarray         # int64 [images, 2]: width, height
+    names: np.ndarray         # bytes: UTF-8 file names
+    ann_ids: np.ndarray       # int64
+    ann_image_ids: np.ndarray  # int64
+    category_ids: np.ndarray  # int64
+    bbox: np.ndarray          # float64 [annotations, 4]
+    iscrowd: np.ndarray       # int64
+    area: np.ndarray          # float64; NaN where the file gives none (`has_area`)
+    has_area: np.ndarray      # bool
+
+
+def read_coco_file(ann_file: Path) -> CocoTable:
+    """The file decoded against the few fields dapft reads (msgspec): polygons and masks are skipped
+    by the decoder, never built as Python objects, so a file of COCO train's size is read in about
+    2.5 s and 0.6 GB where the standard parser takes 16 s and 2.7 GB (BENCHMARKS.md). A file the
+    typed decoder does not take as it is (a wrong type, a missing key, NaN, a repeated id...) is read
+    again by the standard parser and checked item by item: that path names the item and the fix, or
+    accepts what Python's parser does and the decoder does not (NaN, booleans as iscrowd)."""
+    table = _decode_typed(ann_file)
+    return table if table is not None else _decode_checked(ann_file)
+
+
+def _read_bytes(ann_file: Path) -> bytes:
     try:
-        data = json.loads(ann_file.read_text(encoding="utf-8"))
+        return ann_file.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{ann_file}: cannot read the annotation file ({exc})") from exc
+
+
+_Id = Annotated[int, msgspec.Meta(ge=-2**63, le=2**63 - 1)]  # both evaluators store ids as int64
+_Pixels = Annotated[int, msgspec.Meta(gt=0)]
+
+
+class _Image(msgspec.Struct, gc=False):
+    id: _Id
+    file_name: Annotated[str, msgspec.Meta(min_length=1)]
+    width: _Pixels
+    height: _Pixels
+
+
+class _Annotation(msgspec.Struct, gc=False):  # all but the box: see _decode_typed
+    id: _Id
+    image_id: _Id
+    category_id: _Id
+    iscrowd: int = 0
+    area: float | msgspec.UnsetType = msgspec.UNSET
+
+
+class _Box(msgspec.Struct, gc=False):
+    bbox: tuple[float, float, float, float]
+
+
+class _CocoFile(msgspec.Struct):
+    images: list[_Image]
+    annotations: list[_Annotation]
+    categories: list[Any]
+
+
+class _CocoBoxes(msgspec.Struct):
+    annotations: list[_Box]
+
+
+def _decode_typed(ann_file: Path) -> CocoTable | None:
+    """The typed reading, or None where the file needs the checked one. Two passes over the bytes,
+    one for the boxes and one for the rest, each made columns before the next: at COCO train's size
+    an annotation's Python objects are about 300 bytes, and one pass would hold them all at once."""
+    raw = _read_bytes(ann_file)
+    try:
+        coco = msgspec.json.decode(raw, type=_CocoFile)
+    except msgspec.MsgspecError:
+        return None
+    images, anns = coco.images, coco.annotations
+    n, ints = len(anns), (lambda values, count: np.fromiter(values, np.int64, count))  # noqa: E731
+    columns = dict(
+        categories=coco.categories, image_ids=ints((im.id for im in images), len(images)),
+        sizes=np.array([(im.width, im.height) for im in images], dtype=np.int64).reshape(-1, 2),
+        names=np.array([im.file_name.encode() for im in images], dtype=bytes),
+        ann_ids=ints((a.id for a in anns), n), ann_image_ids=ints((a.image_id for a in anns), n),
+        category_ids=ints((a.category_id for a in anns), n), iscrowd=ints((a.iscrowd for a in anns), n),
+        area=np.fromiter((np.nan if a.area is msgspec.UNSET else a.area for a in anns), np.float64, n),
+        has_area=np.fromiter((a.area is not msgspec.UNSET for a in anns), bool, n))
+    del coco, images, anns
+    try:
+        boxes = msgspec.json.decode(raw, type=_CocoBoxes).annotations
+    except msgspec.MsgspecError:
+        return None
+    del raw
+    table = CocoTable(**columns, bbox=np.array([b.bbox for b in boxes], dtype=np.float64).reshape(-1, 4))
+    cat_ids = [c.get("id") if isinstance(c, dict) else None for c in table.categories]
+    plausible = (len(table.image_ids) and table.categories and all(_is_id(i) for i in cat_ids)
+                 and all("name" in c for c in table.categories)
+                 and len(np.unique(table.image_ids)) == len(table.image_ids)
+                 and len(np.unique(table.ann_ids)) == len(table.ann_ids)
+                 and np.isin(table.ann_image_ids, table.image_ids).all() and np.isin(table.category_ids, cat_ids).all()
+                 and np.isin(table.iscrowd, (0, 1)).all())
+    return table if plausible else None
+
+
+def _decode_checked(ann_file: Path) -> CocoTable:
+    try:
+        data = json.loads(_read_bytes(ann_file).decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{ann_file}: not UTF-8 text ({exc}); COCO files are UTF-8 JSON") from exc
     except json.JSONDecodeError as exc:
         raise DataError(f"{ann_file}: not valid JSON ({exc})") from exc
+    _check_layout(data, ann_file)
+    image_by_id = _index_images(data["images"], ann_file)
+    cat_ids = {c["id"] for c in data["categories"]}
+    seen: dict[int, int] = {}  # annotation id -> its image
+    for index, ann in enumerate(data["annotations"]):
+        _check_annotation(ann, index, cat_ids, image_by_id, seen, ann_file)
+    images, anns = data["images"], data["annotations"]
+    return CocoTable(
+        categories=data["categories"], image_ids=np.array([im["id"] for im in images], dtype=np.int64),
+        sizes=np.array([(im["width"], im["height"]) for im in images], dtype=np.int64).reshape(-1, 2),
+        names=np.array([im["file_name"].encode() for im in images], dtype=bytes),
+        ann_ids=np.array([a["id"] for a in anns], dtype=np.int64),
+        ann_image_ids=np.array([a["image_id"] for a in anns], dtype=np.int64),
+        category_ids=np.array([a["category_id"] for a in anns], dtype=np.int64),
+        bbox=np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4),
+        iscrowd=np.array([int(a.get("iscrowd", 0)) for a in anns], dtype=np.int64),
+        area=np.array([a.get("area", np.nan) for a in anns], dtype=np.float64),
+        has_area=np.array(["area" in a for a in anns], dtype=bool))
+
+
+def _check_layout(data, ann_file: Path) -> None:
     if not isinstance(data, dict):
         raise DataError(f"{ann_file}: a JSON {type(data).__name__}; a COCO file is an object with 'images', "
                         "'annotations' and 'categories' lists")
@@ -221,7 +415,6 @@ def _read_coco_file(ann_file: Path) -> dict:
     for c in data["categories"]:
         if not (isinstance(c, dict) and _is_id(c.get("id")) and "name" in c):
             raise DataError(f"{ann_file}: category {c!r} needs an integer 'id' and a 'name'")
-    return data
 
 
 _INT64 = 2**63
@@ -243,6 +436,9 @@ def _index_images(images: list, ann_file: Path) -> dict:
         if not _is_id(im["id"]):
             raise DataError(f"{ann_file}: image {im['file_name']} has id {im['id']!r}; image ids must be integers "
                             "(64-bit): renumber the images and their annotations' image_id")
+        if not (isinstance(im["file_name"], str) and im["file_name"]):
+            raise DataError(f"{ann_file}: image id {im['id']} has file_name {im['file_name']!r}; it is the image's "
+                            "path under the image folder, a non-empty string")
         if not all(isinstance(im[k], int) and not isinstance(im[k], bool) and im[k] > 0 for k in ("width", "height")):
             raise DataError(f"{ann_file}: image {im['file_name']} has width {im['width']!r} and height {im['height']!r}; "
                             "both are positive integers (pixels)")
@@ -253,52 +449,10 @@ def _index_images(images: list, ann_file: Path) -> dict:
     return image_by_id
 
 
-_KEPT = {"id", "image_id", "category_id", "bbox", "iscrowd", "area"}
-
-
-def _annotations(data: dict, image_by_id: dict, kept_ids: set, ann_file: Path):
-    """Every annotation checked; per kept image those training uses (clipped) and those evaluation
-    scores. A missing `iscrowd` means 0; a missing `area` means the box's area (COCO's own files give
-    the segmentation's area, which only a polygon or mask has)."""
-    cat_ids = {c["id"] for c in data["categories"]}
-    skipped = {"degenerate_boxes": 0, "boxes_outside_image": 0, "clipped_boxes": 0, "crowd_annotations": 0}
-    per_image: dict[int, list[dict]] = {i: [] for i in kept_ids}
-    evaluated: dict[int, list[dict]] = {i: [] for i in kept_ids}
-    seen: dict[int, int] = {}  # annotation id -> its image
-    for index, ann in enumerate(data["annotations"]):
-        where = f"{ann_file}: annotation id {ann.get('id')} (image_id {ann.get('image_id')})"
-        _check_annotation(ann, index, where, cat_ids, image_by_id, seen, ann_file)
-        if ann["image_id"] not in kept_ids:
-            continue
-        x, y, w, h = ann["bbox"]
-        # What box training and box evaluation read, and no more: a polygon is most of a COCO file's
-        # size, freed here rather than kept for the run's length.
-        for key in [k for k in ann if k not in _KEPT]:
-            del ann[key]
-        ann.setdefault("iscrowd", 0)
-        ann.setdefault("area", float(w * h) if all(map(math.isfinite, ann["bbox"])) else 0.0)
-        if ann["iscrowd"]:
-            skipped["crowd_annotations"] += 1  # COCO ignores crowd regions in matching: kept for eval only
-            evaluated[ann["image_id"]].append(ann)
-            continue
-        im = image_by_id[ann["image_id"]]
-        x0, y0 = max(x, 0.0), max(y, 0.0)
-        x1, y1 = min(x + w, im["width"]), min(y + h, im["height"])
-        if not all(map(math.isfinite, ann["bbox"])) or w <= 0 or h <= 0:
-            skipped["degenerate_boxes"] += 1  # zero, negative or NaN / inf extent
-        elif x1 <= x0 or y1 <= y0:
-            skipped["boxes_outside_image"] += 1
-        else:
-            skipped["clipped_boxes"] += int((x0, y0, x1, y1) != (x, y, x + w, y + h))
-            per_image[ann["image_id"]].append({**ann, "bbox": [x0, y0, x1 - x0, y1 - y0]})
-            evaluated[ann["image_id"]].append(ann)
-    return per_image, evaluated, skipped
-
-
-def _check_annotation(ann, index: int, where: str, cat_ids: set, image_by_id: dict, seen: dict,
-                      ann_file: Path) -> None:
+def _check_annotation(ann, index: int, cat_ids: set, image_by_id: dict, seen: dict, ann_file: Path) -> None:
     if not isinstance(ann, dict):
         raise DataError(f"{ann_file}: annotation #{index} is {ann!r}, not an object")
+    where = f"{ann_file}: annotation id {ann.get('id')} (image_id {ann.get('image_id')})"
     if not _is_id(ann.get("id")):
         raise DataError(f"{ann_file}: annotation #{index} (image_id {ann.get('image_id')}) has id {ann.get('id')!r}; "
                         "every annotation needs its own integer 'id' (both evaluators index by it)")
@@ -319,6 +473,41 @@ def _check_annotation(ann, index: int, where: str, cat_ids: set, image_by_id: di
         raise DataError(f"{where} has iscrowd {ann['iscrowd']!r}; it is 0 (an object) or 1 (a crowd region)")
     if "area" in ann and not (isinstance(ann["area"], (int, float)) and not isinstance(ann["area"], bool)):
         raise DataError(f"{where} has area {ann['area']!r}; it is a number (pixels), or leave it out")
+
+
+def _split(source: SplitSource, table: CocoTable, images: np.ndarray) -> CocoSplit:
+    """The split of `images` (positions in the file): each image's annotations gathered in the file's
+    order, and what each is to a run. A missing `iscrowd` means 0; a missing `area` the box's (COCO's
+    own files give the segmentation's area, which only a polygon or mask has)."""
+    ids = table.image_ids[images]
+    by_id = np.argsort(ids, kind="stable")
+    at = np.searchsorted(ids[by_id], table.ann_image_ids).clip(max=len(ids) - 1)
+    kept = ids[by_id][at] == table.ann_image_ids  # an annotation of a kept image
+    position = by_id[at]
+    rows = np.flatnonzero(kept)
+    rows = rows[np.argsort(position[rows], kind="stable")]
+    sizes = table.sizes[images]
+    bbox = table.bbox[rows]
+    x, y, w, h = bbox.T
+    width, height = sizes[position[rows]].T
+    with np.errstate(invalid="ignore", over="ignore"):
+        finite = np.isfinite(bbox).all(axis=1)
+        area = np.where(table.has_area[rows], table.area[rows], np.where(finite, w * h, 0.0))
+        x0, y0, x1, y1 = np.maximum(x, 0.0), np.maximum(y, 0.0), np.minimum(x + w, width), np.minimum(y + h, height)
+        crowd = table.iscrowd[rows] != 0
+        degenerate = ~crowd & (~finite | (w <= 0) | (h <= 0))
+        outside = ~crowd & ~degenerate & ((x1 <= x0) | (y1 <= y0))
+        trained = ~(crowd | degenerate | outside)
+        moved = trained & ((x0 != x) | (y0 != y) | (x1 != x + w) | (y1 != y + h))
+    use = np.full(len(rows), SKIPPED, dtype=np.int8)
+    use[crowd], use[trained] = CROWD, TRAINED
+    skipped = {"degenerate_boxes": int(degenerate.sum()), "boxes_outside_image": int(outside.sum()),
+               "clipped_boxes": int(moved.sum()), "crowd_annotations": int(crowd.sum())}
+    return CocoSplit(
+        source=source, categories=table.categories, ids=ids, sizes=sizes, names=table.names[images],
+        ann_ends=np.cumsum(np.bincount(position[rows], minlength=len(ids))), ann_ids=table.ann_ids[rows],
+        category_ids=table.category_ids[rows], bbox=bbox, iscrowd=table.iscrowd[rows], area=area, use=use,
+        clipped=np.stack([x0, y0, x1 - x0, y1 - y0], axis=1), skipped={k: v for k, v in skipped.items() if v})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -399,7 +399,7 @@ def evaluate_model(model: str, data: str | None = None, *, split: str = "val", i
         with make_progress(disable=not progress) as bar:
             metrics = evaluate_split(detector, processor, coco, mapping, loader, device=dev, output=out,
                                      evaluator=evaluator, amp_dtype=amp, progress=bar)
-        info = {"model": model, "annotations": source.annotations, "images": len(coco.images), "skipped": coco.skipped}
+        info = {"model": model, "annotations": source.annotations, "images": len(coco), "skipped": coco.skipped}
         shown = read_evaluation(out) if gallery else None
         write_eval_report(out, metrics, info, write_worst(out / "gallery", coco, *shown) if shown else [])
         if trackers:

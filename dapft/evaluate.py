@@ -148,7 +148,7 @@ def evaluate_split(model, processor, split: CocoSplit, label_map: LabelMap, load
             return None
     output.mkdir(parents=True, exist_ok=True)
     write_results(output / "predictions.json", results)
-    image_ids = [im["id"] for im in split.images]
+    image_ids = split.ids.tolist()
     ground_truth = split.ground_truth()
     metrics = coco_evaluate(ground_truth, results, image_ids, evaluator)
     metrics.errors = error_breakdown(ground_truth, results, image_ids)

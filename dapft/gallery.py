@@ -110,9 +110,9 @@ def _counts_text(counts: dict[str, int]) -> str:
 
 
 def _image_parts(split, image_id: int) -> tuple[Path, list[list[float]]]:
-    info = next(im for im in split.images if im["id"] == image_id)
-    truth = [a["bbox"] for a in split.evaluated.get(image_id, []) if not a.get("iscrowd", 0)]
-    return split.source.images / info["file_name"], truth
+    i = split.index(image_id)
+    truth = [a["bbox"] for a in split.evaluated(i) if not a["iscrowd"]]
+    return split.source.images / split.image(i)["file_name"], truth
 
 
 def write_worst(folder: Path, split, results: list[dict], per_image: dict[int, dict], n: int = 8,

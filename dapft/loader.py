@@ -23,7 +23,7 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert
 from torchvision.transforms.v2 import functional as TF
 
-from dapft.data import CocoSplit, DataError, LabelMap
+from dapft.data import TRAINED, CocoSplit, DataError, LabelMap
 from dapft.preprocess import BatchPreprocessor
 
 try:  # deprecated in torchvision 0.29 for TorchCodec; PIL reads every image when it is gone
@@ -122,41 +122,33 @@ class CocoDetection(Dataset):
     """Images of a validated split as uint8 tensors, with their boxes (xyxy, pixels) and labels in
     model label space; augmented when given an augmentation.
 
-    The split is copied into a few flat numpy arrays (file names as one byte buffer, boxes, labels,
-    offsets) and not kept: data-loader workers forked with it read items without touching a Python
-    object of the annotation set, whose pages would become each worker's own as reading moves their
-    reference counts (about 10 KB an item on COCO train's size: BENCHMARKS.md)."""
+    Holds flat numpy arrays only (the split's, and its trained boxes with their labels): data-loader
+    workers forked with it read items without touching a Python object of the annotation set, whose
+    pages would become each worker's own as reading moves their reference counts (BENCHMARKS.md)."""
 
     def __init__(self, split: CocoSplit, label_map: LabelMap, augment: TrainAugmentation | None = None):
         self.folder, self.augment = split.source.images, augment
-        images = split.images
-        self.ids = np.array([im["id"] for im in images], dtype=np.int64)
-        self.sizes = np.array([(im["height"], im["width"]) for im in images], dtype=np.int64).reshape(-1, 2)
-        names = [im["file_name"].encode() for im in images]
-        self.name_ends = np.cumsum([len(n) for n in names], dtype=np.int64)
-        self.names = np.frombuffer(b"".join(names), dtype=np.uint8)
-        anns = [split.annotations[im["id"]] for im in images]
-        self.box_ends = np.cumsum([len(a) for a in anns], dtype=np.int64)
-        self.boxes = np.array([a["bbox"] for group in anns for a in group], dtype=np.float32).reshape(-1, 4)
-        to_model = label_map.to_model
-        self.labels = np.array([to_model[a["category_id"]] for group in anns for a in group], dtype=np.int64)
+        self.ids, self.names = split.ids, split.names
+        self.sizes = np.ascontiguousarray(split.sizes[:, ::-1])  # height, width
+        trained = split.use == TRAINED
+        self.box_ends = np.cumsum(np.bincount(split.image_of_rows()[trained], minlength=len(split)))
+        self.boxes = split.clipped[trained].astype(np.float32)
+        categories, inverse = np.unique(split.category_ids[trained], return_inverse=True)
+        self.labels = np.array([label_map.to_model[c] for c in categories.tolist()], dtype=np.int64)[inverse]
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    def _span(self, ends: np.ndarray, index: int) -> slice:
-        return slice(int(ends[index - 1]) if index else 0, int(ends[index]))
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         # Training samplers pass (index, seed): the sample's augmentation then depends on that seed
         # alone, not on worker count or on where a resumed run restarted.
         index, seed = key if isinstance(key, tuple) else (key, None)
-        path = self.folder / self.names[self._span(self.name_ends, index)].tobytes().decode()
+        path = self.folder / self.names[index].decode()
         try:
             image = read_image(path)
         except Exception as exc:  # noqa: BLE001
             raise DataError(f"{path}: cannot read image ({exc})") from exc
-        span = self._span(self.box_ends, index)
+        span = slice(int(self.box_ends[index - 1]) if index else 0, int(self.box_ends[index]))
         boxes = box_convert(torch.from_numpy(self.boxes[span].copy()), "xywh", "xyxy")
         labels = torch.from_numpy(self.labels[span].copy())
         if self.augment is not None:

@@ -3,25 +3,29 @@
 Generates (once, into --work) a COCO-format training split of COCO train2017's size: 118,287 small
 JPEG images (distinct files; their sizes in the JSON), about 7.3 boxes an image (Poisson), COCO's
 80 categories with their ids, a polygon of 24 points for each object as COCO's files carry, and a
-500-image validation split. Then, each in a fresh process:
+500-image validation split. Then, each in a fresh process, the time and the process's peak resident
+memory (VmHWM) of:
 
-1. `json.load` of the training file: its time and the process's peak resident memory.
+1. Reading the training file: `json.load` (the standard parser), `orjson.loads` (when installed)
+   and dapft's reader (`dapft.data.read_coco_file`: the file as the columns dapft keeps).
 2. The training split as a run reads it (dapft.data.load_split, dapft.loader.CocoDetection and
    BatchLoader, augmented and prepared in 2 workers, batches of 16), until each worker has read at
-   least 10,000 items: the main process's peak resident memory, and each worker's unique (private)
-   memory after about 1,200 items and at the end (Linux: /proc/PID/smaps_rollup). A worker forked with the annotation set as
-   Python objects copies every page whose reference counts it touches.
+   least 10,000 items: the main process's peak, and each worker's unique (private) memory after
+   about 1,200 items and at the end (Linux: /proc/PID/smaps_rollup). A worker forked with the
+   annotation set as Python objects copies every page whose reference counts it touches.
 3. `dapft finetune --max-steps 1` of a tiny RT-DETR with COCO's labels on the split, twice: the
    first start decodes every image once (the image check), the second finds its verdicts cached.
-   Wall time of the whole command (its one step and an evaluation of 8 images are a second).
+   Wall time of the whole command (its one step and an evaluation of 8 images are a second) and
+   its main process's peak.
 
-    python scripts/bench_coco_scale.py --json runs/coco-scale.json        # about 10 minutes, 2 cores
+    python scripts/bench_coco_scale.py --json runs/coco-scale.json        # about 5 minutes, 2 cores
     python scripts/bench_coco_scale.py --images 20000 --json small.json    # a quicker look
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -88,14 +92,34 @@ def run_python(code: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-JSON_LOAD = """
+PEAK = 'int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024'
+
+READ = """
 import json, sys, time
 t0 = time.perf_counter()
-with open(sys.argv[1] if len(sys.argv) > 1 else {path!r}) as f:
-    data = json.load(f)
-seconds = time.perf_counter() - t0
-hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))  # per process image (ru_maxrss
-print(json.dumps({{"seconds": seconds, "peak_rss_mb": int(hwm.split()[1]) / 1024}}))  # keeps the forking parent's)
+if {how!r} == "json.load":
+    with open({path!r}) as f:
+        data = json.load(f)
+elif {how!r} == "orjson.loads":
+    import orjson
+    with open({path!r}, "rb") as f:
+        data = orjson.loads(f.read())
+else:
+    from pathlib import Path
+    from dapft.data import read_coco_file
+    data = read_coco_file(Path({path!r}))
+print(json.dumps({{"seconds": time.perf_counter() - t0, "peak_rss_mb": {peak}}}))
+"""
+
+# The CLI as `python -m dapft` runs it, with the main process's peak written when it exits
+# (forked data-loader workers leave through os._exit and write nothing).
+FINETUNE = """
+import atexit, os, sys
+main = os.getpid()
+atexit.register(lambda: os.getpid() == main and open({out!r}, "w").write(str({peak})))
+sys.argv = ["dapft", *{args!r}]
+from dapft.cli import run
+run()
 """
 
 WORKERS = """
@@ -145,7 +169,8 @@ def main() -> None:
     train = root / "annotations" / "instances_train2017.json"
     out = {"images": args.images, "annotation_file_mb": round(train.stat().st_size / 2**20, 1),
            "generate_seconds": round(time.perf_counter() - t0, 1)}
-    out["json_load"] = run_python(JSON_LOAD.format(path=str(train)))
+    readers = ["json.load", "dapft"] + (["orjson.loads"] if importlib.util.find_spec("orjson") else [])
+    out["read"] = {how: run_python(READ.format(how=how, path=str(train), peak=PEAK)) for how in readers}
     model = Path(args.work) / "tiny-rtdetr-coco"
     if not model.exists():
         save_tiny_checkpoint("rt_detr", model, {i: n for i, n in enumerate(v for v in detr_id2label().values()
@@ -154,23 +179,43 @@ def main() -> None:
                                                per_worker=args.per_worker))
     cache = Path(args.work) / f"cache-{args.images}"
     env = {**os.environ, "DAPFT_CACHE": str(cache), "OMP_NUM_THREADS": "2"}
-    starts = []
+    out["finetune_1_step"] = {}
     for attempt in ("first", "second"):
         run = Path(args.work) / f"run-{args.images}-{attempt}"
         subprocess.run(["rm", "-rf", str(run)] + ([str(cache)] if attempt == "first" else []), check=True)
+        peak_file = Path(args.work) / "peak.txt"
+        argv = ["finetune", "--model", str(model), "--data", str(root), "--output", str(run), "--max-steps", "1",
+                "--no-eval-before", "--max-eval-images", "8", "--batch-size", "4", "--num-workers", "2",
+                "--no-progress", "--device", "cpu", "--report-to", "none", "--no-gallery"]
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "dapft", "finetune", "--model", str(model), "--data", str(root),
-                               "--output", str(run), "--max-steps", "1", "--no-eval-before", "--max-eval-images", "8",
-                               "--batch-size", "4", "--num-workers", "2", "--no-progress", "--device", "cpu",
-                               "--report-to", "none", "--no-gallery"], capture_output=True, text=True, env=env)
+        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(FINETUNE.format(out=str(peak_file), peak=PEAK,
+                                                                                      args=argv))],
+                              capture_output=True, text=True, env=env)
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
-        starts.append(round(time.perf_counter() - t, 1))
-    out["finetune_1_step_seconds"] = {"first_start": starts[0], "second_start": starts[1]}
-    text = json.dumps(out, indent=2)
-    print(text)
+        out["finetune_1_step"][attempt] = {"seconds": round(time.perf_counter() - t, 1),
+                                           "main_peak_rss_mb": float(peak_file.read_text())}
+    print(table(out))
     if args.json:
-        Path(args.json).write_text(text)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+def table(out: dict) -> str:
+    json_load = out["read"]["json.load"]["seconds"]
+    rows = [(f"read the file: {how}", f"{r['seconds']:.1f} s ({r['seconds'] / json_load:.2f}x json.load)",
+             f"{r['peak_rss_mb']:.0f} MB") for how, r in out["read"].items()]
+    w = out["workers"]
+    rows.append((f"read {w['items_read']} items, 2 workers: main process", "", f"{w['main_peak_rss_mb']:.0f} MB"))
+    rows.append(("each worker's private memory, ~1,200 items", "",
+                 ", ".join(f"{v:.0f} MB" for v in w["worker_uss_mb_at_1200"])))
+    rows.append((f"each worker's private memory, {w['items_read'] // 2} items", "",
+                 ", ".join(f"{v:.0f} MB" for v in w["worker_uss_mb_at_end"])))
+    for attempt, r in out["finetune_1_step"].items():
+        rows.append((f"dapft finetune --max-steps 1, {attempt} start",
+                     f"{r['seconds']:.1f} s ({r['seconds'] / json_load:.2f}x json.load)", f"{r['main_peak_rss_mb']:.0f} MB"))
+    lines = [f"{out['images']} images, a {out['annotation_file_mb']} MB annotation file",
+             "| what | time | peak / private memory |", "|---|---:|---:|"]
+    return "\n".join(lines + [f"| {a} | {b} | {c} |" for a, b, c in rows])
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def bundled(repeats: int) -> None:
         model, processor, _ = load_detector("dapft/tiny-rtdetr-shapes")
         mapping = LabelMap.build(split.categories, model.config.id2label)
         loader = BatchLoader(CocoDetection(split, mapping), processor, batch_size=8, train=False, num_workers=0)
-        ids = [im["id"] for im in split.images]
+        ids = split.ids.tolist()
         infer, results = timed(lambda: predict(model, processor, loader, mapping, device=torch.device("cpu")), repeats)
         truth = split.ground_truth()
         scoring = {e: timed(lambda e=e: coco_evaluate(truth, results, ids, e), repeats)[0] for e in EVALUATORS}

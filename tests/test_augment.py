@@ -144,7 +144,7 @@ def test_each_epoch_shows_an_image_another_augmentation_and_the_same_epoch_the_s
 
 
 def _batches(split, mapping, workers: int, epoch: int) -> list[dict]:
-    sampler = EpochSampler(len(split.images), seed=3)
+    sampler = EpochSampler(len(split), seed=3)
     sampler.set_epoch(epoch)
     loader = BatchLoader(CocoDetection(split, mapping, TrainAugmentation(192)), tiny_processor("detr", 96),
                          batch_size=4, train=True, num_workers=workers, sampler=sampler)

@@ -55,7 +55,7 @@ def test_ground_truth_as_predictions_scores_ap_one(coco_named_root, convention, 
         outputs = _ground_truth_as_outputs(batch, len(id2label), kind)
         dets = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=batch["orig_sizes"])
         results += to_coco_results(dets, batch["image_ids"], mapping)
-    metrics = coco_evaluate(split.source.annotations, results, [im["id"] for im in split.images], evaluator)
+    metrics = coco_evaluate(split.source.annotations, results, split.ids.tolist(), evaluator)
     assert metrics.stats["AP"] == pytest.approx(1.0, abs=1e-6)
     assert all(v == pytest.approx(1.0, abs=1e-6) for v in metrics.per_class.values())
 
@@ -85,8 +85,9 @@ def _noisy_results(split) -> list[dict]:
     false positives an image: a detector's typical mix."""
     rng = np.random.default_rng(0)
     results = []
-    for im in split.images:
-        for a in split.annotations[im["id"]]:
+    for i in range(len(split)):
+        im = split.image(i)
+        for a in split.trained(i):
             x, y, w, h = a["bbox"]
             if rng.random() < 0.8:
                 j = rng.normal(0, 0.1 * max(w, h), 4)
@@ -103,7 +104,7 @@ def _noisy_results(split) -> list[dict]:
 def test_each_evaluator_agrees_with_pycocotools_on_imperfect_predictions(shapes_root, evaluator):
     split = load_split(resolve_split(shapes_root, "val"))
     results = _noisy_results(split)
-    ids = [im["id"] for im in split.images]
+    ids = split.ids.tolist()
     a = coco_evaluate(split.source.annotations, results, ids, "pycocotools")
     b = coco_evaluate(split.source.annotations, results, ids, evaluator)
     assert 0.1 < a.stats["AP"] < 0.9
@@ -205,7 +206,7 @@ def test_degenerate_and_outside_boxes_are_skipped_and_counted(shapes_root, tmp_p
     ann.write_text(json.dumps(data))
     split = load_split(resolve_split(root, "val"))
     assert split.skipped == {"degenerate_boxes": 1, "boxes_outside_image": 1, "clipped_boxes": 1}
-    kept = [a for anns in split.annotations.values() for a in anns]
+    kept = [a for i in range(len(split)) for a in split.trained(i)]
     assert len(kept) == len(data["annotations"]) - 2
     clipped = next(a for a in kept if a["id"] == data["annotations"][2]["id"])
     assert clipped["bbox"] == [0.0, 3, 15, 20]
@@ -262,8 +263,8 @@ def test_collated_boxes_frame_the_objects_after_processing(shapes_root):
     batch = next(iter(BatchLoader(CocoDetection(split, mapping), proc, batch_size=2, train=False, num_workers=0)))
     lab = batch["labels"][0]
     hh, ww = batch["pixel_mask"][0].nonzero().max(0).values.add(1).tolist()  # the resized image, unpadded
-    orig = split.annotations[batch["image_ids"][0]]
-    scale = ww / Image.open(split.source.images / split.images[0]["file_name"]).width
+    orig = split.trained(split.index(batch["image_ids"][0]))
+    scale = ww / Image.open(split.source.images / split.image(0)["file_name"]).width
     got = TF.convert_bounding_box_format(lab["boxes"] * torch.tensor([ww, hh, ww, hh]), "CXCYWH", "XYWH")
     want = torch.tensor([a["bbox"] for a in orig]) * scale
     torch.testing.assert_close(got, want, atol=1.0, rtol=0)
@@ -313,8 +314,11 @@ def test_the_first_images_of_a_loaded_split_are_those_load_split_takes(shapes_ro
 
     source = resolve_split(shapes_root, "train")
     cut, alone = first_images(load_split(source), 5), load_split(source, max_images=5)
-    assert [im["id"] for im in cut.images] == [im["id"] for im in alone.images]
-    assert cut.annotations == alone.annotations and cut.evaluated == alone.evaluated
+    assert cut.ids.tolist() == alone.ids.tolist() and len(cut) == 5
+    for i in range(5):
+        assert cut.image(i) == alone.image(i)
+        assert cut.trained(i) == alone.trained(i) and cut.evaluated(i) == alone.evaluated(i)
+    assert cut.ground_truth() == alone.ground_truth()
 
 
 @pytest.mark.parametrize("suffix", [".webp", ".tiff", ".jpg", ".png"])
@@ -420,7 +424,7 @@ def test_per_class_ap_is_cocoevals_ap_of_that_category_alone(shapes_root, evalua
 
     split = load_split(resolve_split(shapes_root, "val"))
     results = _noisy_results(split)
-    ids = [im["id"] for im in split.images]
+    ids = split.ids.tolist()
     ours = coco_evaluate(split.source.annotations, results, ids, evaluator)
     gt = COCO(str(split.source.annotations))
     assert set(ours.per_class) == {c["name"] for c in gt.loadCats(gt.getCatIds())}
@@ -446,7 +450,7 @@ def test_at_most_100_detections_an_image_the_best_and_the_same_ap(shapes_root):
     loader = BatchLoader(CocoDetection(split, mapping), processor, batch_size=4, train=False, num_workers=0)
     capped = predict(model, processor, loader, mapping, device=torch.device("cpu"))
     every = predict(model, processor, loader, mapping, device=torch.device("cpu"), max_detections=10**6)
-    ids = [im["id"] for im in split.images]
+    ids = split.ids.tolist()
     for i in ids:
         mine = sorted(r["score"] for r in capped if r["image_id"] == i)
         scores = sorted(r["score"] for r in every if r["image_id"] == i)
@@ -459,7 +463,7 @@ def test_at_most_100_detections_an_image_the_best_and_the_same_ap(shapes_root):
 @pytest.mark.parametrize("evaluator", EVALUATORS)
 def test_no_detections_at_all_score_zero_as_detections_that_match_nothing(shapes_root, evaluator):
     split = load_split(resolve_split(shapes_root, "val"))
-    ids = [im["id"] for im in split.images]
+    ids = split.ids.tolist()
     empty = coco_evaluate(split.source.annotations, [], ids, evaluator)
     # One far-off, tiny detection in one image: COCOeval's own answer for "found nothing".
     nothing = coco_evaluate(split.source.annotations, [{"image_id": ids[0], "category_id": 1, "bbox": [0, 0, 1, 1],
@@ -503,10 +507,9 @@ def test_a_split_keeps_only_what_box_training_and_evaluation_read_and_scores_the
     path.write_text(json.dumps(data))
     split = load_split(resolve_split(root, "val"))
     kept = {"id", "image_id", "category_id", "bbox", "iscrowd", "area"}
-    assert all(set(a) <= kept for anns in split.evaluated.values() for a in anns)
-    assert all(set(a) <= kept for anns in split.annotations.values() for a in anns)
+    assert all(set(a) <= kept for i in range(len(split)) for a in split.evaluated(i) + split.trained(i))
     results = _noisy_results(split)
-    ids = [im["id"] for im in split.images]
+    ids = split.ids.tolist()
     assert coco_evaluate(split.ground_truth(), results, ids, "pycocotools").stats == coco_evaluate(
         path, results, ids, "pycocotools").stats  # the file as written, polygons and all
 
@@ -519,12 +522,88 @@ def test_the_dataset_item_is_the_splits_image_and_boxes(shapes_root):
     split = load_split(resolve_split(shapes_root, "val"))
     mapping = LabelMap.build(split.categories, {i: n for i, n in enumerate(CLASSES)})
     dataset = CocoDetection(split, mapping)
-    assert len(dataset) == len(split.images)
-    for index, im in enumerate(split.images):
-        item = dataset[index]
-        anns = split.annotations[im["id"]]
+    assert len(dataset) == len(split)
+    for index in range(len(split)):
+        im, item, anns = split.image(index), dataset[index], split.trained(index)
         assert item["image_id"] == im["id"] and item["orig_size"] == (im["height"], im["width"])
         assert torch.equal(item["image"], read_image(split.source.images / im["file_name"]))
         expected = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]).reshape(-1, 4)
         torch.testing.assert_close(item["boxes"], expected.float())
         assert item["labels"].tolist() == [mapping.to_model[a["category_id"]] for a in anns]
+
+
+def _set(path: str, value):
+    """A change to a COCO file: `value` put at `path` ("annotations.0.bbox"; DEL deletes the key)."""
+    def change(data):
+        *parents, last = path.split(".")
+        node = data
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        key = int(last) if isinstance(node, list) else last
+        if value is DEL:
+            del node[key]
+        else:
+            node[key] = value(node[key]) if callable(value) else value
+    return change
+
+
+DEL = object()
+FILE_CHANGES = {  # name -> change; each is either a file COCO takes or one dapft must refuse
+    "as written": _set("info", {}),
+    "polygons and an RLE": lambda d: [a.update(segmentation={"counts": "x1y", "size": [2, 2]}) for a in d["annotations"]],
+    "no area, no iscrowd": lambda d: [(a.pop("area"), a.pop("iscrowd")) for a in d["annotations"]],
+    "integer boxes": lambda d: [a.update(bbox=[int(v) for v in a["bbox"]]) for a in d["annotations"]],
+    "a crowd as true": _set("annotations.0.iscrowd", True),
+    "a NaN box": _set("annotations.0.bbox.2", float("nan")),
+    "an infinite box": _set("annotations.0.bbox.2", float("inf")),
+    "negative and 64-bit ids": lambda d: [_set("annotations.0.id", -7)(d), _set("annotations.1.id", 2**63 - 1)(d)],
+    "a repeated annotation id": lambda d: _set("annotations.1.id", d["annotations"][0]["id"])(d),
+    "a repeated image id": lambda d: _set("images.1.id", d["images"][0]["id"])(d),
+    "an unknown category": _set("annotations.0.category_id", 999),
+    "an unknown image": _set("annotations.0.image_id", 999),
+    "iscrowd 2": _set("annotations.0.iscrowd", 2),
+    "area a string": _set("annotations.0.area", "big"),
+    "area null": _set("annotations.0.area", None),
+    "a box of 3 numbers": _set("annotations.0.bbox", [1, 2, 3]),
+    "a box with a boolean": _set("annotations.0.bbox.3", True),
+    "a fractional id": _set("annotations.0.id", 1.5),
+    "an id past 64 bits": _set("annotations.0.id", 2**63),
+    "a boolean image id": _set("images.0.id", True),
+    "width 0": _set("images.0.width", 0),
+    "width a string": _set("images.0.width", "640"),
+    "a numeric file name": _set("images.0.file_name", 5),
+    "an empty file name": _set("images.0.file_name", ""),
+    "no image file name": _set("images.0.file_name", DEL),
+    "a category without a name": _set("categories.0.name", DEL),
+    "a category with a string id": _set("categories.0.id", "1"),
+    "no categories": _set("categories", []),
+    "no images": lambda d: (d.update(images=[], annotations=[])),
+    "an image that is a list": _set("images.0", [1, 2]),
+    "an annotation that is a number": _set("annotations.0", 3),
+    "no annotations list": _set("annotations", DEL),
+}
+
+
+@pytest.mark.parametrize("change", FILE_CHANGES)
+def test_the_fast_reader_takes_only_files_the_checked_reader_takes_and_reads_them_alike(shapes_root, tmp_path, change):
+    """dapft reads an annotation file with a typed decoder that skips polygons (msgspec) and falls back
+    to the standard parser with item-by-item checks for anything it does not take: it must never take
+    a file the checks refuse, and what it reads must be what the checks read, column for column."""
+    from dapft.data import _decode_checked, _decode_typed
+
+    root, path, data = _copy(shapes_root, tmp_path)
+    FILE_CHANGES[change](data)
+    path.write_text(json.dumps(data))
+    try:
+        checked = _decode_checked(path)
+    except DataError as exc:
+        assert str(path) in str(exc)
+        assert _decode_typed(path) is None, f"the fast reader took a file the checks refuse ({exc})"
+        return
+    typed = _decode_typed(path)
+    if change in ("as written", "polygons and an RLE", "no area, no iscrowd", "integer boxes",
+                  "negative and 64-bit ids"):
+        assert typed is not None, "a plain COCO file must take the fast path"
+    if typed is not None:
+        for column, value in vars(checked).items():
+            np.testing.assert_equal(getattr(typed, column), value, err_msg=column)

@@ -100,7 +100,7 @@ def test_tide_numbers_are_tidecvs_with_every_error_at_once(shapes_root):
     split = load_split(resolve_split(shapes_root, "val"))
     results = _noisy_results(split)
     truth = split.ground_truth()
-    ours, theirs = error_breakdown(truth, results, [im["id"] for im in split.images]), _tidecv(truth, results)
+    ours, theirs = error_breakdown(truth, results, split.ids.tolist()), _tidecv(truth, results)
     assert sum(ours.counts.values()) > 50 and min(ours.dAP[k] for k in ("Cls", "Loc", "Both", "Bkg", "Miss")) > 0
     for key in TIDE_TYPES + ("FP", "FN"):
         assert 100 * ours.dAP[key] == pytest.approx(theirs[key], abs=0.1), key
@@ -121,7 +121,7 @@ def test_tides_base_is_pycocotools_ap50(shapes_root):
     from test_data_eval import _noisy_results
 
     split = load_split(resolve_split(shapes_root, "val"))
-    results, ids = _noisy_results(split), [im["id"] for im in split.images]
+    results, ids = _noisy_results(split), split.ids.tolist()
     assert error_breakdown(split.ground_truth(), results, ids).ap50 == pytest.approx(
         coco_evaluate(split.ground_truth(), results, ids, "pycocotools").stats["AP50"], abs=1e-6)
 
