@@ -255,6 +255,8 @@ def load_split(source: SplitSource, *, check: bool = True, max_images: int | Non
                progress: bool = False) -> CocoSplit:
     """Read a COCO annotation file and check everything that would otherwise fail mid-run."""
     ann_file = source.annotations
+    if max_images is not None and max_images < 1:
+        raise DataError(f"{ann_file}: asked for its first {max_images} images; take at least 1 (or all)")
     table = read_coco_file(ann_file)
     images = np.arange(len(table.image_ids))
     if max_images is not None:
@@ -290,7 +292,7 @@ class CocoTable:
 def read_coco_file(ann_file: Path) -> CocoTable:
     """The file decoded against the few fields dapft reads (msgspec): polygons and masks are skipped
     by the decoder, never built as Python objects, so a file of COCO train's size is read in about
-    2.5 s and 0.6 GB where the standard parser takes 16 s and 2.7 GB (BENCHMARKS.md). A file the
+    3 s and 0.7 GB where the standard parser takes 16 s and 2.7 GB (BENCHMARKS.md). A file the
     typed decoder does not take as it is (a wrong type, a missing key, NaN, a repeated id...) is read
     again by the standard parser and checked item by item: that path names the item and the fix, or
     accepts what Python's parser does and the decoder does not (NaN, booleans as iscrowd)."""

@@ -386,6 +386,8 @@ def evaluate_model(model: str, data: str | None = None, *, split: str = "val", i
     if batch_size < 1 or (num_workers is not None and num_workers < 0):
         raise ValueError(f"--batch-size must be at least 1 and --num-workers at least 0, got {batch_size} and "
                          f"{num_workers}")
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"--max-images must be at least 1 (or left out: every image), got {max_images}")
     dev = pick_device(device)
     amp = amp_dtype(precision, dev)  # an unknown --precision fails here, not after inference
     with OutputFolder(out):

@@ -607,3 +607,9 @@ def test_the_fast_reader_takes_only_files_the_checked_reader_takes_and_reads_the
     if typed is not None:
         for column, value in vars(checked).items():
             np.testing.assert_equal(getattr(typed, column), value, err_msg=column)
+
+
+def test_asking_for_no_images_is_refused_naming_the_file(shapes_root):
+    source = resolve_split(shapes_root, "val")
+    with pytest.raises(DataError, match="instances_val2017.json: asked for its first 0 images"):
+        load_split(source, max_images=0)
