@@ -341,9 +341,9 @@ class _CocoBoxes(msgspec.Struct):
 
 
 def _decode_typed(ann_file: Path) -> CocoTable | None:
-    """The typed reading, or None where the file needs the checked one. Two passes over the bytes,
-    one for the boxes and one for the rest, each made columns before the next: at COCO train's size
-    an annotation's Python objects are about 300 bytes, and one pass would hold them all at once."""
+    """The typed reading, or None where the file needs the checked one. Two passes over the bytes
+    (all but the boxes, then the boxes), each made columns before the next: at COCO train's size an
+    annotation's Python objects are about 300 bytes, and one pass would hold them all at once."""
     raw = _read_bytes(ann_file)
     try:
         coco = msgspec.json.decode(raw, type=_CocoFile)
