@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -113,12 +112,12 @@ class CocoSplit:
 
     def evaluated(self, i: int) -> list[dict]:
         """Image i's annotations that evaluation scores, as COCO annotation dicts."""
-        rows = np.arange(self.rows(i).start, self.rows(i).stop)
+        rows = np.r_[self.rows(i)]
         return self._dicts(rows[self.use[rows] != SKIPPED], self.bbox, self.ids[i])
 
     def trained(self, i: int) -> list[dict]:
         """Image i's annotations that training reads, their boxes clipped to the image."""
-        rows = np.arange(self.rows(i).start, self.rows(i).stop)
+        rows = np.r_[self.rows(i)]
         return self._dicts(rows[self.use[rows] == TRAINED], self.clipped, self.ids[i])
 
     def ground_truth(self) -> dict:
@@ -204,9 +203,9 @@ def check_images(split: CocoSplit, progress: bool = False) -> None:
     cache_file = _verdict_cache(folder)
     cache = _read_cache(cache_file)
     names = [n.decode() for n in split.names.tolist()]
+    paths = [os.path.join(folder, name) for name in names]
     todo, sizes, prints = {}, {}, {}  # path -> file_name still to decode; -> (width, height); -> fingerprint
-    for name in names:
-        path = os.path.join(folder, name)
+    for name, path in zip(names, paths):
         try:
             prints[path] = _fingerprint(path)
         except OSError:
@@ -238,17 +237,22 @@ def check_images(split: CocoSplit, progress: bool = False) -> None:
         listing = "; ".join(f"{p} ({why})" for p, why in bad[:5])
         raise DataError(f"{ann_file}: {len(bad)} of {len(names)} images cannot be read: {listing}"
                         f"{' ...' if len(bad) > 5 else ''}. Fix or remove them from 'images'")
-    for name, image_id, declared in zip(names, split.ids.tolist(), split.sizes.tolist()):
-        size = sizes[os.path.join(folder, name)]
+    for path, image_id, declared in zip(paths, split.ids.tolist(), split.sizes.tolist()):
+        size = sizes[path]
         if list(size) != declared:
-            raise DataError(f"{folder / name}: the image is {size[0]}x{size[1]} but {ann_file} says "
+            raise DataError(f"{path}: the image is {size[0]}x{size[1]} but {ann_file} says "
                             f"{declared[0]}x{declared[1]}; fix 'width'/'height' of image id {image_id}")
 
 
 def first_images(split: CocoSplit, n: int) -> CocoSplit:
     """The split's first `n` images by id (as `load_split(max_images=n)` takes them), from a split
     already loaded and checked: no second pass over the annotation file or the images."""
-    return split.take(np.argsort(split.ids, kind="stable")[:n])
+    return split.take(_first_by_id(split.ids, n))
+
+
+def _first_by_id(ids: np.ndarray, n: int) -> np.ndarray:
+    """The positions of the `n` smallest ids, in id order: what --max-*-images takes."""
+    return np.argsort(ids, kind="stable")[:n]
 
 
 def load_split(source: SplitSource, *, check: bool = True, max_images: int | None = None,
@@ -258,9 +262,7 @@ def load_split(source: SplitSource, *, check: bool = True, max_images: int | Non
     if max_images is not None and max_images < 1:
         raise DataError(f"{ann_file}: asked for its first {max_images} images; take at least 1 (or all)")
     table = read_coco_file(ann_file)
-    images = np.arange(len(table.image_ids))
-    if max_images is not None:
-        images = np.argsort(table.image_ids, kind="stable")[:max_images]
+    images = np.arange(len(table.image_ids)) if max_images is None else _first_by_id(table.image_ids, max_images)
     split = _split(source, table, images)
     if not (split.use == TRAINED).any() and not split.skipped.get("crowd_annotations"):
         subset = f" among its first {max_images} images (--max-*-images)" if max_images is not None else ""

@@ -248,6 +248,8 @@ def also_stop_on(signum: int) -> None:
     """A run also saves a resumable checkpoint at the end of its step and stops on `signum`."""
     if signum not in _also_stop_on:
         _also_stop_on.append(signum)
+
+
 _pending_signal = 0
 _raised_signal = 0
 
@@ -311,11 +313,12 @@ _watchdog: list = []  # the wakeup socket pair, kept for the process's life
 
 def end_blocked_sigterm(grace: float | None = None) -> None:
     """Under torchrun: a SIGTERM Python has not acted on after `grace` seconds (default 20, or
-    $DAPFT_SIGTERM_GRACE) ends the process (exit status 143). Python runs a signal handler only between bytecodes, so a main thread blocked in
-    C++ (a collective or a rendezvous waiting on a peer that died) would ignore torchrun's SIGTERM
-    until its SIGKILL 30 s later, leaving no line about why. The C-level handler writes the signal's
-    number to a socket (signal.set_wakeup_fd); a thread of its own reads it. The grace leaves the
-    usual path (a checkpoint at the end of the step, then exit 143) its time."""
+    $DAPFT_SIGTERM_GRACE) ends the process (exit status 143). Python runs a signal handler only
+    between bytecodes, so a main thread blocked in C++ (a collective or a rendezvous waiting on a
+    peer that died) would ignore torchrun's SIGTERM until its SIGKILL 30 s later, leaving no line
+    about why. The C-level handler writes the signal's number to a socket (signal.set_wakeup_fd); a
+    thread of its own reads it. The grace leaves the usual path (a checkpoint at the end of the
+    step, then exit 143) its time."""
     import socket
 
     if _watchdog or threading.current_thread() is not threading.main_thread():
