@@ -3,8 +3,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +18,32 @@ os.environ["DAPFT_CACHE"] = tempfile.mkdtemp(prefix="dapft-cache-")
 
 # COCO names with COCO's original (gapped) ids, so both label conventions can be exercised.
 COCO_SUBSET = {1: "person", 18: "dog", 44: "bottle", 90: "toothbrush", 13: "stop sign", 85: "clock"}
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _tree_changes() -> set[str] | None:
+    """What `git status` shows in the checkout, ignored paths included (a tracker's ./mlruns, a
+    run's ./runs), less Python's bytecode caches; None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--ignored", "--untracked-files=normal"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return {line for line in out.stdout.splitlines() if "__pycache__" not in line and ".pytest_cache" not in line}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leaves_the_working_tree_as_it_found_it():
+    """Fails the suite (an error at the last test's teardown) when a test wrote into the checkout:
+    tests write under their temporary folders, never beside the code."""
+    before = _tree_changes()
+    yield
+    after = _tree_changes()
+    if before is not None and after is not None and after - before:
+        pytest.fail("the tests changed the working tree (write into tmp_path instead):\n  "
+                    + "\n  ".join(sorted(after - before)), pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,17 @@
-"""Runs where users track them (`--report-to`), offline and for real: MLflow against a local sqlite
-store read back with MlflowClient, W&B in offline mode read back from its run file, TensorBoard read
+"""Runs where users track them (`--report-to`), for real: MLflow against a real tracking server on a
+localhost port (`mlflow server`, as a team runs it: the client's REST calls and artifact uploads over
+HTTP) read back with MlflowClient, W&B in offline mode read back from its run file, TensorBoard read
 back with its event reader. Each compared with what the run itself wrote (log.jsonl, report.json)."""
 
 from __future__ import annotations
 
 import json
+import socket
 import struct
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,9 +23,50 @@ from runs_helpers import COMMON, ENV, dapft
 QUICK = [*COMMON, "--max-train-images", "8", "--max-eval-images", "4"]
 
 
-def tracked_env(tmp_path: Path, **more) -> dict:
-    return {**ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "WANDB_MODE": "offline",
-            "WANDB_SILENT": "true", **more}
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A tracking server on a free localhost port: a sqlite store, artifacts kept in a folder of its
+    own and proxied (clients upload them to the server over HTTP, as to a team's server)."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with open(root / "server.log", "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                                   "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                                   "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+                                  cwd=root, stdout=log, stderr=subprocess.STDOUT, env=ENV)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=2).read().strip() == b"OK":
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline or server.poll() is not None:
+                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def tracked_env(tmp_path: Path, mlflow_server: str, **more) -> dict:
+    """The environment of a tracked run: the server, an experiment of this test's own (the server is
+    the module's), W&B offline."""
+    return {**ENV, "MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": f"dapft-{tmp_path.name}",
+            "WANDB_MODE": "offline", "WANDB_SILENT": "true", **more}
+
+
+def mlflow_runs(env: dict) -> tuple:
+    """The MLflow client on the test's server, and the runs of its experiment."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    return client, client.search_runs([client.get_experiment_by_name(env["MLFLOW_EXPERIMENT_NAME"]).experiment_id])
 
 
 def wandb_records(run_file: Path) -> list:
@@ -67,17 +112,23 @@ def wandb_runs(folder: Path) -> list[dict]:
     return runs
 
 
+def assert_same_series(got: list[tuple[int, float]], want: list[tuple[int, float]]) -> None:
+    """The same steps, each once and in order, with the same values (to float32's precision, in which
+    TensorBoard keeps them)."""
+    assert [step for step, _ in got] == [step for step, _ in want]
+    assert [value for _, value in got] == pytest.approx([value for _, value in want], rel=1e-6)
+
+
 def logged(run: Path, kind: str, key: str) -> list[tuple[int, float]]:
     return [(r["global_step"], r[key]) for r in read_log(run / "log.jsonl") if r["type"] == kind and key in r]
 
 
 @pytest.mark.slow
 def test_every_tracker_gets_the_run_and_a_resumed_run_continues_the_same_tracker_run(tmp_path, tiny_detr,
-                                                                                     shapes_root):
-    from mlflow import MlflowClient
+                                                                                     shapes_root, mlflow_server):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    env = tracked_env(tmp_path)
+    env = tracked_env(tmp_path, mlflow_server)
     run = tmp_path / "run"
     args = ["finetune", "--model", tiny_detr, "--data", shapes_root, "--output", run, "--epochs", "2",
             "--report-to", "tensorboard,mlflow,wandb", *QUICK]
@@ -87,20 +138,21 @@ def test_every_tracker_gets_the_run_and_a_resumed_run_continues_the_same_tracker
     losses = logged(run, "step", "loss")
     assert [s for s, _ in losses] == [1, 2, 3, 4]
 
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    [tracked] = client.search_runs([client.get_experiment_by_name("dapft").experiment_id])
+    client, [tracked] = mlflow_runs(env)
     assert tracked.info.run_id == json.loads((run / "trackers.json").read_text())["ids"]["mlflow"]
     assert tracked.info.status == "FINISHED"
     params = tracked.data.params
     assert params["loss"] == "dap" and params["sigma"] == "0.05" and params["family"] == "detr"
     assert float(params["recipe.pretrain_lr"]) > 0  # the resolved recipe
     history = client.get_metric_history(tracked.info.run_id, "train/loss")
-    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == pytest.approx(losses)  # no gap, no repeat
+    assert_same_series([(m.step, m.value) for m in sorted(history, key=lambda m: m.step)], losses)  # no gap, no repeat
     evals = sorted(client.get_metric_history(tracked.info.run_id, "eval/AP"), key=lambda m: m.step)
-    assert [(m.step, m.value) for m in evals] == pytest.approx(logged(run, "eval", "AP"))
+    assert_same_series([(m.step, m.value) for m in evals], logged(run, "eval", "AP"))
     assert tracked.data.metrics["after/AP"] == pytest.approx(report["after"]["AP"])
     artifacts = {a.path for a in client.list_artifacts(tracked.info.run_id)}
     assert {"report.md", "report.json", "curves.png", "checkpoint-best"} <= artifacts
+    uploaded = client.download_artifacts(tracked.info.run_id, "report.json", str(tmp_path))  # back over HTTP
+    assert Path(uploaded).read_bytes() == (run / "report.json").read_bytes()
 
     first, second = wandb_runs(run)
     assert first["id"] == second["id"]  # the resumed run continues the same W&B run
@@ -110,22 +162,19 @@ def test_every_tracker_gets_the_run_and_a_resumed_run_continues_the_same_tracker
 
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == pytest.approx(losses)
+    assert_same_series([(e.step, e.value) for e in events.Scalars("train/loss")], losses)
 
 
 @pytest.mark.slow
 def test_a_sweep_is_an_mlflow_parent_run_with_its_runs_as_children_and_a_wandb_group(tmp_path, tiny_detr,
-                                                                                      shapes_root):
-    from mlflow import MlflowClient
-
-    env = tracked_env(tmp_path)
+                                                                                      shapes_root, mlflow_server):
+    env = tracked_env(tmp_path, mlflow_server)
     out = tmp_path / "sweep"
     dapft("sweep", "--model", tiny_detr, "--data", shapes_root, "--output", out, "--loss", "original",
           "--seed", "0,1", "--epochs", "1", "--max-steps", "1", "--report-to", "mlflow,wandb", *QUICK,
           env=env, cwd=tmp_path)
     summary = json.loads((out / "sweep.json").read_text())
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("dapft").experiment_id])
+    client, runs = mlflow_runs(env)
     parent_id = json.loads((out / "trackers.json").read_text())["ids"]["mlflow"]
     [parent] = [r for r in runs if r.info.run_id == parent_id]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
@@ -143,15 +192,12 @@ def test_a_sweep_is_an_mlflow_parent_run_with_its_runs_as_children_and_a_wandb_g
 
 
 @pytest.mark.slow
-def test_an_evaluation_goes_to_mlflow_and_wandb(tmp_path, tiny_detr, shapes_root):
-    from mlflow import MlflowClient
-
-    env = tracked_env(tmp_path)
+def test_an_evaluation_goes_to_mlflow_and_wandb(tmp_path, tiny_detr, shapes_root, mlflow_server):
+    env = tracked_env(tmp_path, mlflow_server)
     ev = tmp_path / "eval"
     dapft("eval", "--model", tiny_detr, "--data", shapes_root, "--output", ev, "--report-to", "mlflow,wandb",
           "--num-workers", "0", "--no-progress", "--max-images", "4", env=env, cwd=tmp_path)
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    [tracked] = client.search_runs([client.get_experiment_by_name("dapft").experiment_id])
+    client, [tracked] = mlflow_runs(env)
     metrics = json.loads((ev / "metrics.json").read_text())["stats"]
     assert tracked.data.metrics["eval/AP"] == pytest.approx(metrics["AP"]) and tracked.data.params["images"] == "4"
     assert {"report.md", "metrics.json", "pr_curves.png"} <= {a.path for a in client.list_artifacts(tracked.info.run_id)}
