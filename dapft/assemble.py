@@ -81,16 +81,12 @@ def assemble(requested: FinetuneConfig) -> Run:
                                  reduce_stats=dist_utils.all_reduce_statistics,
                                  dap_scale=float(dist.world_size)).to(device)
     install_loss(model, family, cfg.loss, criterion)
-    ddp_model = model
-    if dist.enabled:
-        # Some parameters get no gradient in some configurations (two-stage Deformable DETR's proposal
-        # head, which transformers computes no loss for): DDP must be told to look for them.
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     amp = amp_dtype(cfg.precision, device)
     per_process = cfg.batch_size // dist.world_size
     if per_process * dist.world_size != cfg.batch_size:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {dist.world_size} processes")
+    ddp_model = _for_ddp(model, criterion, splits["train"], label_map, processor, device, amp, dist, log) \
+        if dist.enabled else model
     if cfg.num_workers is None:
         cfg = dataclasses.replace(cfg, num_workers=default_num_workers(device, dist.local_world_size))
     sampler = EpochSampler(len(splits["train"]), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
@@ -99,6 +95,25 @@ def assemble(requested: FinetuneConfig) -> Run:
     return Run(cfg, out, dist, device, log, splits, label_map, family, model, ddp_model, processor, freezing, ema,
                criterion, _optimizer(model, cfg), torch.amp.GradScaler(enabled=amp == torch.float16), amp, sampler,
                loaders, batches, math.ceil(batches / cfg.grad_accum))
+
+
+def _for_ddp(model, criterion, train: CocoSplit, label_map: LabelMap, processor, device: torch.device,
+             amp: torch.dtype | None, dist: dist_utils.DistInfo, log) -> torch.nn.Module:
+    """The model wrapped for DistributedDataParallel. Some configurations leave parameters without
+    a gradient (two-stage Deformable DETR's proposal head, for which the DAP loss computes
+    nothing): DDP must then look for them every step, a traversal of the autograd graph that the
+    others should not pay. Which they are is found on a training batch of each process."""
+    probe = BatchLoader(CocoDetection(train, label_map), processor, batch_size=1, train=False, num_workers=0,
+                        sampler=[dist.rank % len(train)], device=device)
+    batch = next(iter(probe))
+    inputs = {k: batch[k] for k in ("pixel_values", "pixel_mask", "labels") if k in batch}
+    unused = dist_utils.parameters_without_gradient(model, inputs, modules=(criterion,) if criterion else (), amp=amp)
+    find_unused = bool(dist_utils.max_over_processes(int(bool(unused)), dist))
+    if find_unused and unused:
+        log(f"[dim]{len(unused)} parameters get no gradient with this model and loss (e.g. {escape(unused[0])}): "
+            "DistributedDataParallel looks for unused parameters every step[/]")
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused)
 
 
 def _settings_of_this_run(requested: FinetuneConfig, out: Path, main: bool) -> FinetuneConfig:

@@ -387,6 +387,11 @@ def run() -> None:
             message = str(exc)
             if len(message) > 800:  # a library's message with a whole tensor in it: the start says what it is
                 message = message[:800] + " ... (cut; --debug shows all of it)"
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: say whether a peer's end caused it
+                from dapft.distributed import PEER_ENDED, peer_ended
+
+                if peer_ended(exc):
+                    message = f"{PEER_ENDED} ({' '.join(message.split())})"
             console.print(f"[bold red]error:[/] {escape(message)}")  # user text may hold [brackets]
             sys.exit(1)
     if code == 130:  # typer answers Ctrl-C with 130, returned rather than raised without standalone mode

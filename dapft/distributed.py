@@ -50,6 +50,32 @@ def init_distributed(device_type: str) -> DistInfo:
     return DistInfo(rank, world, local, int(os.environ.get("LOCAL_WORLD_SIZE", world)), owner)
 
 
+def parameters_without_gradient(model: torch.nn.Module, inputs: dict, *, modules: tuple = (),
+                                amp: torch.dtype | None = None) -> list[str]:
+    """The trainable parameters of `model` that one forward and backward of `inputs` (its loss)
+    leaves without a gradient: those DistributedDataParallel must be told to look for every step
+    (`find_unused_parameters`), which costs a traversal of the autograd graph each step. Found by
+    running the model, not listed by hand: it depends on the family, its configuration and the
+    loss. Everything is left as it was: weights, gradients, the buffers of `model` and `modules`
+    (batch-norm statistics, a matcher's running precision) and the random number generators."""
+    owners = (model, *modules)
+    buffers = [(b, b.detach().clone()) for m in owners for b in m.buffers()]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.train()  # as in training: some parts run only then (RT-DETR's denoising queries)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = model(**inputs).loss
+        loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    with torch.no_grad():
+        for buffer, saved in buffers:
+            buffer.copy_(saved)
+    return missing
+
+
 def all_reduce_statistics(stats: DAPStatistics) -> DAPStatistics:
     """Global sums with local gradients: value = sum over processes, d value / d local = identity."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -88,6 +114,20 @@ def max_over_processes(value: int, info: DistInfo) -> int:
     t = torch.tensor([int(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def peer_ended(exc: BaseException) -> bool:
+    """A collective's error because another process ended (killed, preempted, its machine lost, or
+    failed itself), not this process's own failure."""
+    text = str(exc)
+    return isinstance(exc, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL",
+                            "Socket Timeout", "timed out", "ProcessGroup"))
+
+
+PEER_ENDED = ("another process of this job ended (its machine lost, the process killed, or failed: see its "
+              "log), so this one stopped; once every machine is back, continue with the same command and "
+              "--resume (a sweep: the same command)")
 
 
 def barrier(info: DistInfo) -> None:

@@ -31,7 +31,7 @@ from dapft.metrics import STAT_NAMES
 from dapft.models import load_detector
 from dapft.report import model_card, write_eval_report, write_run_report
 from dapft.runtime import (OutputFolder, StopRequests, TrainingInterrupted, amp_dtype, console, make_progress,
-                           pick_device, software)
+                           may_stop_now, pick_device, saved_progress, software)
 from dapft.state import RunLog, apply_patience, new_state, record_evaluation, resume_run, save_run
 from dapft.trackers import Trackers, parse_report_to
 
@@ -118,7 +118,7 @@ class Trainer:
             bar.update(self.step_bar, advance=1, info=_bar_info(record))
             if cfg.save_every and st["global_step"] % cfg.save_every == 0:
                 self._save()
-            self._stop_if_requested()
+            self._stop_if_requested(after_step=True)
             if cfg.max_steps and st["global_step"] >= cfg.max_steps:
                 return True
             t_step, images, losses = time.perf_counter(), 0, []
@@ -197,12 +197,15 @@ class Trainer:
         self.state["elapsed"] = time.perf_counter() - self.t_start
         run, state = self.run, self.state
         save_run(run, state, best, card=lambda which: model_card(run.cfg, run.family.name, state, which))
+        saved_progress()
         self.log.flush()  # what the trackers have never runs ahead of a checkpoint by more than a flush
 
-    def _stop_if_requested(self) -> None:
+    def _stop_if_requested(self, after_step: bool = False) -> None:
         """At a step boundary, after Ctrl-C or SIGTERM on any process: save a resumable checkpoint and
-        stop (every process at the same step)."""
-        signum = dist_utils.max_over_processes(self.stops.signum, self.run.dist)
+        stop (every process at the same step). A SLURM worker's stop waits for a step when nothing
+        new is saved yet (runtime.stop_after_progress)."""
+        wanted = self.stops.signum if after_step or may_stop_now() else 0
+        signum = dist_utils.max_over_processes(wanted, self.run.dist)
         if not signum:
             return
         self._save()

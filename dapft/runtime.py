@@ -250,6 +250,53 @@ def also_stop_on(signum: int) -> None:
         _also_stop_on.append(signum)
 
 
+# A SLURM worker's stops (stop_after_progress): a stop signal that came outside a run's training
+# loop and is not acted on yet, whether stops wait for progress, and whether this process has saved
+# anything new since it started.
+_pending_stop = 0
+_progress_first = False
+_saved_progress = False
+
+
+def stop_after_progress(signums: tuple[int, ...]) -> None:
+    """For the process's life (a SLURM sweep worker): `signums` stop it only once it has saved
+    something new (the evaluation before fine-tuning, a training step's checkpoint, a finished run);
+    a signal that comes before (models loading, the evaluation before) waits for that. SLURM may
+    send a time limit's warning up to a minute early, so with a short limit every attempt can be
+    signalled within seconds of its start: stopping at once, each would be requeued without a step
+    of progress, again and again. Outside a run's loop such a signal is recorded, not raised."""
+    global _progress_first
+    _progress_first = True
+    for signum in signums:
+        also_stop_on(signum)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signum, _record_stop)
+
+
+def _record_stop(signum, frame) -> None:
+    global _pending_stop
+    if not _pending_stop:
+        _pending_stop = signum
+        console.print(f"{signal.Signals(signum).name}: stopping once this attempt has saved something new (the "
+                      "evaluation before fine-tuning, a training step, a run)", markup=False)
+
+
+def saved_progress() -> None:
+    """Something new is on disk that a later attempt will not redo."""
+    global _saved_progress
+    _saved_progress = True
+
+
+def may_stop_now() -> bool:
+    """Whether a stop request may act here, before this loop's next step (stop_after_progress)."""
+    return _saved_progress or not _progress_first
+
+
+def pending_stop() -> int:
+    """The stop signal received outside a run's loop that may act now, 0 for none."""
+    return _pending_stop if may_stop_now() else 0
+
+
 _pending_signal = 0
 _raised_signal = 0
 
@@ -360,19 +407,26 @@ class TrainingInterrupted(Exception):
 class StopRequests:
     """SIGINT (Ctrl-C) and SIGTERM (what SLURM, Kubernetes and `timeout` send before they kill) for
     the length of a run: the first asks the loop to save a resumable checkpoint at the next step
-    boundary and stop (`signum` says which came); a second one stops at once."""
+    boundary and stop (`signum` says which came); a second one stops at once. A stop recorded
+    before the loop (stop_after_progress) is taken in; one the loop ended without acting on (it
+    came during the last evaluation) is handed back, for the next run not to start."""
 
     def __init__(self, log):
         self.signum, self.log, self.previous = 0, log, {}
 
     def __enter__(self):
+        global _pending_stop
+        self.signum, _pending_stop = _pending_stop, 0
         if threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self._handle) for s in (*STOP_SIGNALS, *_also_stop_on)}
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
+        global _pending_stop
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        if exc_type is None:
+            _pending_stop = self.signum
 
     def _handle(self, signum, frame):
         if self.signum:

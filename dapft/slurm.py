@@ -3,21 +3,29 @@
 
 Each array task is one sweep worker (dapft.sweep: the workers divide the grid by the run folders'
 locks), itself a multi-GPU DDP job: one task a GPU, submitit's torch distributed environment
-exported, so that every run of the grid it takes runs on all its GPUs. Time limits and
-preemption: SLURM signals a worker (submitit asks for SIGUSR2 90 s before the limit); its run saves
-a resumable checkpoint at the end of the step, and the worker is requeued through submitit; the
-requeued worker resumes that run, or the next one, as the same sweep command would."""
+exported, so that every run of the grid it takes runs on all its GPUs. Time limits: SLURM signals
+a worker (submitit asks for SIGUSR2 --slurm-signal-delay seconds before the limit); its run saves a
+resumable checkpoint at the end of the step, and the worker requeues itself through submitit; the
+requeued worker resumes that run, or the next one, as the same sweep command would. Preemption
+(SIGTERM, then SLURM requeues the job) and scancel (SIGTERM) save the same way. A signal before the
+attempt has saved anything waits until it has (dapft.runtime.stop_after_progress)."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dapft.config import FinetuneConfig
-from dapft.runtime import TrainingInterrupted, also_stop_on, console
-from dapft.sweep import check_sweep, sweep
+# What a job imports to unpickle its worker is kept light (no torch): until submitit's handler and
+# then the worker's are installed, a SIGUSR2 (which SLURM may send within seconds of a start) would
+# end the process by its default action, without a requeue.
+from dapft.runtime import TrainingInterrupted, console, stop_after_progress
+
+if TYPE_CHECKING:
+    from dapft.config import FinetuneConfig
 
 
 @dataclass
@@ -44,60 +52,71 @@ class SlurmOptions:
 
 
 class SweepWorker:
-    """One array task: the sweep, as a worker of its grid. submitit pickles it, runs it on the
-    nodes, and on SLURM's signal calls `checkpoint` to requeue it (the runs' state is on disk)."""
+    """One array task: the sweep, as a worker of its grid. submitit pickles it and runs it on the
+    nodes; on the time limit's signal the worker stops once it has saved progress and requeues
+    itself through submitit (`checkpoint`: the runs' state is on disk)."""
 
-    def __init__(self, base: FinetuneConfig, grid: dict[str, list]):
-        self.base, self.grid = base, grid
+    def __init__(self, settings: dict, grid: dict[str, list]):
+        self.settings, self.grid = settings, grid  # the sweep's FinetuneConfig as its fields' values
 
     def __call__(self) -> dict:
         import submitit
 
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: checkpoint, requeue, exit
+        # The time limit's SIGUSR2, and the SIGTERM of a preemption or scancel (which submitit would
+        # only log): the worker stops at the end of a step, or, where this attempt has saved
+        # nothing yet, once it has (the evaluation before, a first step), never in a loop of
+        # requeues without progress.
+        stop_after_progress((signal.SIGUSR2, signal.SIGTERM))
+        from dapft.config import FinetuneConfig
+        from dapft.sweep import sweep
+
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:  # every task sees the node's GPUs and takes the one of its local rank
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: checkpoint, requeue, exit
-        also_stop_on(signal.SIGUSR2)  # the run saves at the end of its step first
         try:
-            return sweep(self.base, self.grid)
+            return sweep(FinetuneConfig(**self.settings), self.grid)
         except TrainingInterrupted as exc:
+            console.print(str(exc), markup=False)
             if exc.signum == signal.SIGUSR2 and callable(requeue):
-                requeue(signal.SIGUSR2, None)
+                requeue(signal.SIGUSR2, None)  # a preemption is requeued by SLURM itself, scancel not at all
             raise
 
     def checkpoint(self):
         import submitit
 
-        return submitit.helpers.DelayedSubmission(SweepWorker(self.base, self.grid))
+        return submitit.helpers.DelayedSubmission(SweepWorker(self.settings, self.grid))
 
 
-def submit_sweep(base: FinetuneConfig, grid: dict[str, list], options: SlurmOptions, cluster: str = "slurm") -> list:
-    """Submit `options.workers` sweep workers as one job array (cluster "local": submitit's local
-    executor, which runs the tasks as local processes with SLURM's environment, for tests). Returns
-    the submitit jobs; their logs are in OUTPUT/slurm/."""
+def submit_sweep(base: FinetuneConfig, grid: dict[str, list], options: SlurmOptions) -> list:
+    """Submit `options.workers` sweep workers as one job array with sbatch. Returns the submitit
+    jobs; their logs are in OUTPUT/slurm/."""
     try:
         import submitit
     except ImportError:
         raise ImportError("--slurm-partition needs submitit: pip install 'dapft[slurm]'") from None
+    from dapft.sweep import check_sweep
+
     options.check()
     check_sweep(base, grid)  # a mistake shows now, not in a job hours later
-    if cluster == "slurm" and shutil.which("sbatch") is None:
+    if shutil.which("sbatch") is None:
         raise RuntimeError("--slurm-partition: sbatch is not on this machine's PATH; submit from a SLURM login node")
-    folder = Path(base.output) / "slurm"
-    params = dict(nodes=options.nodes, tasks_per_node=options.gpus_per_node, timeout_min=options.time,
-                  signal_delay_s=options.signal_delay)
-    if cluster == "slurm":
-        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=options.requeues)
-        params.update(partition=options.partition, gpus_per_node=options.gpus_per_node,
-                      cpus_per_task=options.cpus_per_task or 8, array_parallelism=options.workers,
-                      job_name=f"dapft-sweep-{Path(base.output).name}", additional_parameters=dict(options.sbatch))
-        if options.account:
-            params["account"] = options.account
-    else:  # the same job on this machine, its tasks local processes (one node, no GPUs asked)
-        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=options.requeues)
-    executor.update_parameters(**params)
-    with executor.batch():
-        jobs = [executor.submit(SweepWorker(base, grid)) for _ in range(options.workers)]
+    executor = submitit.SlurmExecutor(folder=Path(base.output) / "slurm", max_num_timeout=options.requeues)
+    # submitit.SlurmExecutor takes sbatch's own names (ntasks_per_node, time), not the local and
+    # auto executors' (tasks_per_node, timeout_min).
+    executor.update_parameters(
+        partition=options.partition, nodes=options.nodes, ntasks_per_node=options.gpus_per_node,
+        gpus_per_node=options.gpus_per_node, cpus_per_task=options.cpus_per_task or 8, time=options.time,
+        signal_delay_s=options.signal_delay, array_parallelism=options.workers,
+        job_name=f"dapft-sweep-{Path(base.output).name}", additional_parameters=dict(options.sbatch),
+        **({"account": options.account} if options.account else {}))
+    try:
+        with executor.batch():
+            settings = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+            jobs = [executor.submit(SweepWorker(settings, grid)) for _ in range(options.workers)]
+    except submitit.core.utils.FailedJobError as exc:
+        message = " ".join(str(exc).split()) or "no message"
+        raise RuntimeError(f"--slurm-partition {options.partition}: sbatch refused the job array: {message}") from None
     return jobs
 
 

@@ -4,6 +4,7 @@ carries with the optimizer, EMA, matcher and RNG states), the evaluation policy 
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import time
@@ -15,6 +16,7 @@ import torch
 from rich.markup import escape
 
 from dapft.checkpoint import CheckpointError, find_resumable, load_trainer_state, save_checkpoint, verify_checkpoint
+from dapft.distributed import gather_objects
 
 
 def new_state(skipped: dict) -> dict:
@@ -66,11 +68,21 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _every_process_rng(dist) -> list[dict]:
+    """Every process's generator states, on the main process: they part ways as each draws for its
+    own images (RT-DETR's denoising noise is as long as its boxes), and a resume gives each its own
+    back. Gathered as torch.save's bytes (the collective's pickling of the tensors fails)."""
+    buffer = io.BytesIO()
+    torch.save(_rng_state(), buffer)
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in gather_objects(buffer.getvalue(), dist)]
+
+
 def save_run(run, state: dict, best: bool = False, card: Callable[[str], str] | None = None) -> None:
     """checkpoint-last (and checkpoint-best): the evaluated weights (the EMA when on) as a
     save_pretrained directory, and in checkpoint-last everything needed to continue exactly.
     `card(which)` writes each one's README.md ('last' or 'best'): the report layer's model card,
     passed in so that the state stays below the report that reads it."""
+    rngs = _every_process_rng(run.dist)
     if not run.dist.is_main:
         return
     ema = run.ema is not None
@@ -78,7 +90,8 @@ def save_run(run, state: dict, best: bool = False, card: Callable[[str], str] | 
     trainer_state = {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
                      "criterion": run.criterion.state_dict() if run.criterion is not None else None,
                      "model": run.model.state_dict() if ema else None,  # the raw weights the optimizer works on
-                     "ema": run.ema.state_dict() if ema else None, "state": state, "rng": _rng_state()}
+                     "ema": run.ema.state_dict() if ema else None, "state": state, "rng": rngs[0],
+                     "rng_by_rank": rngs}
     info = {"saved_at": time.strftime("%Y-%m-%d %H:%M:%S"), "epoch": state["epoch"],
             "global_step": state["global_step"], "weights": "ema" if ema else "model"}
     save_checkpoint(run.out / "checkpoint-last", weights, run.processor, trainer_state, info,
@@ -113,7 +126,10 @@ def resume_run(run) -> dict:
     if run.criterion is not None and trainer_state.get("criterion") is not None:
         run.criterion.load_state_dict(trainer_state["criterion"])
     state = {"evals_since_best": 0, "stopped_early": None, **trainer_state["state"]}
-    _set_rng_state(trainer_state["rng"])
+    by_rank = trainer_state.get("rng_by_rank") or []
+    # Each process its own; under another number of processes (or from a checkpoint that kept only
+    # the main process's) the main process's, as one process's run would continue.
+    _set_rng_state(by_rank[run.dist.rank] if len(by_rank) == run.dist.world_size else trainer_state["rng"])
     run.log(f"resuming from {escape(str(ckpt))} (epoch {state['epoch'] + 1}, step {state['global_step']}, "
             f"saved {manifest.get('saved_at', '?')})")
     return state

@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import statistics
 from pathlib import Path
 
@@ -26,7 +27,9 @@ from dapft.runtime import (
     TrainingInterrupted,
     atomic_write_text,
     console,
+    pending_stop,
     pick_device,
+    saved_progress,
     software_line,
     take_lock,
     write_json,
@@ -93,6 +96,7 @@ def sweep(base: FinetuneConfig, grid: dict[str, list]) -> dict:
                 parent, group = _tracker_group(root, base, names, grid) if dist.is_main else (None, None)
             group = dist_utils.broadcast_object(group, dist)
             for setting, cfg in zip(settings, configs):
+                _stop_if_requested(root / run_name(setting), dist)
                 _run_one(root / run_name(setting), dataclasses.replace(cfg, tracker_group=group), before, dist)
             summary = None
             if dist.is_main:
@@ -131,11 +135,21 @@ def _before(root: Path, base: FinetuneConfig, dist) -> dict | None:
             if dist.is_main:
                 write_json(root / "before.json", {"for": _before_identity(base), "metrics": metrics,
                                                   "eval_dir": "eval/before"})
+            saved_progress()
             before = {**metrics, "eval_dir": str(root / "eval" / "before")}
     return before
 
 
 RUNNING = "running"  # a run another worker holds
+
+
+def _stop_if_requested(next_run: Path, dist) -> None:
+    """Between runs: a stop signal that came outside a run's loop (or during its last evaluation)
+    ends the sweep before the next run starts, on every process (the same command continues)."""
+    signum = dist_utils.max_over_processes(pending_stop(), dist)
+    if signum:
+        raise TrainingInterrupted(f"stopped before {next_run.name} ({signal.Signals(signum).name}); run the same "
+                                  "dapft sweep command again to continue: finished runs are kept", signum)
 
 
 def _say(dist, text: str, style: str) -> None:
@@ -164,12 +178,13 @@ def _run_one(run_dir: Path, cfg: FinetuneConfig, before: dict, dist) -> None:
     _say(dist, run_dir.name + (" (resuming)" if resume else ""), "bold")
     try:
         finetune(dataclasses.replace(cfg, output=str(run_dir), resume=resume, before_metrics=before))
+        saved_progress()  # its report
     except TrainingInterrupted as exc:  # its checkpoint is saved; the sweep resumes it
         raise TrainingInterrupted(
             f"sweep interrupted in {run_dir.name} ({exc}); run the same dapft sweep command again to "
             "continue: finished runs are kept, this one resumes", exc.signum) from exc
     except (FloatingPointError, RuntimeError) as exc:  # this setting diverged, or did not fit the memory
-        if dist.enabled and _peer_ended(exc):
+        if dist.enabled and dist_utils.peer_ended(exc):
             raise  # not this setting's failure: the run resumes when the same command runs again
         everywhere = isinstance(exc, FloatingPointError)
         if dist.is_main or not everywhere:
@@ -185,16 +200,6 @@ def _run_one(run_dir: Path, cfg: FinetuneConfig, before: dict, dist) -> None:
             raise
     finally:
         lock.__exit__(None, None, None)
-
-
-def _peer_ended(exc: BaseException) -> bool:
-    """A collective's error because another process ended (killed, preempted, failed itself)."""
-    import torch.distributed as dist
-
-    text = str(exc)
-    return isinstance(exc, getattr(dist, "DistError", ())) or any(
-        s in text for s in ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL",
-                            "Socket Timeout", "timed out", "ProcessGroup"))
 
 
 def _claim(run_dir: Path, lock: OutputFolder) -> str:

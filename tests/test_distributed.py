@@ -101,3 +101,37 @@ def test_torchrun_finetune_matches_one_process(tmp_path, shapes_root):
     # (Adam turns last-bit differences of near-zero gradients into lr-sized ones: measured 4% apart.)
     assert apart < 0.2 * moved, f"EMA moved by {moved}, differs between 1 and 2 processes by {apart}"
     shutil.rmtree(tmp_path / "fitted")
+
+
+@pytest.mark.parametrize("name, unused", [("deformable_detr_two_stage", True), ("rt_detr", False)])
+def test_ddp_is_told_to_look_for_unused_parameters_only_where_the_family_leaves_some(shapes_root, name, unused):
+    """Found by running the model: two-stage Deformable DETR's proposal head gets no gradient from the
+    DAP loss (nor from its own); RT-DETR's every parameter does, its denoising queries included (they run in
+    training only). The probe leaves the model, its buffers, the matcher and the generators as they were."""
+    from dapft.criterion import DAPCriterion, install_loss
+    from dapft.data import LabelMap, load_split, resolve_split
+    from dapft.distributed import parameters_without_gradient
+    from dapft.loader import BatchLoader, CocoDetection
+    from dapft.models import family_of
+
+    torch.manual_seed(0)
+    model = tiny_model(name, dict(enumerate(CLASSES))).eval()
+    family = family_of(model.config)
+    criterion = DAPCriterion(family, model.config, matcher="momentum")
+    install_loss(model, family, "dap", criterion)
+    split = load_split(resolve_split(shapes_root, "train"), max_images=2)
+    batch = next(iter(BatchLoader(CocoDetection(split, LabelMap({c["id"]: c["id"] - 1 for c in split.categories})),
+                                  tiny_processor(name, 128), batch_size=1, train=False, num_workers=0)))
+    inputs = {k: batch[k] for k in ("pixel_values", "pixel_mask", "labels") if k in batch}
+    state = {k: v.clone() for k, v in [*model.state_dict().items(), *criterion.state_dict().items()]}
+    rng = torch.get_rng_state()
+
+    missing = parameters_without_gradient(model, inputs, modules=(criterion,))
+    assert bool(missing) == unused, missing
+    # the encoder's proposal head and its class and box layers (transformers computes no loss for them)
+    assert all(n.startswith(("model.enc_output", "model.decoder.bbox_embed.2.", "model.decoder.class_embed.2."))
+               for n in missing), missing
+    after = {**model.state_dict(), **criterion.state_dict()}
+    assert all(torch.equal(state[k], after[k]) for k in state)  # batch-norm statistics, the matcher's estimate
+    assert torch.equal(torch.get_rng_state(), rng) and not model.training
+    assert all(p.grad is None for p in model.parameters())

@@ -1,5 +1,6 @@
-"""A sweep spread out: under real `torchrun` (gloo, CPU), and as several `dapft sweep` processes on
-one output folder dividing the grid between them by the run folders' locks."""
+"""Runs spread out: under real `torchrun` (gloo, CPU) on one machine and on two (two agents meeting at
+a c10d rendezvous on localhost, as two machines would), and as several `dapft sweep` processes on one
+output folder dividing the grid between them by the run folders' locks. (SLURM: tests/test_slurm.py.)"""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from dapft.checkpoint import MANIFEST
 from runs_helpers import assert_same_weights, weights
 
 pytestmark = pytest.mark.slow  # several processes, each training
@@ -35,17 +39,97 @@ def _started(stderr: str) -> list[str]:
     return [line.split()[0] for line in stderr.splitlines() if line.startswith("seed=") and ":" not in line]
 
 
-def test_torchrun_sweep_runs_end_at_the_weights_torchrun_finetune_gives(tmp_path, shapes_root):
-    common = [*QUICK, "--data", shapes_root, "--max-steps", "2"]
-    _dapft("sweep", *common, "--output", tmp_path / "sweep", "--seed", "0,1", prefix=TORCHRUN)
-    _dapft("finetune", *common, "--output", tmp_path / "alone", "--seed", "1", prefix=TORCHRUN)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_machines(*args) -> list[subprocess.Popen]:
+    """`torchrun --nnodes 2` as two machines would start it: two agents, one process each, meeting at
+    a c10d rendezvous on the first one's address (here both on localhost)."""
+    port, run_id = _free_port(), f"dapft-{time.time_ns()}"
+    return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id,
+                              "--rdzv-conf", f"is_host={int(first)}", "--max-restarts", "0", "-m", "dapft",
+                              *map(str, args)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+            for first in (True, False)]
+
+
+def _ended(agents: list[subprocess.Popen], timeout: float = 400) -> list[str]:
+    outputs = [a.communicate(timeout=timeout)[1] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    return outputs
+
+
+def _lose_the_second_machine(agents: list[subprocess.Popen], ready) -> str:
+    """Once `ready()`: SIGKILL the second agent and its process at once (its machine lost). The
+    first must end within seconds, saying why. Returns what it printed."""
+    deadline = time.time() + 300
+    while time.time() < deadline and not ready():
+        time.sleep(0.2)
+    lost = agents[1]
+    children = subprocess.run(["pgrep", "-P", str(lost.pid)], capture_output=True, text=True).stdout.split()
+    for pid in (lost.pid, *map(int, children)):
+        os.kill(pid, signal.SIGKILL)
+    lost.communicate()
+    start = time.time()
+    _, stderr = agents[0].communicate(timeout=120)
+    assert time.time() - start < 30 and agents[0].returncode != 0  # seconds: its connections closed with the process
+    assert "another process of this job ended" in " ".join(stderr.split()), stderr[-3000:]
+    return stderr
+
+
+UNUSED_WARNING = "find_unused_parameters=True was specified"  # PyTorch's, each step's wasted graph traversal
+
+
+def _checkpointed(run: Path, step: int) -> bool:
+    """Whether the run's checkpoint-last holds step `step` or a later one."""
+    try:
+        return json.loads((run / "checkpoint-last" / MANIFEST).read_text())["global_step"] >= step
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def one_machine_run(tmp_path_factory, shapes_root):
+    """`dapft finetune` on one machine's two processes, uninterrupted: what a run spread over two
+    machines, interrupted or not, must end at."""
+    out = tmp_path_factory.mktemp("one-machine") / "run"
+    proc = _dapft("finetune", *QUICK, "--data", shapes_root, "--epochs", "4", "--seed", "1", "--output", out,
+                  prefix=TORCHRUN)
+    assert UNUSED_WARNING not in proc.stderr  # the RT-DETR leaves no parameter without a gradient
+    return out
+
+
+def test_finetune_on_two_machines_one_lost_mid_run_resumes_to_one_machines_weights(tmp_path, shapes_root,
+                                                                                   one_machine_run):
+    args = ["finetune", *QUICK, "--data", shapes_root, "--epochs", "4", "--seed", "1", "--save-every", "1",
+            "--output", tmp_path / "run"]
+    # Lost after step 3, where the processes' random generators have parted (each draws RT-DETR's
+    # denoising noise for its own boxes): the resume must give each its own back.
+    _lose_the_second_machine(_two_machines(*args), lambda: _checkpointed(tmp_path / "run", 3))
+    assert not (tmp_path / "run" / "report.json").exists()
+    resumed = _ended(_two_machines(*args, "--resume"))
+    assert "resuming from" in resumed[0] and UNUSED_WARNING not in resumed[0] + resumed[1]
+    assert_same_weights(weights(tmp_path / "run"), weights(one_machine_run))
+    ours, theirs = (json.loads((d / "report.json").read_text())["after"] for d in (tmp_path / "run", one_machine_run))
+    assert ours == theirs
+
+
+def test_a_sweep_on_two_machines_one_lost_mid_run_continues_and_ends_at_one_machines_weights(tmp_path, shapes_root,
+                                                                                              one_machine_run):
+    args = ["sweep", *QUICK, "--data", shapes_root, "--epochs", "4", "--seed", "0,1", "--save-every", "1",
+            "--output", tmp_path / "s"]
+    _lose_the_second_machine(_two_machines(*args), lambda: _checkpointed(tmp_path / "s" / "seed=0", 3))
+    _ended(_two_machines(*args))  # the same command: seed=0 resumes, seed=1 runs
     # the sweep's second run, made after the first in the same process group, as a run of its own
-    assert_same_weights(weights(tmp_path / "sweep" / "seed=1"), weights(tmp_path / "alone"))
-    assert (tmp_path / "sweep" / "eval" / "before" / "metrics.json").is_file()
-    before = json.loads((tmp_path / "sweep" / "before.json").read_text())["metrics"]
-    assert before["AP"] == json.loads((tmp_path / "alone" / "report.json").read_text())["before"]["AP"]
-    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert_same_weights(weights(tmp_path / "s" / "seed=1"), weights(one_machine_run))
+    summary = json.loads((tmp_path / "s" / "sweep.json").read_text())
     assert [r["state"] for r in summary["runs"]] == ["finished", "finished"]
+    before = json.loads((tmp_path / "s" / "before.json").read_text())["metrics"]
+    assert before["AP"] == json.loads((one_machine_run / "report.json").read_text())["before"]["AP"]
 
 
 def test_two_workers_divide_a_grid_each_run_made_once_and_the_summary_one_workers(tmp_path, shapes_root):
@@ -126,55 +210,3 @@ def test_torchruns_sigterm_ends_a_process_blocked_on_a_hung_peer_with_a_line_say
     os.kill(peer, signal.SIGKILL)
     _, stderr = agent.communicate(timeout=120)
     assert "SIGTERM: still blocked 5 s later" in stderr
-
-
-# ------------------------------------------------------------------------------ SLURM through submitit
-# submitit's local executor runs a job's tasks as local processes with the environment SLURM gives
-# them (ranks, the job id, the time limit's signal, requeueing): dapft's SLURM path up to sbatch.
-
-def _base(tmp_path, shapes_root, **kw):
-    from dapft.config import FinetuneConfig
-
-    settings = dict(model="dapft/tiny-rtdetr-shapes", data=str(shapes_root), output=str(tmp_path / "s"), batch_size=4,
-                    max_train_images=8, augment=False, num_workers=0, progress=False, device="cpu",
-                    max_eval_images=4, report_to="none", gallery=False)
-    return FinetuneConfig(**{**settings, **kw})
-
-
-def _logs(tmp_path) -> str:
-    return "".join(p.read_text() for p in sorted((tmp_path / "s" / "slurm").glob("*_log.*")))
-
-
-def test_slurm_workers_as_a_job_array_divide_the_grid_and_a_worker_of_two_tasks_runs_ddp(tmp_path, shapes_root,
-                                                                                          monkeypatch):
-    from dapft.slurm import SlurmOptions, submit_sweep
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    base = _base(tmp_path, shapes_root, max_steps=2)
-    jobs = submit_sweep(base, {"seed": [0, 1]}, SlurmOptions("local", workers=2, time=10), cluster="local")
-    assert len(jobs) == 2
-    for job in jobs:
-        job.result()
-    assert sorted(_started(_logs(tmp_path))) == ["seed=0", "seed=1"]  # each run made once, by either worker
-    assert [r["state"] for r in json.loads((tmp_path / "s" / "sweep.json").read_text())["runs"]] == ["finished"] * 2
-    # One worker of two tasks: submitit's torch distributed environment, the run over both processes
-    jobs = submit_sweep(_base(tmp_path, shapes_root, max_steps=1, output=str(tmp_path / "ddp")), {"seed": [0]},
-                        SlurmOptions("local", gpus_per_node=2, time=10), cluster="local")
-    jobs[0].results()
-    text = "".join(p.read_text() for p in (tmp_path / "ddp" / "slurm").glob("*_0_log.err"))
-    assert "cpu x2" in text and (tmp_path / "ddp" / "seed=0" / "report.json").is_file()
-
-
-def test_a_slurm_worker_warned_of_its_time_limit_saves_its_run_is_requeued_and_resumes_it(tmp_path, shapes_root,
-                                                                                         monkeypatch):
-    from dapft.slurm import SlurmOptions, submit_sweep
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    base = _base(tmp_path, shapes_root, epochs=60, eval_every=1000)  # longer than one attempt can train
-    # a 1-minute limit, its SIGUSR2 40 s before: mid-run in the first attempt
-    [job] = submit_sweep(base, {"seed": [0]}, SlurmOptions("local", time=1, signal_delay=40), cluster="local")
-    job.result()
-    logs = _logs(tmp_path)
-    assert "SIGUSR2: saving a resumable checkpoint" in logs
-    assert "seed=0 (resuming)" in logs
-    assert [r["state"] for r in json.loads((tmp_path / "s" / "sweep.json").read_text())["runs"]] == ["finished"]

@@ -1,0 +1,156 @@
+"""`dapft sweep --slurm-partition` on a real one-node SLURM cluster on localhost (tests/slurm_cluster.py):
+real sbatch, srun, job arrays, SLURM's signals, requeues and scancel, as on a cluster's login node."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runs_helpers import ENV
+from slurm_cluster import PARTITION, SlurmCluster, missing
+
+pytestmark = pytest.mark.slow  # jobs that train
+
+QUICK = ["--model", "dapft/tiny-rtdetr-shapes", "--batch-size", "4", "--max-train-images", "8", "--no-augment",
+         "--num-workers", "0", "--no-progress", "--device", "cpu", "--max-eval-images", "4", "--report-to", "none",
+         "--no-gallery"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    why = missing()
+    if why:
+        if os.environ.get("DAPFT_REQUIRE_SLURM"):  # CI installs SLURM: these tests must not skip there
+            pytest.fail(why)
+        pytest.skip(why)
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as running:
+        yield running
+
+
+def _dapft(*args, background=False):
+    command = [sys.executable, "-m", "dapft", *map(str, args)]
+    env = {**ENV, "SLURM_CONF": os.environ["SLURM_CONF"]}  # the cluster's; the jobs inherit it and ENV's threads
+    if background:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+def _submit(*args) -> str:
+    """`dapft sweep ... --slurm-partition` as a user types it: the job array's id."""
+    proc = _dapft("sweep", *args, "--slurm-partition", PARTITION, "--slurm-cpus-per-task", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    match = re.search(r"submitted \d+ sweep workers?: job (\d+)", proc.stderr)
+    assert match, proc.stderr
+    return match.group(1)
+
+
+def _logs(out: Path) -> str:
+    return "".join(p.read_text() for p in sorted((out / "slurm").glob("*_log.*")))
+
+
+def _started(text: str) -> list[str]:
+    """The runs the workers started afresh (a resumed run's line says so)."""
+    return re.findall(r"^(seed=\d+)$", text, flags=re.M)
+
+
+def _until(condition, what: str, cluster: SlurmCluster, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout} s\n{cluster.logs()}")
+        time.sleep(0.2)
+
+
+def _steps(run: Path) -> list[int]:
+    return [json.loads(x)["global_step"] for x in (run / "log.jsonl").read_text().splitlines() if '"step"' in x]
+
+
+def test_a_job_array_divides_a_grid_through_a_preemption_and_a_scancel_each_run_made_once(tmp_path, shapes_root,
+                                                                                           cluster):
+    grid = ["--data", shapes_root, *QUICK, "--seed", "0,1,2,3", "--epochs", "3", "--max-train-images", "24",
+            "--save-every", "1"]
+    out = tmp_path / "s"
+    # The same grid made by one process alone, meanwhile: what every run must end at.
+    alone = _dapft("sweep", *grid, "--output", tmp_path / "alone", background=True)
+    job = _submit(*grid, "--output", out, "--slurm-workers", "2")
+
+    def checkpoints() -> int:
+        return sum((out / f"seed={s}" / "checkpoint-last").is_dir() for s in range(4))
+
+    # Preempted mid-run (what `scontrol requeue` does): SIGTERM to every task, then SLURM requeues
+    # the array. Each worker's run saves at the end of its step; the requeued workers resume them.
+    _until(lambda: checkpoints() >= 1, "a first checkpoint", cluster)
+    subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True)
+    _until(lambda: "(resuming)" in _logs(out), "a worker resuming its run after the requeue", cluster)
+    assert cluster.restarts(f"{job}_0") + cluster.restarts(f"{job}_1") >= 1
+    # Cancelled mid-run: the runs save and the workers end; the same command later continues.
+    seen = checkpoints()
+    _until(lambda: checkpoints() > seen, "a checkpoint after the requeue", cluster)
+    subprocess.run(["scancel", job], check=True, capture_output=True)
+    cluster.wait(job)
+    rows = json.loads((out / "sweep.json").read_text())["runs"] if (out / "sweep.json").exists() else []
+    assert [r["state"] for r in rows].count("finished") < 4, "the grid ended before the scancel: lengthen its runs"
+    job2 = _submit(*grid, "--output", out, "--slurm-workers", "2")
+    assert set(cluster.wait(job2).values()) == {"COMPLETED"}, _logs(out)
+
+    logs = _logs(out)
+    assert sorted(_started(logs)) == [f"seed={s}" for s in range(4)], logs  # each run started once, by either
+    assert "(resuming)" in logs and "SIGTERM: saving a resumable checkpoint" in logs
+    for s in range(4):
+        assert _steps(out / f"seed={s}") == list(range(1, 19))  # every step once: resumed where it was saved
+    assert alone.wait(timeout=600) == 0, alone.stderr.read()[-3000:]
+    ours, theirs = (json.loads((d / "sweep.json").read_text()) for d in (out, tmp_path / "alone"))
+    assert [r["state"] for r in ours["runs"]] == ["finished"] * 4
+    assert [r["AP"] for r in ours["runs"]] == [r["AP"] for r in theirs["runs"]]  # to the last digit
+
+
+def test_a_two_task_worker_signalled_at_start_and_by_its_time_limit_saves_progress_each_time(tmp_path, shapes_root,
+                                                                                            cluster):
+    # A 1-minute limit signalled 60 s before it: SLURM sends SIGUSR2 at its first time-limit check,
+    # within 30 s of each attempt's start (the early signal that once requeued workers forever
+    # without progress). The first attempt is also signalled as it starts to evaluate before
+    # fine-tuning: it finishes the evaluation, keeps it, and is requeued without starting a run.
+    # The next one trains (its runs take longer than the 30 s) until SLURM's own signal, saves, and
+    # is requeued; every attempt after the first trains at least a step.
+    out = tmp_path / "s"
+    job = _submit("--data", shapes_root, *QUICK, "--seed", "0,1", "--epochs", "60", "--eval-every", "20",
+                  "--output", out, "--slurm-gpus-per-node", "2", "--slurm-time", "1", "--slurm-signal-delay", "60")
+    _until(lambda: "evaluating the model before fine-tuning" in _logs(out), "the evaluation before", cluster)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, capture_output=True)
+    assert set(cluster.wait(job, timeout=400).values()) == {"COMPLETED"}, _logs(out)
+
+    logs = _logs(out)
+    assert logs.count("evaluating the model before fine-tuning") == 1, logs  # made once, kept by the requeue
+    assert "SIGUSR2: stopping once this attempt has saved something new" in logs
+    assert "stopped before seed=0 (SIGUSR2)" in logs  # the first attempt: the evaluation saved, no run begun
+    assert "SIGUSR2: saving a resumable checkpoint" in logs  # SLURM's own signal, mid-run
+    assert cluster.restarts(job) >= 2 and "(resuming)" in logs
+    assert "cpu x2" in logs  # each run is DDP over the worker's two tasks
+    for s in (0, 1):
+        assert _steps(out / f"seed={s}") == list(range(1, 121))  # every step once, however often it stopped
+    assert [r["state"] for r in json.loads((out / "sweep.json").read_text())["runs"]] == ["finished"] * 2
+
+
+def test_sbatch_refusing_the_job_and_bad_settings_are_said_in_one_line_before_anything_runs(tmp_path, shapes_root,
+                                                                                           cluster):
+    from dapft.config import FinetuneConfig
+    from dapft.slurm import SlurmOptions, submit_sweep
+
+    base = FinetuneConfig(model="dapft/tiny-rtdetr-shapes", data=str(shapes_root), output=str(tmp_path / "s"),
+                          device="cpu", report_to="none")
+    with pytest.raises(RuntimeError, match="--slurm-partition nosuch: sbatch refused the job array: .*partition"):
+        submit_sweep(base, {"seed": [0]}, SlurmOptions("nosuch", cpus_per_task=1))
+    with pytest.raises(RuntimeError, match="sbatch refused the job array: .*(gres|GRES|gpu|Requested node configuration)"):
+        submit_sweep(base, {"seed": [0]}, SlurmOptions(PARTITION, gpus_per_node=3, cpus_per_task=1))  # the node has 2
+    with pytest.raises(ValueError, match="--slurm-workers must be at least 1"):
+        submit_sweep(base, {"seed": [0]}, SlurmOptions(PARTITION, workers=0))
+    with pytest.raises(ValueError, match="sigma"):
+        submit_sweep(base, {"sigma": [-1.0]}, SlurmOptions(PARTITION))
+    assert not (tmp_path / "s" / "slurm").exists() or not any((tmp_path / "s" / "slurm").glob("*_log.*"))
