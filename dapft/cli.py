@@ -205,7 +205,9 @@ SLURM = {
     "slurm_cpus_per_task": typer.Option(None, help="CPUs per GPU process (default 8: its data loaders)."),
     "slurm_sbatch": typer.Option(None, metavar="KEY=VALUE[,KEY=VALUE...]",
                                  help="More sbatch options, e.g. 'qos=high,constraint=a100'."),
-    "slurm_signal_delay": typer.Option(90, help="Seconds before the time limit that SLURM signals a worker to save."),
+    "slurm_signal_delay": typer.Option(90, help="Seconds before the time limit that SLURM signals a worker to save "
+                                                "(enough for the evaluation before fine-tuning, or a step, and a "
+                                                "checkpoint: a worker stops only once it has saved progress)."),
     "slurm_requeues": typer.Option(100, help="Times a worker may be requeued at its time limit."),
 }
 
@@ -392,7 +394,9 @@ def run() -> None:
 
                 if peer_ended(exc):
                     message = f"{PEER_ENDED} ({' '.join(message.split())})"
-            console.print(f"[bold red]error:[/] {escape(message)}")  # user text may hold [brackets]
+            # user text may hold [brackets]; one line, not folded at the terminal's width, so that a
+            # path in it can be copied whole
+            console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
             sys.exit(1)
     if code == 130:  # typer answers Ctrl-C with 130, returned rather than raised without standalone mode
         ignore_further_signals()

@@ -20,6 +20,7 @@ memory (VmHWM) of:
 
     python scripts/bench_coco_scale.py --json runs/coco-scale.json        # about 5 minutes, 2 cores
     python scripts/bench_coco_scale.py --images 20000 --json small.json    # a quicker look
+    python scripts/bench_coco_scale.py --images 200 --per-worker 100 --work /tmp/c   # a smoke test
 """
 
 from __future__ import annotations
@@ -136,17 +137,18 @@ split = load_split(resolve_split({root!r}, "train"), check=False)
 processor = AutoImageProcessor.from_pretrained({model!r})
 mapping = LabelMap.build(split.categories, {{int(k): v for k, v in json.load(open({model!r} + "/config.json"))["id2label"].items()}})
 loader = BatchLoader(CocoDetection(split, mapping), processor, batch_size=16, train=True, num_workers=2)
-workers, early, read = None, None, 0
+workers, early, early_items, read = None, None, 0, 0
 for batch in loader:
     read += len(batch["image_ids"])
     if workers is None:
         workers = [w.pid for w in loader.loader._iterator._workers]
-    if early is None and read >= 2400:
-        early = [uss(p) for p in workers]
+    if early is None and read >= min(2400, {per_worker}):
+        early, early_items = [uss(p) for p in workers], read
     if read >= 2 * {per_worker}:
         break
 late = [uss(p) for p in workers]
-print(json.dumps({{"items_read": read, "worker_uss_mb_at_1200": early, "worker_uss_mb_at_end": late,
+print(json.dumps({{"items_read": read, "worker_uss_mb_at_1200": early, "early_items": early_items,
+                  "worker_uss_mb_at_end": late,
                   "main_peak_rss_mb": int(next(l for l in open("/proc/self/status")
                                               if l.startswith("VmHWM")).split()[1]) / 1024}}))
 """
@@ -206,7 +208,7 @@ def table(out: dict) -> str:
              f"{r['peak_rss_mb']:.0f} MB") for how, r in out["read"].items()]
     w = out["workers"]
     rows.append((f"read {w['items_read']} items, 2 workers: main process", "", f"{w['main_peak_rss_mb']:.0f} MB"))
-    rows.append(("each worker's private memory, ~1,200 items", "",
+    rows.append((f"each worker's private memory, ~{w['early_items'] // 2:,} items", "",
                  ", ".join(f"{v:.0f} MB" for v in w["worker_uss_mb_at_1200"])))
     rows.append((f"each worker's private memory, {w['items_read'] // 2} items", "",
                  ", ".join(f"{v:.0f} MB" for v in w["worker_uss_mb_at_end"])))

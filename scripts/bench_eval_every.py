@@ -2,6 +2,7 @@
 
     python scripts/bench_eval_every.py                     # bundled tiny RT-DETR, 3 epochs, CPU
     python scripts/bench_eval_every.py --epochs 3 --workers 2
+    python scripts/bench_eval_every.py --epochs 2 --train-images 16 --val-images 8    # a smoke test
 
 Runs `dapft finetune` (a real subprocess, default flags otherwise) on the generated shapes data the
 bundled detectors are trained on (800 training, 200 validation images, batch 8: 100 steps an
@@ -32,12 +33,15 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--workers", type=int, default=None, help="--num-workers (default: dapft's own)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--train-images", type=int, default=800, help="generated shapes images (the bundled detectors')")
+    ap.add_argument("--val-images", type=int, default=200)
     args = ap.parse_args()
 
     from dapft.shapes import make_shapes_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_shapes_dataset(Path(tmp) / "shapes", train_images=800, val_images=200, image_size=192, seed=0)
+        data = make_shapes_dataset(Path(tmp) / "shapes", train_images=args.train_images, val_images=args.val_images,
+                                   image_size=192, seed=0)
         run = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "dapft", "finetune", "--model", args.model, "--data", str(data),
                "--output", str(run), "--epochs", str(args.epochs), "--eval-every", "1", "--no-eval-before",
@@ -57,7 +61,7 @@ def main() -> None:
 
     print(f"`dapft finetune --model {args.model}`, {args.epochs} epochs, --eval-every 1, device {args.device}; "
           f"whole command {wall:.0f} s\n")
-    print("| epoch | steps | training s | evaluation s (200 images) | eval images/s |")
+    print(f"| epoch | steps | training s | evaluation s ({args.val_images} images) | eval images/s |")
     print("|---:|---:|---:|---:|---:|")
     for epoch, n, train_s, eval_s, ips in rows:
         print(f"| {epoch} | {n} | {train_s:.1f} | {eval_s:.1f} | {ips:.0f} |")

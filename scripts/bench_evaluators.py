@@ -10,6 +10,7 @@
 
     python scripts/bench_evaluators.py             # both parts
     python scripts/bench_evaluators.py --repeats 3 --images 5000
+    python scripts/bench_evaluators.py --repeats 1 --images 20 --bundled-images 16   # a smoke test
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def timed(fn, repeats: int):
     return statistics.median(times), out
 
 
-def bundled(repeats: int) -> None:
+def bundled(repeats: int, images: int) -> None:
     import torch
 
     from dapft.data import LabelMap, load_split, resolve_split
@@ -45,7 +46,7 @@ def bundled(repeats: int) -> None:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
-        root = make_shapes_dataset(Path(tmp) / "shapes", train_images=8, val_images=200, seed=1)
+        root = make_shapes_dataset(Path(tmp) / "shapes", train_images=8, val_images=images, seed=1)
         split = load_split(resolve_split(root, "val"), progress=False)
         model, processor, _ = load_detector("dapft/tiny-rtdetr-shapes")
         mapping = LabelMap.build(split.categories, model.config.id2label)
@@ -120,9 +121,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--images", type=int, default=5000, help="Images of the COCO-sized part.")
     parser.add_argument("--part", choices=("bundled", "coco", "both"), default="both")
+    parser.add_argument("--bundled-images", type=int, default=200, help="Validation images of the bundled part.")
     args = parser.parse_args()
     if args.part in ("bundled", "both"):
-        bundled(args.repeats)
+        bundled(args.repeats, args.bundled_images)
     if args.part in ("coco", "both"):
         coco_sized(args.images, args.repeats)
 

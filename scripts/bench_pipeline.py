@@ -3,6 +3,7 @@
     python scripts/bench_pipeline.py                       # CPU: data path, loader, tiny + 384 px steps
     python scripts/bench_pipeline.py --device cuda         # + batch preparation and the 800 px bf16 step on the GPU
     python scripts/bench_pipeline.py --json out.json       # also the CPU figures as numbers
+    python scripts/bench_pipeline.py --images 16 --steps 1 --workers 0,1 --tiny-only   # a smoke test
 
 Tables (medians; ratios are within this one run):
 1. Per image, one thread (as in a data-loader worker), COCO-like 640 x 480 JPEGs: decoding alone
@@ -111,7 +112,7 @@ def data_path_table(data: Path, device: torch.device, workers: list[int]) -> dic
     split = load_split(resolve_split(data, "train"))
     labels = LabelMap({c["id"]: c["id"] - 1 for c in split.categories})
     processor = DetrImageProcessor()  # 800 / 1333, as the Hub's DETR and Deformable DETR checkpoints
-    paths = [split.source.images / im["file_name"] for im in split.images]
+    paths = [split.source.images / name.decode() for name in split.names]
     dataset = CocoDetection(split, labels, TrainAugmentation(640))
     decode, item = _in_a_worker(dataset, paths)
     prepare = BatchPreprocessor.from_processor(processor)
@@ -205,7 +206,7 @@ def finetune_vs_bare(model_dir: str, data: Path, out: Path, *, device: str, batc
     return 1000 * statistics.median(fine), 1000 * statistics.median(bare)
 
 
-def step_table(work: Path, device: torch.device, steps: int) -> dict:
+def step_table(work: Path, device: torch.device, steps: int, tiny_only: bool = False) -> dict:
     from bench_step import _finetune_inputs, real_model
 
     from dapft.shapes import make_shapes_dataset
@@ -216,10 +217,13 @@ def step_table(work: Path, device: torch.device, steps: int) -> dict:
         rows.append((f"tiny RT-DETR (bundled), 160 px, batch 8, cpu, {loss}",
                      finetune_vs_bare("dapft/tiny-rtdetr-shapes", shapes, work / f"tiny-{loss}", device="cpu",
                                       batch=8, steps=steps, loss=loss, precision="fp32")))
-    model_dir, data, label_map = _finetune_inputs("detr-r50-384", real_model("detr-r50"), 384, work)
-    rows.append(("DETR-R50, 384 px, batch 2, cpu, dap",
-                 finetune_vs_bare(str(model_dir), data, work / "r50-384", device="cpu", batch=2,
-                                  steps=max(3, steps // 4), loss="dap", precision="fp32", label_map=label_map)))
+    if tiny_only:
+        device = torch.device("cpu")  # and no real-size row
+    else:
+        model_dir, data, label_map = _finetune_inputs("detr-r50-384", real_model("detr-r50"), 384, work)
+        rows.append(("DETR-R50, 384 px, batch 2, cpu, dap",
+                     finetune_vs_bare(str(model_dir), data, work / "r50-384", device="cpu", batch=2,
+                                      steps=max(3, steps // 4), loss="dap", precision="fp32", label_map=label_map)))
     if device.type == "cuda":
         model_dir, data, label_map = _finetune_inputs("detr-r50-800", real_model("detr-r50"), 800, work)
         rows.append((f"DETR-R50, 800 px, batch 8, bf16, {torch.cuda.get_device_name()}, dap",
@@ -242,6 +246,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per round (after 2 warm-up)")
     ap.add_argument("--workers", default=None, help="worker counts, e.g. 0,1,8 (default: 0, 1, 2 and the CPUs)")
     ap.add_argument("--skip-steps", action="store_true", help="only the data-path tables")
+    ap.add_argument("--tiny-only", action="store_true", help="of the steps, only the bundled tiny RT-DETR's")
     ap.add_argument("--json", type=Path, help="also write the CPU figures as numbers to this file")
     args = ap.parse_args()
     from dapft.runtime import quiet_transformers
@@ -256,7 +261,7 @@ def main() -> None:
         work = Path(tmp)
         figures = data_path_table(coco_like_jpegs(work, args.images), device, workers)
         if not args.skip_steps:
-            figures.update(step_table(work, device, args.steps))
+            figures.update(step_table(work, device, args.steps, args.tiny_only))
     if args.json:
         args.json.write_text(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()},
                                         indent=2))

@@ -6,6 +6,7 @@ worker's to the last digit.
 
     python scripts/bench_sweep_workers.py                 # about 5 minutes on 2 CPU cores
     python scripts/bench_sweep_workers.py --epochs 5
+    python scripts/bench_sweep_workers.py --epochs 1 --train-images 8 --val-images 4    # a smoke test
 
 Arrangements: one worker with 1 thread; two workers with 1 thread each (the same grid, started
 together); one worker with 2 threads (the whole machine to one process). Run it on an otherwise
@@ -30,6 +31,8 @@ def started(stderr: str) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=20, help="epochs of 16 steps (batch 4 of 64 images) a run")
+    ap.add_argument("--train-images", type=int, default=64, help="generated shapes images")
+    ap.add_argument("--val-images", type=int, default=16)
     args = ap.parse_args()
 
     from dapft.shapes import CLASSES, make_shapes_dataset
@@ -37,7 +40,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data = make_shapes_dataset(root / "data", train_images=64, val_images=16, seed=0)
+        data = make_shapes_dataset(root / "data", train_images=args.train_images, val_images=args.val_images, seed=0)
         model = save_tiny_checkpoint("detr", root / "tiny", dict(enumerate(CLASSES)), image_size=96)
         sweep = [sys.executable, "-m", "dapft", "sweep", "--model", str(model), "--data", str(data), "--seed",
                  "0,1,2,3", "--loss", "dap", "--epochs", str(args.epochs), "--batch-size", "4", "--lr", "1e-4",
@@ -60,7 +63,8 @@ def main() -> None:
             aps[name] = [r["AP"] for r in summary["runs"]]
             rows.append((name, wall, made, everything == [f"seed={s}" for s in range(4)]))
         reference = aps["1 worker, 1 thread"]
-        print(f"\n4 runs of {16 * args.epochs} steps (tiny DETR, batch 4), each evaluated once before (shared) "
+        print(f"\n4 runs of {-(-args.train_images // 4) * args.epochs} steps (tiny DETR, batch 4), each evaluated once "
+              "before (shared) "
               "and after\n")
         print("| arrangement | wall time (s) | vs 1 worker, 1 thread | runs each worker made | each run once | "
               "APs equal to 1 worker, 1 thread |")

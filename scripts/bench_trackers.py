@@ -7,6 +7,7 @@ tracker set-up and the final upload included).
 
     python scripts/bench_trackers.py                    # about 8 minutes on 2 CPU cores
     python scripts/bench_trackers.py --epochs 4 --repeats 1
+    python scripts/bench_trackers.py --epochs 1 --repeats 1 --trackers none,mlflow --train-images 8 --val-images 4
 
 Trackers receive each step's metrics in batches, at most every 15 s and at every checkpoint; a step
 never waits on them. Run it on an otherwise idle machine."""
@@ -29,6 +30,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30, help="epochs of 16 steps (batch 4 of 64 images)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--trackers", default="none,tensorboard,mlflow,wandb")
+    ap.add_argument("--train-images", type=int, default=64, help="generated shapes images")
+    ap.add_argument("--val-images", type=int, default=16)
     args = ap.parse_args()
 
     from dapft.shapes import CLASSES, make_shapes_dataset
@@ -36,7 +39,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data = make_shapes_dataset(root / "data", train_images=64, val_images=16, seed=0)
+        data = make_shapes_dataset(root / "data", train_images=args.train_images, val_images=args.val_images, seed=0)
         model = save_tiny_checkpoint("detr", root / "tiny", dict(enumerate(CLASSES)), image_size=96)
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "WANDB_MODE": "offline",
                "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}

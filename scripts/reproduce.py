@@ -5,6 +5,7 @@ library function behind it).
     OMP_NUM_THREADS=1 python scripts/reproduce.py --model dapft/tiny-rtdetr-shapes
     OMP_NUM_THREADS=1 python scripts/reproduce.py --model dapft/tiny-deformable-detr-shapes
     python scripts/reproduce.py --seeds 2 --grid loss                  # a quicker look, every model
+    python scripts/reproduce.py --quick --seeds 1 --grid loss --model dapft/tiny-rtdetr-shapes --work /tmp/r
 
 From the same weights, with the paper's schedule relative to how each detector was trained (the
 checkpoint's `dapft_recipe.yaml`: its rate / 10, / 100 in the last epoch, 10% of its epochs, at most
@@ -59,20 +60,24 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=5, help="Only the last evaluation is compared.")
     ap.add_argument("--num-workers", type=int, default=0)
     ap.add_argument("--max-steps", type=int, help="Cut every run short (a smoke test of the script).")
+    ap.add_argument("--quick", action="store_true",
+                    help="A smoke test of the script: 16 training and 8 validation images generated (not the "
+                         "detector's own data), 8 of each scored, one step a run.")
     args = ap.parse_args()
     work = Path(args.work)
     sections = []
     for model in args.model or bundled_models():
         tag = model.split("/", 1)[1]
         meta = json.loads((BUNDLED_DIR / tag / "bundled.json").read_text())
-        d = meta["data"]
-        data = work / f"shapes-{d['seed']}"
+        d = {**meta["data"], **({"train_images": 16, "val_images": 8} if args.quick else {})}
+        data = work / (f"shapes-{d['seed']}" + ("-quick" if args.quick else ""))
         if not (data / "annotations" / "instances_val2017.json").exists():  # the detector's own training data
             make_shapes_dataset(data, train_images=d["train_images"], val_images=d["val_images"],
                                 image_size=d["image_size"], seed=d["seed"])
         base = FinetuneConfig(model=model, data=str(data), output=str(work / tag), loss="dap", device="cpu",
-                              ema=False, eval_every=args.eval_every, train_eval_images=100, save_every=100,
-                              num_workers=args.num_workers, max_steps=args.max_steps, progress=False)
+                              ema=False, eval_every=args.eval_every, train_eval_images=8 if args.quick else 100,
+                              save_every=100, num_workers=args.num_workers, progress=False,
+                              max_steps=1 if args.quick else args.max_steps)
         for name in args.grid or PLAN.get(tag, ["loss"]):
             grid, seeds = GRIDS[name]
             try:

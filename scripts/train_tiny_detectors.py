@@ -3,6 +3,7 @@ random initialisation with its own original loss on the generated shapes dataset
 
     python scripts/train_tiny_detectors.py --work runs/bundled            # all bundled families
     python scripts/train_tiny_detectors.py --work runs/bundled --family rt_detr --epochs 30
+    python scripts/train_tiny_detectors.py --work /tmp/t --family rt_detr --quick       # a smoke test
 
 The best validation checkpoint is copied into the package with `bundled.json`, which records the
 command, the data seed and the validation AP the tests check it reproduces.
@@ -220,11 +221,15 @@ def main() -> None:
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--save-every", type=int, help="Also checkpoint every N steps (a kill then costs less).")
     ap.add_argument("--install", action="store_true", help="Copy the result into dapft/checkpoints/.")
+    ap.add_argument("--quick", action="store_true", help="A smoke test of the script: one epoch of batch 4 on 16 "
+                    "generated images (8 validation), nothing installed.")
     args = ap.parse_args()
+    if args.quick and args.install:
+        ap.error("--quick trains nothing worth installing; leave out --install")
     work = Path(args.work)
-    data = work / "shapes"
+    data = work / ("shapes-quick" if args.quick else "shapes")
     if not (data / "annotations" / "instances_val2017.json").exists():
-        make_shapes_dataset(data, **DATA)
+        make_shapes_dataset(data, **{**DATA, **({"train_images": 16, "val_images": 8} if args.quick else {})})
     for family in args.family or sorted(BUNDLED):
         spec = BUNDLED[family]
         init = work / f"init-{family}"
@@ -232,8 +237,8 @@ def main() -> None:
             make_init(family, spec, init)
         run = work / f"train-{family}"
         spec = {**spec, **{k: v for k, v in (("lr", args.lr), ("batch", args.batch), ("eval_every", args.eval_every))
-                           if v is not None}}
-        epochs = args.epochs or spec["epochs"]
+                           if v is not None}, **({"batch": 4, "lr_drop": None, "eval_every": 1} if args.quick else {})}
+        epochs = 1 if args.quick else args.epochs or spec["epochs"]
         t0 = time.time()
         # From scratch: the method's own loss, one rate for the whole model (lr 1e-3 made the tiny
         # RT-DETR collapse to a loss plateau; 2e-4 trains), /10 in the last epoch (lr_factor). A

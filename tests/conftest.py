@@ -1,7 +1,14 @@
 from __future__ import annotations
 
-import json
 import os
+
+# Under pytest-xdist the workers share the machine's cores: one thread each (torch reads this when
+# imported, and the CLI subprocesses inherit it), or two workers' OpenMP threads on 2 cores spin
+# against each other and in-process training tests run several times slower.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1":
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import json
 import shutil
 import subprocess
 import tempfile
@@ -22,8 +29,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _tree_changes() -> set[str] | None:
-    """What `git status` shows in the checkout, ignored paths included (a tracker's ./mlruns, a
-    run's ./runs), less Python's bytecode caches; None outside a git checkout."""
+    """The files and folders in the checkout that git does not track, ignored ones included (a
+    tracker's ./mlruns, a run's ./runs), less Python's bytecode caches; None outside a git
+    checkout. (Changes to tracked files are left out: a developer edits them while the suite runs.)"""
     try:
         out = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--ignored", "--untracked-files=normal"],
                              capture_output=True, text=True, timeout=60)
@@ -31,7 +39,8 @@ def _tree_changes() -> set[str] | None:
         return None
     if out.returncode != 0:
         return None
-    return {line for line in out.stdout.splitlines() if "__pycache__" not in line and ".pytest_cache" not in line}
+    return {line for line in out.stdout.splitlines()
+            if line[:2] in ("??", "!!") and "__pycache__" not in line and ".pytest_cache" not in line}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -103,6 +103,7 @@ def one_machine_run(tmp_path_factory, shapes_root):
     return out
 
 
+@pytest.mark.xdist_group("two-machines")  # one_machine_run, once
 def test_finetune_on_two_machines_one_lost_mid_run_resumes_to_one_machines_weights(tmp_path, shapes_root,
                                                                                    one_machine_run):
     args = ["finetune", *QUICK, "--data", shapes_root, "--epochs", "4", "--seed", "1", "--save-every", "1",
@@ -118,6 +119,7 @@ def test_finetune_on_two_machines_one_lost_mid_run_resumes_to_one_machines_weigh
     assert ours == theirs
 
 
+@pytest.mark.xdist_group("two-machines")
 def test_a_sweep_on_two_machines_one_lost_mid_run_continues_and_ends_at_one_machines_weights(tmp_path, shapes_root,
                                                                                               one_machine_run):
     args = ["sweep", *QUICK, "--data", shapes_root, "--epochs", "4", "--seed", "0,1", "--save-every", "1",

@@ -124,6 +124,7 @@ def logged(run: Path, kind: str, key: str) -> list[tuple[int, float]]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("mlflow-server")
 def test_every_tracker_gets_the_run_and_a_resumed_run_continues_the_same_tracker_run(tmp_path, tiny_detr,
                                                                                      shapes_root, mlflow_server):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -166,6 +167,7 @@ def test_every_tracker_gets_the_run_and_a_resumed_run_continues_the_same_tracker
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("mlflow-server")
 def test_a_sweep_is_an_mlflow_parent_run_with_its_runs_as_children_and_a_wandb_group(tmp_path, tiny_detr,
                                                                                       shapes_root, mlflow_server):
     env = tracked_env(tmp_path, mlflow_server)
@@ -192,6 +194,7 @@ def test_a_sweep_is_an_mlflow_parent_run_with_its_runs_as_children_and_a_wandb_g
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("mlflow-server")
 def test_an_evaluation_goes_to_mlflow_and_wandb(tmp_path, tiny_detr, shapes_root, mlflow_server):
     env = tracked_env(tmp_path, mlflow_server)
     ev = tmp_path / "eval"
