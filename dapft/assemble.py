@@ -100,9 +100,9 @@ def assemble(requested: FinetuneConfig) -> Run:
 def _for_ddp(model, criterion, train: CocoSplit, label_map: LabelMap, processor, device: torch.device,
              amp: torch.dtype | None, dist: dist_utils.DistInfo, log) -> torch.nn.Module:
     """The model wrapped for DistributedDataParallel. Some configurations leave parameters without
-    a gradient (two-stage Deformable DETR's proposal head, for which the DAP loss computes
-    nothing): DDP must then look for them every step, a traversal of the autograd graph that the
-    others should not pay. Which they are is found on a training batch of each process."""
+    a gradient (two-stage Deformable DETR's proposal head, which no loss reaches; RF-DETR's mask
+    token): DDP must then look for them every step, a traversal of the autograd graph that the
+    others should not pay. Which they are is found on a training image of each process."""
     probe = BatchLoader(CocoDetection(train, label_map), processor, batch_size=1, train=False, num_workers=0,
                         sampler=[dist.rank % len(train)], device=device)
     batch = next(iter(probe))

@@ -6,6 +6,8 @@ back with its event reader. Each compared with what the run itself wrote (log.js
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import struct
 import subprocess
@@ -36,7 +38,9 @@ def mlflow_server(tmp_path_factory):
         server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                    "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                                    "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-                                  cwd=root, stdout=log, stderr=subprocess.STDOUT, env=ENV)
+                                  cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                  # no job runners (MLflow 3's GenAI jobs: seven processes a server)
+                                  env={**ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     try:
         deadline = time.time() + 120
         while True:
@@ -49,9 +53,13 @@ def mlflow_server(tmp_path_factory):
                 raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-3000:]}")
             time.sleep(0.3)
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    finally:  # the server and the web workers it started
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
 
 
 def tracked_env(tmp_path: Path, mlflow_server: str, **more) -> dict:
