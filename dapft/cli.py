@@ -184,6 +184,31 @@ def predict_(
                    precision=precision, num_workers=num_workers, progress=progress, draw_images=draw)
 
 
+@app.command("export")
+def export_(
+    model: str = typer.Option(..., "--model", help="A checkpoint: save_pretrained directory, Hub id, or bundled name."),
+    output: str = typer.Option(..., "--output", "-o", help="Folder for model.onnx, its preprocessing and labels."),
+    format: str = typer.Option("onnx", "--format", help="onnx (the only one for now)."),
+    image_size: Optional[tuple[int, int]] = typer.Option(
+        None, help="H W: a fixed input size (default: the processor's fixed size, or any size where the model's "
+                   "graph allows it)."),
+    dynamic_batch: bool = typer.Option(False, help="Any batch size (default: one image a run)."),
+    opset: int = typer.Option(17, help="ONNX opset (at least 16: grid_sample)."),
+):
+    """Export a detector to ONNX, with its preprocessing settings and labels beside it, checked against
+    PyTorch with ONNX Runtime; `dapft eval` and `dapft predict` take the file as --model."""
+    from dapft.export import export
+    deliver_interrupts()
+
+    result = export(model, output, fmt=format, image_size=image_size, dynamic_batch=dynamic_batch, opset=opset,
+                    log=console.print)
+    size = "x".join(map(str, result.image_size)) if result.image_size else "any height and width"
+    console.print(f"[bold green]exported[/] {escape(str(result.file))} ({result.family}, opset {result.opset}; input "
+                  f"{', '.join(result.inputs)} at {size}, {'any batch' if result.dynamic_batch else 'one image a run'}"
+                  f"); ONNX Runtime against PyTorch: largest difference {result.max_diff_logits:.2g} in the logits, "
+                  f"{result.max_diff_boxes:.2g} in the boxes", soft_wrap=True)
+
+
 def _pts(value: float) -> str:
     """AP points; COCO's -1 (no ground truth of that size) as '-'."""
     return "-" if value < 0 else f"{100 * value:.1f}"

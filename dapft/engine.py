@@ -25,10 +25,10 @@ from dapft.assemble import assemble, write_config
 from dapft.config import FinetuneConfig, drops_text, lr_factor
 from dapft.data import LabelMap, load_split, resolve_split
 from dapft.evaluate import Evaluator, check_evaluator, evaluate_split
+from dapft.export import load_model
 from dapft.gallery import read_evaluation, write_changed, write_worst
 from dapft.loader import BatchLoader, CocoDetection, default_num_workers
 from dapft.metrics import STAT_NAMES
-from dapft.models import load_detector
 from dapft.report import model_card, write_eval_report, write_run_report
 from dapft.runtime import (OutputFolder, StopRequests, TrainingInterrupted, amp_dtype, console, make_progress,
                            may_stop_now, pick_device, saved_progress, software)
@@ -396,7 +396,7 @@ def evaluate_model(model: str, data: str | None = None, *, split: str = "val", i
     with OutputFolder(out):
         source = resolve_split(data, split, images, annotations)
         coco = load_split(source, max_images=max_images, progress=progress)
-        detector, processor, _family = load_detector(model, log=console.print)
+        detector, processor, _family = load_model(model, log=console.print)  # a checkpoint, or an exported file
         mapping = LabelMap.build(coco.categories, detector.config.id2label, label_map, where=str(source.annotations))
         detector.to(dev)
         loader = BatchLoader(CocoDetection(coco, mapping), processor, batch_size=batch_size, train=False,

@@ -70,7 +70,7 @@ def predict_images(model: str, inputs: list[str | Path], output: str | Path, *,
     drawn/. Returns the results."""
     from torchvision.io import write_jpeg
 
-    from dapft.models import load_detector
+    from dapft.export import load_model
 
     if not 0.0 <= threshold <= 1.0 or batch_size < 1:
         raise ValueError(f"--threshold must lie in [0, 1] and --batch-size be at least 1, got {threshold} and "
@@ -82,7 +82,7 @@ def predict_images(model: str, inputs: list[str | Path], output: str | Path, *,
     dev = pick_device(device)
     amp = amp_dtype(precision, dev)
     with OutputFolder(out):
-        detector, processor, _family = load_detector(model, log=console.print)
+        detector, processor, _family = load_model(model, log=console.print)  # a checkpoint, or an exported file
         detector.to(dev)
         names = {int(k): v for k, v in detector.config.id2label.items()}
         loader = BatchLoader(ImageFiles(paths), processor, batch_size=batch_size, train=False,

@@ -138,3 +138,13 @@ def test_train_tiny_detectors_trains_a_family_from_scratch(tmp_path):
     out = script("train_tiny_detectors.py", "--work", tmp_path / "bundled", "--family", "rt_detr", "--quick",
                  "--num-workers", "0", cwd=tmp_path)
     assert re.search(r"rt_detr: best val AP \d+\.\d\d at epoch 1", out)
+
+
+def test_bench_export_exports_each_family_and_scores_the_file_as_the_checkpoint(tmp_path):
+    out = script("bench_export.py", "--families", "rt_detr,rf_detr", "--fit-steps", "2", "--val-images", "4",
+                 "--repeats", "2", "--no-bundled", "--json", tmp_path / "export.json", cwd=tmp_path)
+    [rt], [rf] = rows(out, "tiny rt_detr"), rows(out, "tiny rf_detr")
+    assert rt[1] == "yes" and rt[5] == rt[6] and number(rt[9]) > 0  # the same AP, a latency ratio
+    assert rf[1].startswith("no: rf_detr: cannot be exported to ONNX")
+    measured = json.loads((tmp_path / "export.json").read_text())
+    assert [r["exports"] for r in measured] == [True, False]
