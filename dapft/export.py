@@ -8,10 +8,10 @@ The network exported is the model's forward from pixels to its last layer's clas
 comes after (the family's scoring, top-k, boxes in image pixels) stays in Python, as the processor
 does it. torch.onnx's TorchScript exporter: the newer dynamo exporter wrote a Deformable DETR file
 that ONNX Runtime refuses to load (torch 2.14.1, onnxscript 0.7.2: "Node input 'sigmoid_min_1' is
-not a graph input").
+not a graph input"), and optimum's exporters (optimum-onnx 0.1.0) require transformers below 4.58.
 
-Sizes: a family whose processor resizes to one size (RT-DETR, D-FINE, LW-DETR) is exported at that
-size; one that keeps the aspect ratio (DETR, Conditional, DAB, Deformable DETR) with any height and
+Sizes: a checkpoint whose processor resizes to one size (RT-DETR's, D-FINE's) is exported at that
+size; one whose processor keeps the aspect ratio (DETR's, Deformable DETR's) with any height and
 width, where the graph allows it. Whether it does is checked, not assumed: the file is run at a second
 size against PyTorch, and a family whose graph keeps its feature maps' sizes as constants (Deformable
 DETR's multi-scale attention) is refused without `--image-size H W`. With it, images are resized to
