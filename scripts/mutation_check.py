@@ -48,9 +48,25 @@ TARGETS = {
     "data": "*",
     "loader": "*",
     "preprocess": "*",
+    # issue #39: what gives a wrong answer or a lost hour without a crash
+    "errors": "*",
+    "trackers": "*",
+    "checkpoint": "*",
+    "distributed": "*",
+    "predict": "*",
+    "gallery": ["errors_of", "most_changed", "worst", "detections_by_image", "_xyxy", "_image_parts",
+                "write_worst", "write_changed", "read_evaluation"],  # what it selects, not how it draws
+    "slurm": ["check", "__call__", "submit_sweep"],
+    "runtime_stops": ["take_lock", "__enter__", "__exit__", "also_stop_on", "stop_after_progress", "_record_stop",
+                      "saved_progress", "may_stop_now", "pending_stop", "_handle", "_raise_for", "stopped_by_sigterm",
+                      "defer_interrupts", "deliver_interrupts", "atomic_write_text"],
+    "sweep_grid": ["_claim", "_held", "_rows", "_run_one", "_stop_if_requested", "_before", "sweep"],
 }
+# A target that is part of a module: the module's file (the rest of the file is another target's)
+FILE_OF = {"runtime_stops": "runtime", "sweep_grid": "sweep"}
 CLI = "tests/test_cli.py::"
 REAL = "tests/test_real_world.py::"
+SPREAD = "tests/test_sweep_spread.py::"
 # The data path's tests that need files as users have them (EXIF photos, annotation files as tools
 # write them, the image-check cache) or several workers.
 DATA_REAL_WORLD = [REAL + "test_photos_stored_rotated_with_an_exif_orientation_score_as_upright",
@@ -90,6 +106,30 @@ TESTS = {
     "loader": ["tests/test_augment.py", "tests/test_preprocess.py", "tests/test_data_eval.py", *LOADER_REAL_WORLD],
     "preprocess": ["tests/test_preprocess.py", "tests/test_augment.py",
                    "tests/test_data_eval.py::test_collated_boxes_frame_the_objects_after_processing"],
+    "errors": ["tests/test_errors.py", "tests/test_data_eval.py"],
+    "trackers": ["tests/test_trackers.py"],
+    "checkpoint": [CLI + "test_a_corrupted_checkpoint_is_refused_before_it_is_used",
+                   CLI + "test_corrupt_or_partial_checkpoints_are_refused",
+                   CLI + "test_checkpoint_best_holds_the_best_evaluation_and_a_half_swapped_last_still_resumes",
+                   CLI + "test_killed_run_resumes_to_the_same_weights",
+                   REAL + "test_a_run_that_never_checkpointed_starts_afresh_or_resumes_from_step_0"],
+    "distributed": ["tests/test_distributed.py", SPREAD + "test_finetune_on_two_machines_one_lost_mid_run_resumes_to_one_machines_weights",
+                    SPREAD + "test_a_sweep_on_two_machines_one_lost_mid_run_continues_and_ends_at_one_machines_weights",
+                    SPREAD + "test_torchruns_sigterm_ends_a_process_blocked_on_a_hung_peer_with_a_line_saying_so"],
+    "predict": ["tests/test_predict.py"],
+    "gallery": ["tests/test_errors.py", "tests/test_predict.py"],
+    "slurm": ["tests/test_slurm.py"],
+    "runtime_stops": [REAL + "test_sigterm_and_ctrl_c_save_a_checkpoint_and_resume_to_the_same_weights",
+                      REAL + "test_ctrl_c_and_sigterm_at_start_up_in_eval_and_twice_in_training_exit_by_the_signal_with_one_line",
+                      REAL + "test_a_second_process_on_the_same_output_is_refused_naming_the_holder",
+                      CLI + "test_an_output_that_cannot_be_written_is_refused_before_inference",
+                      CLI + "test_ctrl_c_in_a_sweep_saves_the_run_and_the_same_command_continues_it",
+                      "tests/test_slurm.py::test_a_worker_signalled_before_its_first_step_stops_after_one_step_saved",
+                      SPREAD + "test_a_run_another_worker_holds_is_left_to_it_and_the_summary_says_so",
+                      SPREAD + "test_two_workers_divide_a_grid_each_run_made_once_and_the_summary_one_workers"],
+    "sweep_grid": ["tests/test_sweep_spread.py", "tests/test_slurm.py::test_a_worker_signalled_before_its_first_step_stops_after_one_step_saved",
+                   CLI + "test_ctrl_c_in_a_sweep_saves_the_run_and_the_same_command_continues_it",
+                   REAL + "test_a_sweep_killed_in_its_first_run_continues_when_run_again"],
 }
 
 # Mutants that cannot change behaviour, by (module, function, source line as written, operator),
@@ -290,7 +330,7 @@ def _eligible(tree: ast.Module, functions) -> list[tuple[ast.AST, str, str]]:
 
 
 def generate(module: str) -> list[Mutant]:
-    path = REPO / "dapft" / f"{module}.py"
+    path = REPO / "dapft" / f"{FILE_OF.get(module, module)}.py"
     lines = path.read_text().splitlines()
     tree = ast.parse(path.read_text())
     return [Mutant(module, fn, node.lineno, op, lines[node.lineno - 1].strip(), i)
@@ -394,7 +434,7 @@ def run_generated(args) -> None:
         for k, m in enumerate(chosen):
             root = Path(tmp) / f"m{k}"
             _copy(root)
-            path = root / "dapft" / f"{m.module}.py"
+            path = root / "dapft" / f"{FILE_OF.get(m.module, m.module)}.py"
             path.write_text(apply(m, path.read_text()))
             verdict, seconds = _run(root, TESTS[m.module], timeout=max(60.0, 5 * base[m.module]))
             shutil.rmtree(root)
