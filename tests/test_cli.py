@@ -309,7 +309,15 @@ def test_corrupt_or_partial_checkpoints_are_refused(tmp_path, tiny_detr, shapes_
     run = tmp_path / "run"
     base = ["finetune", "--model", tiny_detr, "--data", shapes_root, "--output", run, "--max-steps", "1",
             "--no-eval-before", "--max-eval-images", "2", *COMMON]
-    dapft(*base)
+    previous = os.umask(0o022)  # as on most systems: files readable by all, written by their owner
+    try:
+        dapft(*base)
+    finally:
+        os.umask(previous)
+    # every file of a checkpoint is shared as the run's other outputs are (transformers writes
+    # model.safetensors for its owner alone)
+    assert {p.name: p.stat().st_mode & 0o777 for p in (run / "checkpoint-last").iterdir()} == {
+        p.name: 0o644 for p in (run / "checkpoint-last").iterdir()}
     weights = run / "checkpoint-last" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0xFF

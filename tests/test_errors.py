@@ -144,6 +144,21 @@ def test_no_detections_at_all_miss_every_object():
     assert b.counts["Miss"] == 2 and b.ap50 == 0
 
 
+def test_with_nothing_detected_a_crowd_region_and_an_image_outside_the_ids_count_as_no_miss():
+    truth = _truth(True)
+    truth["annotations"].append({"id": 9, "image_id": 1, "category_id": 1, "bbox": [100, 100, 60, 60], "area": 3600,
+                                 "iscrowd": 1})  # a crowd region: scored by COCO as ignored, never missed
+    b = error_breakdown(truth, [], [1, 2])  # image 3 and its object are not evaluated
+    assert b.per_image == {1: _counts(0, 0, 1), 2: _counts(0, 0, 1)}
+
+
+def test_the_confusion_matrix_takes_an_images_100_best_detections_as_coco_does():
+    # 101 detections of class a on image 1's object, every one above the threshold: COCO's maxDets keeps 100
+    results = [_det(1, 1, 0.99 - k * 0.001) for k in range(101)]
+    b = error_breakdown(_truth(False), results, [1, 2])
+    assert int(b.confusion.sum()) == 100 + 1  # 100 detections (1 found, 99 duplicates) and image 2's miss
+
+
 def test_confusion_matrix_counts_the_detections_above_the_threshold():
     b = error_breakdown(_truth(False), POINT, [1, 2], score_threshold=0.5)
     assert b.category_names == ["a", "b"]

@@ -69,3 +69,22 @@ def test_a_path_with_no_image_is_refused_by_name_before_the_model_loads(tmp_path
     proc = dapft("predict", "--model", BUNDLED, tmp_path / "nowhere", "--output", tmp_path / "pred", check=False)
     assert proc.returncode == 1 and f"{tmp_path / 'nowhere'}: no image there" in " ".join(proc.stderr.split())
     assert not (tmp_path / "pred").exists()
+
+
+def test_files_folders_and_globs_are_taken_in_the_order_given_each_file_once(tmp_path, shapes_root):
+    from dapft.predict import collect_images
+
+    folder = shapes_root / "val2017"
+    first, second = sorted(folder.iterdir())[:2]
+    taken = collect_images([second, folder, str(folder / "00000[01].png")])
+    assert taken[:2] == [second, first] and len(taken) == len(list(folder.iterdir()))  # none twice
+    assert collect_images([first]) == [first]
+
+
+def test_the_library_call_returns_what_it_writes_with_its_default_workers(tmp_path, shapes_root):
+    from dapft.predict import predict_images
+
+    images = sorted((shapes_root / "val2017").iterdir())[:2]
+    results = predict_images(BUNDLED, images, tmp_path / "pred", threshold=0.3, device="cpu", progress=False,
+                             draw_images=False)  # num_workers left to dapft: none on a CPU
+    assert results and results == json.loads((tmp_path / "pred" / "predictions.json").read_text())

@@ -114,8 +114,9 @@ def test_a_job_array_divides_a_grid_through_a_preemption_and_a_scancel_each_run_
 
 def test_a_two_task_worker_signalled_by_its_time_limit_before_anything_is_saved_keeps_what_it_then_saves(
         tmp_path, shapes_root, cluster):
-    # A 1-minute limit signalled 25 s before it: SLURM sends SIGUSR2 at its first check of time
-    # limits after 5 s, between 5 and 35 s into each attempt. The first attempt waits meanwhile for
+    # A 2-minute limit signalled 85 s before it: SLURM, which checks time limits every 30 s and
+    # signals up to 30 s early, sends SIGUSR2 between 5 and 35 s into each attempt, and a loaded
+    # machine still has a minute and a half to save a step before the limit. The first attempt waits meanwhile for
     # the evaluation before fine-tuning, which another worker holds (the test, here): signalled
     # with nothing saved, it goes on, makes the evaluation once the lock is free, keeps it, and is
     # requeued without starting a run. Every attempt saves something; the sweep ends.
@@ -124,7 +125,7 @@ def test_a_two_task_worker_signalled_by_its_time_limit_before_anything_is_saved_
     held = open(out / ".before.lock", "w")
     fcntl.flock(held, fcntl.LOCK_EX)
     job = _submit("--data", shapes_root, *QUICK, "--seed", "0,1", "--epochs", "4", "--save-every", "1", "--output",
-                  out, "--slurm-gpus-per-node", "2", "--slurm-time", "1", "--slurm-signal-delay", "25")
+                  out, "--slurm-gpus-per-node", "2", "--slurm-time", "2", "--slurm-signal-delay", "85")
     _until(lambda: "SIGUSR2: stopping once this attempt has saved something new" in _logs(out),
            "SLURM's time-limit signal while the worker waits", cluster, timeout=120)
     held.close()  # the other worker's evaluation "failed": this one makes it
@@ -162,6 +163,29 @@ except TrainingInterrupted as exc:
     assert _steps(tmp_path / "run") == [1]
     manifest = json.loads((tmp_path / "run" / "checkpoint-last" / "dapft_checkpoint.json").read_text())
     assert manifest["global_step"] == 1
+
+
+def test_a_sweep_worker_signalled_while_nothing_is_saved_keeps_its_evaluation_before_and_starts_no_run(tmp_path,
+                                                                                                      shapes_root):
+    # The sweep's evaluation before fine-tuning is progress of its own: made after the signal, it is
+    # kept (before.json) and the worker stops there, before its first run, to be requeued.
+    code = f"""
+import os, signal
+from dapft.config import FinetuneConfig
+from dapft.runtime import TrainingInterrupted, stop_after_progress
+from dapft.sweep import sweep
+stop_after_progress((signal.SIGUSR2, signal.SIGTERM))
+os.kill(os.getpid(), signal.SIGUSR2)  # at the worker's start: nothing saved yet
+try:
+    sweep(FinetuneConfig(model="dapft/tiny-rtdetr-shapes", data={str(shapes_root)!r}, output={str(tmp_path / "s")!r},
+                         batch_size=4, max_train_images=8, augment=False, num_workers=0, progress=False, device="cpu",
+                         max_eval_images=4, report_to="none", gallery=False), {{"seed": [0, 1]}})
+except TrainingInterrupted as exc:
+    print("stopped:", exc)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert "stopped: stopped before seed=0 (SIGUSR2)" in proc.stdout, proc.stderr[-3000:]
+    assert (tmp_path / "s" / "before.json").is_file() and not (tmp_path / "s" / "seed=0").exists()
 
 
 def test_sbatch_refusing_the_job_and_bad_settings_are_said_in_one_line_before_anything_runs(tmp_path, shapes_root,

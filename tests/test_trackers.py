@@ -243,3 +243,29 @@ def test_report_to_refuses_an_unknown_tracker_and_names_the_extra_of_a_missing_c
             "try:\n    parse_report_to('wandb')\nexcept ValueError as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60).stdout
     assert "pip install 'dapft[wandb]'" in out
+
+
+def test_a_resumed_runs_trackers_get_each_later_step_once_and_a_table_reaches_tensorboard(tmp_path):
+    """The trackers' own bookkeeping (trackers.json's sent_step): steps a killed run had sent past its
+    last checkpoint are logged again by the resumed run, and must not reach the tracker twice."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dapft.trackers import Trackers
+
+    first = Trackers(tmp_path, ("tensorboard",), run_name="run", params={"loss": "dap", "recipe": {"lr": 1e-4}})
+    for step in (1, 2, 3):
+        first.log({"type": "step", "global_step": step, "loss": float(step)})
+    first.close("KILLED")  # killed after step 3; its last checkpoint was step 2's
+    assert json.loads((tmp_path / "trackers.json").read_text())["sent_step"] == 3
+    again = Trackers(tmp_path, ("tensorboard",), run_name="run", params={"loss": "dap"})
+    for step in (3, 4):  # the resumed run makes step 3 again
+        again.log({"type": "step", "global_step": step, "loss": 10.0 + step})
+    again.log({"type": "eval", "global_step": 4, "AP": 0.5})
+    again.table("settings", ["setting", "AP"], [["sigma=0.05", 0.5]])
+    again.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0)]
+    assert [(e.step, e.value) for e in events.Scalars("eval/AP")] == [(4, 0.5)]
+    texts = [t.tensor_proto.string_val[0].decode() for t in events.Tensors("settings/text_summary")]
+    assert "| setting | AP |\n|---|---|\n| sigma=0.05 | 0.5 |" in texts and any("recipe.lr: 0.0001" in t for t in texts)
