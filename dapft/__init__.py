@@ -10,14 +10,22 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "COCO_IOU_THRESHOLDS": "dapft.dap",
-    "DAPStatistics": "dapft.dap",
-    "ap_matching_cost": "dapft.dap",
-    "dap_from_statistics": "dapft.dap",
-    "dap_statistics": "dapft.dap",
-    "differentiable_ap": "dapft.dap",
-    "precision_curves": "dapft.dap",
-    "APCostMatcher": "dapft.matcher",
+    "COCO_IOU_THRESHOLDS": "dapft.objective.dap",
+    "DAPStatistics": "dapft.objective.dap",
+    "ap_matching_cost": "dapft.objective.dap",
+    "dap_from_statistics": "dapft.objective.dap",
+    "dap_statistics": "dapft.objective.dap",
+    "differentiable_ap": "dapft.objective.dap",
+    "precision_curves": "dapft.objective.dap",
+    "APCostMatcher": "dapft.objective.matcher",
+    # the library calls behind the commands
+    "FinetuneConfig": "dapft.training.config",
+    "Trainer": "dapft.training.trainer",
+    "finetune": "dapft.training.trainer",
+    "evaluate_model": "dapft.analysis.checkpoint_eval",
+    "sweep": "dapft.sweeps.grid",
+    "predict_images": "dapft.analysis.predict",
+    "export": "dapft.modeling.export",
 }
 __all__ = sorted(_EXPORTS)
 

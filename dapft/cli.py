@@ -1,4 +1,5 @@
-"""The `dapft` command line: a thin layer over the library (dapft.engine, dapft.evaluate, ...).
+"""The `dapft` command line: a thin layer over the library (dapft.training.trainer,
+dapft.analysis.checkpoint_eval, dapft.sweeps.grid, ...).
 Nothing heavy is imported before a command runs: `--help` answers at once."""
 
 from __future__ import annotations
@@ -12,8 +13,14 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from dapft.runtime import (TrainingInterrupted, console, defer_interrupts, deliver_interrupts,
-                           ignore_further_signals, stopped_by_sigterm)
+from dapft.utils.console import console
+from dapft.utils.signals import (
+    TrainingInterrupted,
+    defer_interrupts,
+    deliver_interrupts,
+    ignore_further_signals,
+    stopped_by_sigterm,
+)
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -24,7 +31,7 @@ _debug = {"on": False}
 
 @app.callback()
 def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors.")):
-    from dapft.runtime import quiet_transformers
+    from dapft.utils.console import quiet_transformers
 
     _debug["on"] = debug
     quiet_transformers()
@@ -105,8 +112,8 @@ def finetune(
     options = {k: v for k, v in locals().items() if k != "ctx"}
     import shlex
 
-    from dapft.config import FinetuneConfig
-    from dapft.engine import finetune as run
+    from dapft.training.config import FinetuneConfig
+    from dapft.training.trainer import finetune as run
     deliver_interrupts()
 
     # By name: typer may bring its own copy of click's ParameterSource enum.
@@ -147,7 +154,7 @@ def eval_(
     gallery: bool = typer.Option(True, help="Draw the images with the most errors in the report."),
 ):
     """Evaluate a detector: COCO results JSON, metrics.json (with the error breakdown), report.md and plots."""
-    from dapft.engine import evaluate_model
+    from dapft.analysis.checkpoint_eval import evaluate_model
     deliver_interrupts()
 
     m = evaluate_model(model, data, split=split, images=images, annotations=annotations, output=output,
@@ -177,7 +184,7 @@ def predict_(
     progress: bool = typer.Option(True, help="Rich progress bar."),
 ):
     """Detect objects in images: predictions.json (COCO results), images.json, and the images drawn."""
-    from dapft.predict import predict_images
+    from dapft.analysis.predict import predict_images
     deliver_interrupts()
 
     predict_images(model, images, output, threshold=threshold, batch_size=batch_size, device=device,
@@ -197,7 +204,7 @@ def export_(
 ):
     """Export a detector to ONNX, with its preprocessing settings and labels beside it, checked against
     PyTorch with ONNX Runtime; `dapft eval` and `dapft predict` take the file as --model."""
-    from dapft.export import export
+    from dapft.modeling.export import export
     deliver_interrupts()
 
     result = export(model, output, fmt=format, image_size=image_size, dynamic_batch=dynamic_batch, opset=opset,
@@ -217,7 +224,7 @@ def _pts(value: float) -> str:
 _LIST = "Comma-separated values: each combination with the other swept flags is one run."
 # Settings `dapft sweep` takes as lists (FinetuneConfig fields), with their element types.
 GRID = {"loss": str, "matcher": str, "sigma": float, "bins": int, "seed": int, "batch_size": int, "lr": float}
-# `dapft sweep --slurm-partition P`: the workers as a SLURM job array (dapft.slurm), sbatch's names
+# `dapft sweep --slurm-partition P`: the workers as a SLURM job array (dapft.sweeps.slurm), sbatch's names
 SLURM = {
     "slurm_partition": typer.Option(None, help="Submit the sweep's workers to this SLURM partition (as one job "
                                                "array, through submitit) and return; pip install 'dapft[slurm]'."),
@@ -244,8 +251,9 @@ def sweep(**options):
     is finetune's."""
     import shlex
 
-    from dapft.config import FinetuneConfig
-    from dapft.sweep import RUNNING, sweep as run
+    from dapft.sweeps.grid import RUNNING
+    from dapft.sweeps.grid import sweep as run
+    from dapft.training.config import FinetuneConfig
     deliver_interrupts()
 
     grid = {name: _values(options.pop(name), kind, name) for name, kind in GRID.items() if options[name] is not None}
@@ -279,7 +287,7 @@ def sweep(**options):
 
 
 def _submit(base, grid: dict, slurm: dict) -> None:
-    from dapft.slurm import SlurmOptions, print_submitted, submit_sweep
+    from dapft.sweeps.slurm import SlurmOptions, print_submitted, submit_sweep
 
     extra = {}
     for item in (slurm["slurm_sbatch"] or "").split(","):
@@ -355,8 +363,9 @@ def demo(
 ):
     """Offline demo on CPU: generate data, evaluate a bundled detector, fine-tune it with DAP and with its
     own loss (the control), compare."""
-    from dapft.demo import comparison, demo as run
-    from dapft.report import metrics_table
+    from dapft.analysis.report import metrics_table
+    from dapft.demo import comparison
+    from dapft.demo import demo as run
     deliver_interrupts()
 
     summary = run(output, model=model, train_images=train_images, val_images=val_images,
@@ -378,7 +387,7 @@ def make_dataset(
     """Write a generated COCO-format detection dataset (deterministic by seed)."""
     if kind != "shapes":
         raise typer.BadParameter(f"unknown dataset kind {kind!r}; available: shapes")
-    from dapft.shapes import make_shapes_dataset
+    from dapft.data.shapes import make_shapes_dataset
     deliver_interrupts()
 
     root = make_shapes_dataset(output, train_images=train_images, val_images=val_images, image_size=image_size,
@@ -415,7 +424,7 @@ def run() -> None:
             if len(message) > 800:  # a library's message with a whole tensor in it: the start says what it is
                 message = message[:800] + " ... (cut; --debug shows all of it)"
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: say whether a peer's end caused it
-                from dapft.distributed import PEER_ENDED, peer_ended
+                from dapft.utils.distributed import PEER_ENDED, peer_ended
 
                 if peer_ended(exc):
                     message = f"{PEER_ENDED} ({' '.join(message.split())})"

@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from dapft.config import FinetuneConfig, check_choices
-from dapft.runtime import console
-from dapft.shapes import make_shapes_dataset
-from dapft.sweep import sweep
+from dapft.data.shapes import make_shapes_dataset
+from dapft.sweeps.grid import sweep
+from dapft.training.config import FinetuneConfig, check_choices
+from dapft.utils.console import console
 
 DEFAULT_MODEL = "dapft/tiny-rtdetr-shapes"
 # The paper's schedule for the bundled detectors is 12 epochs (10% of their 200 from scratch, at most

@@ -7,8 +7,8 @@ JPEG images (distinct files; their sizes in the JSON), about 7.3 boxes an image 
 memory (VmHWM) of:
 
 1. Reading the training file: `json.load` (the standard parser), `orjson.loads` (when installed)
-   and dapft's reader (`dapft.data.read_coco_file`: the file as the columns dapft keeps).
-2. The training split as a run reads it (dapft.data.load_split, dapft.loader.CocoDetection and
+   and dapft's reader (`dapft.data.coco_file.read_coco_file`: the file as the columns dapft keeps).
+2. The training split as a run reads it (dapft.data.splits.load_split, dapft.data.loader.CocoDetection and
    BatchLoader, augmented and prepared in 2 workers, batches of 16), until each worker has read at
    least 10,000 items: the main process's peak, and each worker's unique (private) memory after
    about 1,200 items and at the end (Linux: /proc/PID/smaps_rollup). A worker forked with the
@@ -45,7 +45,7 @@ def generate(root: Path, images: int, seed: int = 0) -> Path:
         return root
     from PIL import Image
 
-    from dapft.coco_names import detr_id2label
+    from dapft.data.coco_names import detr_id2label
 
     rng = np.random.default_rng(seed)
     cats = [{"id": i, "name": n, "supercategory": "thing"} for i, n in detr_id2label().items() if n != "N/A"]
@@ -107,7 +107,7 @@ elif {how!r} == "orjson.loads":
         data = orjson.loads(f.read())
 else:
     from pathlib import Path
-    from dapft.data import read_coco_file
+    from dapft.data.coco_file import read_coco_file
     data = read_coco_file(Path({path!r}))
 print(json.dumps({{"seconds": time.perf_counter() - t0, "peak_rss_mb": {peak}}}))
 """
@@ -126,8 +126,8 @@ run()
 WORKERS = """
 import json, os, time
 from transformers import AutoImageProcessor
-from dapft.data import LabelMap, load_split, resolve_split
-from dapft.loader import BatchLoader, CocoDetection
+from dapft.data.labels import LabelMap; from dapft.data.splits import load_split, resolve_split
+from dapft.data.loader import BatchLoader, CocoDetection
 
 def uss(pid):  # unique (private) memory, MB
     fields = dict(l.split(":", 1) for l in open(f"/proc/{{pid}}/smaps_rollup").read().splitlines()[1:])
@@ -162,8 +162,8 @@ def main() -> None:
     ap.add_argument("--per-worker", type=int, default=10_000, help="Items each worker reads.")
     args = ap.parse_args()
 
-    from dapft.coco_names import detr_id2label
-    from dapft.tiny import save_tiny_checkpoint
+    from dapft.data.coco_names import detr_id2label
+    from dapft.modeling.tiny import save_tiny_checkpoint
 
     root = Path(args.work) / f"coco-{args.images}"
     t0 = time.perf_counter()

@@ -57,7 +57,7 @@ def naive_dap(scores, positive, ious, num_gt, sigma: float = 0.05, num_bins: int
 
 def _loss(method: str, scores, positive, ious, num_gt):
     from dapft import differentiable_ap
-    from dapft.smooth_ap import smooth_ap
+    from dapft.objective.smooth_ap import smooth_ap
 
     if method == "dap":
         return 1 - differentiable_ap(scores, positive, ious, num_gt)
@@ -69,7 +69,7 @@ def _loss(method: str, scores, positive, ious, num_gt):
 
 
 def _measure(method: str, m: int, device: str, repeats: int, queue) -> None:
-    import dapft.smooth_ap  # noqa: F401  (imports are not the method's memory)
+    import dapft.objective.smooth_ap  # noqa: F401  (imports are not the method's memory)
 
     scores, positive, ious, num_gt = _inputs(m, device)
 

@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--val-images", type=int, default=200)
     args = ap.parse_args()
 
-    from dapft.shapes import make_shapes_dataset
+    from dapft.data.shapes import make_shapes_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         data = make_shapes_dataset(Path(tmp) / "shapes", train_images=args.train_images, val_images=args.val_images,

@@ -2,7 +2,7 @@
 
 1. The bundled data (`dapft eval` of the bundled RT-DETR on 200 generated validation images, as the
    demo makes them): inference, COCO metrics with each evaluator, the error breakdown
-   (dapft.errors) and the worst-images gallery, each timed in one process; then an evaluation with
+   (dapft.analysis.errors) and the worst-images gallery, each timed in one process; then an evaluation with
    the breakdown and gallery against one without, as a ratio.
 2. COCO val's size (5,000 images, 80 classes, about 7.3 boxes an image, 100 detections an image:
    500,000): generated ground truth and noisy detections, scored by each evaluator and broken down,
@@ -36,13 +36,14 @@ def timed(fn, repeats: int):
 def bundled(repeats: int, images: int) -> None:
     import torch
 
-    from dapft.data import LabelMap, load_split, resolve_split
-    from dapft.errors import error_breakdown
-    from dapft.evaluate import EVALUATORS, coco_evaluate, predict
-    from dapft.gallery import write_worst
-    from dapft.loader import BatchLoader, CocoDetection
-    from dapft.models import load_detector
-    from dapft.shapes import make_shapes_dataset
+    from dapft.analysis.errors import error_breakdown
+    from dapft.analysis.evaluate import EVALUATORS, coco_evaluate, predict
+    from dapft.analysis.gallery import write_worst
+    from dapft.data.labels import LabelMap
+    from dapft.data.loader import BatchLoader, CocoDetection
+    from dapft.data.shapes import make_shapes_dataset
+    from dapft.data.splits import load_split, resolve_split
+    from dapft.modeling.loading import load_detector
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,8 +75,8 @@ def bundled(repeats: int, images: int) -> None:
 
 
 def coco_sized(images: int, repeats: int) -> None:
-    from dapft.errors import error_breakdown
-    from dapft.evaluate import EVALUATORS, coco_evaluate
+    from dapft.analysis.errors import error_breakdown
+    from dapft.analysis.evaluate import EVALUATORS, coco_evaluate
 
     rng = np.random.default_rng(0)
     categories = [{"id": c, "name": f"class{c}"} for c in range(1, 81)]

@@ -36,11 +36,13 @@ BUNDLED = ("dapft/tiny-rtdetr-shapes", "dapft/tiny-deformable-detr-shapes")
 
 def fitted(family: str, path: Path, data: Path, steps: int) -> Path:
     """A tiny model of `family`, trained `steps` steps with its own loss on the first 16 images."""
-    from dapft.data import LabelMap, load_split, resolve_split
-    from dapft.loader import BatchLoader, CocoDetection
-    from dapft.shapes import CLASSES
-    from dapft.tiny import save_tiny_checkpoint
     from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+    from dapft.data.labels import LabelMap
+    from dapft.data.loader import BatchLoader, CocoDetection
+    from dapft.data.shapes import CLASSES
+    from dapft.data.splits import load_split, resolve_split
+    from dapft.modeling.tiny import save_tiny_checkpoint
 
     save_tiny_checkpoint(family, path, dict(enumerate(CLASSES)), image_size=128)
     model = AutoModelForObjectDetection.from_pretrained(path).train()
@@ -77,9 +79,9 @@ def latency(detector, onnx, size: tuple[int, int], repeats: int) -> tuple[float,
 
 
 def measure(name: str, checkpoint: str, data: Path, work: Path, repeats: int) -> dict:
-    from dapft.engine import evaluate_model
-    from dapft.export import ExportError, OnnxDetector, export
-    from dapft.models import load_detector
+    from dapft.analysis.checkpoint_eval import evaluate_model
+    from dapft.modeling.export import ExportError, OnnxDetector, export
+    from dapft.modeling.loading import load_detector
 
     row = {"model": name}
     out = work / name.replace("/", "-")
@@ -108,9 +110,10 @@ def measure(name: str, checkpoint: str, data: Path, work: Path, repeats: int) ->
 
 def _processed_size(checkpoint: str, data: Path) -> tuple[int, int]:
     """The size the checkpoint's processor gives the data's (square) validation images."""
-    from dapft.data import LabelMap, load_split, resolve_split
-    from dapft.loader import BatchLoader, CocoDetection
-    from dapft.models import load_detector
+    from dapft.data.labels import LabelMap
+    from dapft.data.loader import BatchLoader, CocoDetection
+    from dapft.data.splits import load_split, resolve_split
+    from dapft.modeling.loading import load_detector
 
     _, processor, _ = load_detector(checkpoint, log=lambda *a: None)
     split = load_split(resolve_split(data, "val"), max_images=1, progress=False)
@@ -120,9 +123,9 @@ def _processed_size(checkpoint: str, data: Path) -> tuple[int, int]:
 
 
 def main() -> None:
-    from dapft.runtime import quiet_transformers
-    from dapft.shapes import make_shapes_dataset
-    from dapft.tiny import TINY_FAMILIES
+    from dapft.data.shapes import make_shapes_dataset
+    from dapft.modeling.tiny import TINY_FAMILIES
+    from dapft.utils.console import quiet_transformers
 
     quiet_transformers()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -17,7 +17,7 @@ Tables (medians; ratios are within this one run):
 3. The `dapft finetune` step (its log's `step_seconds`: waiting for data, moving it, the step,
    logging, checks) against the bare step (forward + loss + backward + clipping + optimizer, on
    one prepared batch), both in this process with the same model, loss and optimizer, with the
-   default data workers (none on CPU, dapft.loader.default_num_workers): the bundled
+   default data workers (none on CPU, dapft.data.loader.default_num_workers): the bundled
    tiny RT-DETR (160 px, batch 8) and DETR-R50 (random weights) at 384 px, batch 2, on CPU; with
    --device cuda, DETR-R50 at 800 px, batch 8, bf16.
 """
@@ -52,7 +52,7 @@ def coco_like_jpegs(root: Path, count: int) -> Path:
     """Shapes scenes at 640 x 480, saved as JPEG (quality 90), with their COCO annotations."""
     from PIL import Image
 
-    from dapft.shapes import make_shapes_dataset
+    from dapft.data.shapes import make_shapes_dataset
 
     src = make_shapes_dataset(root / "png", train_images=count, val_images=1, image_size=640, seed=5)
     data = json.loads((src / "annotations" / "instances_train2017.json").read_text())
@@ -83,7 +83,7 @@ class _Timed(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        from dapft.loader import read_image
+        from dapft.data.loader import read_image
 
         t0 = time.perf_counter()
         read_image(self.paths[i])
@@ -104,10 +104,18 @@ def _in_a_worker(dataset, paths) -> tuple[float, float]:
 def data_path_table(data: Path, device: torch.device, workers: list[int]) -> dict:
     from transformers import DetrImageProcessor
 
-    from dapft.data import LabelMap, load_split, resolve_split
-    from dapft.loader import (BatchLoader, CocoDetection, Collate, EpochSampler, finish_batch, multi_scale_sizes,
-                              TrainAugmentation)
-    from dapft.preprocess import BatchPreprocessor
+    from dapft.data.labels import LabelMap
+    from dapft.data.loader import (
+        BatchLoader,
+        CocoDetection,
+        Collate,
+        EpochSampler,
+        TrainAugmentation,
+        finish_batch,
+        multi_scale_sizes,
+    )
+    from dapft.data.preprocess import BatchPreprocessor
+    from dapft.data.splits import load_split, resolve_split
 
     split = load_split(resolve_split(data, "train"))
     labels = LabelMap({c["id"]: c["id"] - 1 for c in split.categories})
@@ -170,9 +178,9 @@ def data_path_table(data: Path, device: torch.device, workers: list[int]) -> dic
 def finetune_vs_bare(model_dir: str, data: Path, out: Path, *, device: str, batch: int, steps: int, loss: str,
                      precision: str, label_map: Path | None = None, rounds: int = 2) -> tuple[float, float]:
     """Median ms of `dapft finetune` steps and of bare steps on the same objects, alternating rounds."""
-    from dapft.config import FinetuneConfig
-    from dapft.engine import Trainer
-    from dapft.runtime import amp_dtype
+    from dapft.training.config import FinetuneConfig
+    from dapft.training.trainer import Trainer
+    from dapft.utils.device import amp_dtype
 
     fine, bare = [], []
     for r in range(rounds):
@@ -209,7 +217,7 @@ def finetune_vs_bare(model_dir: str, data: Path, out: Path, *, device: str, batc
 def step_table(work: Path, device: torch.device, steps: int, tiny_only: bool = False) -> dict:
     from bench_step import _finetune_inputs, real_model
 
-    from dapft.shapes import make_shapes_dataset
+    from dapft.data.shapes import make_shapes_dataset
 
     shapes = make_shapes_dataset(work / "shapes192", train_images=96, val_images=2, image_size=192)
     rows = []
@@ -249,7 +257,7 @@ def main() -> None:
     ap.add_argument("--tiny-only", action="store_true", help="of the steps, only the bundled tiny RT-DETR's")
     ap.add_argument("--json", type=Path, help="also write the CPU figures as numbers to this file")
     args = ap.parse_args()
-    from dapft.runtime import quiet_transformers
+    from dapft.utils.console import quiet_transformers
 
     quiet_transformers()
     device = torch.device(args.device)

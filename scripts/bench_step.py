@@ -24,9 +24,10 @@ import warnings
 
 import torch
 
-from dapft.criterion import DAPCriterion, install_loss
-from dapft.models import family_of
-from dapft.tiny import TINY_FAMILIES, tiny_model
+from dapft.modeling.families import family_of
+from dapft.modeling.tiny import TINY_FAMILIES, tiny_model
+from dapft.objective.criterion import DAPCriterion
+from dapft.objective.detection_loss import install_loss
 
 warnings.filterwarnings("ignore")
 
@@ -44,7 +45,7 @@ def _targets(batch: int, num_labels: int, per_image: int, device, g: torch.Gener
 def real_model(name: str):
     from transformers import AutoModelForObjectDetection, DetrConfig, RTDetrConfig
 
-    from dapft.coco_names import contiguous_id2label, detr_id2label
+    from dapft.data.coco_names import contiguous_id2label, detr_id2label
 
     if name == "detr-r50":
         labels = detr_id2label()
@@ -105,8 +106,8 @@ def _finetune_inputs(label, model, image: int, work):
     that size, and, for COCO-labelled models, a label map sending the shapes onto COCO classes."""
     import json
 
-    from dapft.shapes import CLASSES, make_shapes_dataset
-    from dapft.tiny import tiny_processor
+    from dapft.data.shapes import CLASSES, make_shapes_dataset
+    from dapft.modeling.tiny import tiny_processor
 
     model_dir = work / label
     model.save_pretrained(model_dir)
@@ -128,7 +129,7 @@ def main() -> None:
     import tempfile
     from pathlib import Path
 
-    from dapft.shapes import CLASSES
+    from dapft.data.shapes import CLASSES
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")

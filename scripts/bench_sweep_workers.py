@@ -35,8 +35,8 @@ def main() -> None:
     ap.add_argument("--val-images", type=int, default=16)
     args = ap.parse_args()
 
-    from dapft.shapes import CLASSES, make_shapes_dataset
-    from dapft.tiny import save_tiny_checkpoint
+    from dapft.data.shapes import CLASSES, make_shapes_dataset
+    from dapft.modeling.tiny import save_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -31,21 +31,31 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Where mutants are generated (module -> functions; "*" = every function of the module) and the
-# tests that cover each module. The decision functions only, for sweep, config, state and engine.
+# Where mutants are generated (target -> functions; "*" = every function of the file), the file of
+# each target (below dapft/), and the tests that cover each target. The decision functions only, for
+# the sweep, config, state and the training loop.
 TARGETS = {
     "dap": "*",
     "matcher": "*",
     "criterion": "*",
+    "detection_loss": "*",
     "freeze": "*",
     "ema": "*",
-    "sweep": ["expand", "summarize", "paired", "run_name", "same_settings", "_before_identity", "_shared_before"],
+    "sweep_settings": ["expand", "run_name"],
+    "sweep_statistics": ["summarize", "paired"],
+    "sweep": ["same_settings", "_before_identity", "_shared_before"],
     "config": ["resumed_config", "check_choices", "resolve", "lr_factor", "_as_flag"],
     "state": ["record_evaluation", "apply_patience", "new_state", "read_log", "truncate"],
-    "engine": ["_train_one_epoch", "_end_of_epoch", "_optimizer_step"],
+    "trainer": ["_train_one_epoch", "_end_of_epoch"],
+    "step": ["optimizer_step"],
+    "evaluations": ["evaluate_epoch"],
     "evaluate": ["to_coco_results", "_top", "coco_evaluate", "predict"],
     # the data path: what a model is shown (files to tensors, augmentation, batches, data order)
-    "data": "*",
+    "splits": "*",
+    "coco_file": "*",
+    "flat_split": "*",
+    "image_check": "*",
+    "labels": "*",
     "loader": "*",
     "preprocess": "*",
     # issue #39: what gives a wrong answer or a lost hour without a crash
@@ -57,13 +67,25 @@ TARGETS = {
     "gallery": ["errors_of", "most_changed", "worst", "detections_by_image", "_xyxy", "_image_parts",
                 "write_worst", "write_changed", "read_evaluation"],  # what it selects, not how it draws
     "slurm": ["check", "__call__", "submit_sweep"],
-    "runtime_stops": ["take_lock", "__enter__", "__exit__", "also_stop_on", "stop_after_progress", "_record_stop",
-                      "saved_progress", "may_stop_now", "pending_stop", "_handle", "_raise_for", "stopped_by_sigterm",
-                      "defer_interrupts", "deliver_interrupts", "atomic_write_text"],
+    "files": ["take_lock", "__enter__", "__exit__", "atomic_write_text"],  # the output folders' locks
+    "signals": ["also_stop_on", "stop_after_progress", "_record_stop", "saved_progress", "may_stop_now", "pending_stop",
+                "__enter__", "__exit__", "_handle", "_raise_for", "stopped_by_sigterm", "defer_interrupts",
+                "deliver_interrupts"],
     "sweep_grid": ["_claim", "_held", "_rows", "_run_one", "_stop_if_requested", "_before", "sweep"],
 }
-# A target that is part of a module: the module's file (the rest of the file is another target's)
-FILE_OF = {"runtime_stops": "runtime", "sweep_grid": "sweep"}
+FILE_OF = {
+    "dap": "objective/dap", "matcher": "objective/matcher", "criterion": "objective/criterion",
+    "detection_loss": "objective/detection_loss", "freeze": "training/freeze", "ema": "training/ema",
+    "sweep_settings": "sweeps/settings", "sweep_statistics": "sweeps/statistics", "sweep": "sweeps/grid",
+    "config": "training/config", "state": "training/state", "trainer": "training/trainer", "step": "training/step",
+    "evaluations": "training/evaluations", "assemble": "training/assemble", "evaluate": "analysis/evaluate",
+    "splits": "data/splits", "coco_file": "data/coco_file", "flat_split": "data/flat_split",
+    "image_check": "data/image_check", "labels": "data/labels", "loader": "data/loader",
+    "preprocess": "data/preprocess", "errors": "analysis/errors", "trackers": "utils/trackers",
+    "checkpoint": "utils/checkpoint", "distributed": "utils/distributed", "predict": "analysis/predict",
+    "gallery": "analysis/gallery", "slurm": "sweeps/slurm", "files": "utils/files", "signals": "utils/signals",
+    "sweep_grid": "sweeps/grid",
+}
 CLI = "tests/test_cli.py::"
 REAL = "tests/test_real_world.py::"
 SPREAD = "tests/test_sweep_spread.py::"
@@ -81,9 +103,12 @@ TESTS = {
     "matcher": ["tests/test_matcher.py", "tests/test_criterion.py",
                 CLI + "test_momentum_matcher_resumes_with_its_estimate"],
     "criterion": ["tests/test_criterion.py", "tests/test_models.py"],
+    "detection_loss": ["tests/test_criterion.py", "tests/test_models.py"],
     "freeze": ["tests/test_recipes.py", "tests/test_run_rules.py"],
     "ema": ["tests/test_recipes.py", CLI + "test_with_an_ema_the_reported_best_and_last_ap_are_those_of_the_saved_weights",
             CLI + "test_rtdetr_keeps_an_ema_and_a_killed_run_resumes_to_the_same_ema_and_weights"],
+    "sweep_settings": ["tests/test_run_rules.py"],
+    "sweep_statistics": ["tests/test_run_rules.py", CLI + "test_sweep_over_loss_and_seed_pairs_each_setting_with_the_original_loss"],
     "sweep": ["tests/test_run_rules.py", CLI + "test_sweep_over_loss_and_seed_pairs_each_setting_with_the_original_loss",
               "tests/test_real_world.py::test_a_sweep_run_again_with_other_fixed_settings_is_refused_and_a_stale_before_is_redone",
               "tests/test_real_world.py::test_a_sweep_killed_in_its_first_run_continues_when_run_again"],
@@ -94,15 +119,23 @@ TESTS = {
               CLI + "test_checkpoint_best_holds_the_best_evaluation_and_a_half_swapped_last_still_resumes",
               "tests/test_real_world.py::test_a_torn_last_log_line_does_not_stop_a_resume",
               "tests/test_real_world.py::test_more_patience_on_resume_trains_again"],
-    "engine": [CLI + "test_eval_every_evaluates_every_n_epochs_and_after_the_last",
+    "trainer": [CLI + "test_eval_every_evaluates_every_n_epochs_and_after_the_last",
                CLI + "test_grad_accum_2_of_batch_4_is_one_batch_of_8_for_the_original_loss",
                CLI + "test_clip_grad_norm_bounds_the_gradient_the_optimizer_sees_and_0_turns_it_off",
                CLI + "test_a_diverging_run_stops_at_the_bad_step_and_keeps_finite_checkpoints",
                CLI + "test_killed_run_resumes_to_the_same_weights",
                CLI + "test_the_schedule_follows_the_recipe_a_tenth_then_a_hundredth",
                CLI + "test_checkpoint_best_holds_the_best_evaluation_and_a_half_swapped_last_still_resumes"],
+    "step": [CLI + "test_grad_accum_2_of_batch_4_is_one_batch_of_8_for_the_original_loss",
+             CLI + "test_clip_grad_norm_bounds_the_gradient_the_optimizer_sees_and_0_turns_it_off",
+             CLI + "test_a_diverging_run_stops_at_the_bad_step_and_keeps_finite_checkpoints",
+             CLI + "test_killed_run_resumes_to_the_same_weights"],
+    "evaluations": [CLI + "test_eval_every_evaluates_every_n_epochs_and_after_the_last",
+                    CLI + "test_checkpoint_best_holds_the_best_evaluation_and_a_half_swapped_last_still_resumes",
+                    CLI + "test_patience_stops_the_run_and_the_report_says_so"],
     "evaluate": ["tests/test_data_eval.py"],
-    "data": ["tests/test_data_eval.py", "tests/test_augment.py", *DATA_REAL_WORLD],
+    **{target: ["tests/test_data_eval.py", "tests/test_augment.py", *DATA_REAL_WORLD]
+       for target in ("splits", "coco_file", "flat_split", "image_check", "labels")},
     "loader": ["tests/test_augment.py", "tests/test_preprocess.py", "tests/test_data_eval.py", *LOADER_REAL_WORLD],
     "preprocess": ["tests/test_preprocess.py", "tests/test_augment.py",
                    "tests/test_data_eval.py::test_collated_boxes_frame_the_objects_after_processing"],
@@ -119,7 +152,7 @@ TESTS = {
     "predict": ["tests/test_predict.py"],
     "gallery": ["tests/test_errors.py", "tests/test_predict.py"],
     "slurm": ["tests/test_slurm.py"],
-    "runtime_stops": [REAL + "test_sigterm_and_ctrl_c_save_a_checkpoint_and_resume_to_the_same_weights",
+    "signals": [REAL + "test_sigterm_and_ctrl_c_save_a_checkpoint_and_resume_to_the_same_weights",
                       REAL + "test_ctrl_c_and_sigterm_at_start_up_in_eval_and_twice_in_training_exit_by_the_signal_with_one_line",
                       REAL + "test_a_second_process_on_the_same_output_is_refused_naming_the_holder",
                       CLI + "test_an_output_that_cannot_be_written_is_refused_before_inference",
@@ -136,11 +169,13 @@ TESTS = {
                    REAL + "test_a_sweep_killed_in_its_first_run_continues_when_run_again"],
 }
 
+TESTS["files"] = TESTS["signals"]  # the output folders' locks: the tests of who holds a folder and stops
+
 # Mutants that cannot change behaviour, by (module, function, source line as written, operator),
 # with the reason. A survivor not listed here is a hole in the suite.
 EQUIVALENT: dict[tuple[str, str, str, str], str] = {
     # issue #39's modules
-    ("runtime_stops", "_record_stop", '"evaluation before fine-tuning, a training step, a run)", markup=False)',
+    ("signals", "_record_stop", '"evaluation before fine-tuning, a training step, a run)", markup=False)',
      "constant False->True"):
         "the line holds no [brackets] for rich to read as markup: printed alike either way",
     ("gallery", "most_changed", "take_better = min(len(better), max(n // 2, n - len(worse)))", "swap arguments"):
@@ -148,7 +183,7 @@ EQUIVALENT: dict[tuple[str, str, str, str], str] = {
     ("gallery", "write_changed", 'word = "fewer" if change < 0 else "more"', "constant 0->1"):
         "most_changed gives only images whose error count changed (c < 0 or c > 0): change is never 0, and "
         "for every other integer `change < 1` is `change < 0`",
-    ("criterion", "set_daps", "matched_iou = box_iou(", "swap arguments"):
+    ("criterion", "matched_candidates", "matched_iou = box_iou(", "swap arguments"):
         "IoU is symmetric: box_iou(b, a) is box_iou(a, b) transposed, and the diagonal is read",
     ("freeze", "parts", 'return ("all",)', "drop statement"):
         "the whole backbone frozen is then marked None instead of ('all',): either differs from every "
@@ -161,7 +196,7 @@ EQUIVALENT: dict[tuple[str, str, str, str], str] = {
                           'global_step]', "constant 0->1"):
         "the default of a record without global_step: every record dapft writes has one",
     # the data path
-    ("data", "_verdict_cache", 'return root / "checked-images" / (hashlib.sha1(str(images.resolve()).encode())'
+    ("image_check", "_verdict_cache", 'return root / "checked-images" / (hashlib.sha1(str(images.resolve()).encode())'
                                '.hexdigest()[:16] + ".json")', "constant 16->17"):
         "the length of the cache file's name: any name fixed per image folder serves (a cache written under "
         "the other name is not found, and the images are checked once more)",
@@ -210,7 +245,7 @@ PLANTED = [
      "self.matcher.update(precision[:groups].mean((0, 1)))", "momentum estimate from the first decoder layer"),
     ("criterion", "layer_daps = daps.view(num_layers, groups).mean(1)",
      "layer_daps = daps.view(num_layers, groups).sum(1)", "Group DETR sums its groups' DAPs"),
-    ("criterion", ' or (self.loss == "dap+box" and box):', ":", "dap+box drops its box terms"),
+    ("detection_loss", ' or (self.loss == "dap+box" and box):', ":", "dap+box drops its box terms"),
     ("criterion", "pos_index = (img_idx * queries + q_idx) * num_classes + gt_labels",
      "pos_index = (img_idx * queries + q_idx) * num_classes + (gt_labels + 1) % num_classes",
      "positives put on the wrong class"),
@@ -220,13 +255,13 @@ PLANTED = [
      "no /100 learning rate in the last epoch"),
     ("state", 'run.criterion.load_state_dict(trainer_state["criterion"])', "pass",
      "matcher estimate not restored on --resume"),
-    ("engine", "run.scaler.scale(out.loss / self.cfg.grad_accum).backward()", "run.scaler.scale(out.loss).backward()",
+    ("step", "run.scaler.scale(out.loss / grad_accum).backward()", "run.scaler.scale(out.loss).backward()",
      "loss not divided by --grad-accum"),
     ("assemble", '"backbone": cfg.backbone_lr_multiplier,', '"backbone": 1.0,', "backbone trained at the full rate"),
     ("assemble", '"linear_proj": float(cfg.extra.get("linear_proj_lr_multiplier", 1.0))', '"linear_proj": 1.0',
      "Deformable DETR's sampling offsets and reference points at the full rate"),
-    ("engine", 'self.cfg.clip_grad_norm if self.cfg.clip_grad_norm > 0 else float("inf")',
-     'max(self.cfg.clip_grad_norm, 0.1)', "--clip-grad-norm 0 still clips"),
+    ("step", 'clip_grad_norm if clip_grad_norm > 0 else float("inf")',
+     'max(clip_grad_norm, 0.1)', "--clip-grad-norm 0 still clips"),
     ("config", "own if own is not None and own.is_file() else", "own if own is not None and own.is_file() and recipe else",
      "a checkpoint's own recipe ignored"),
     ("evaluate", 'idx = det["scores"].topk(k).indices', "idx = torch.arange(k)",
@@ -235,14 +270,14 @@ PLANTED = [
      "per-class AP read at 1 detection an image, not 100"),
     ("evaluate", "ev.params.imgIds = sorted(image_ids)", "pass",
      "evaluation scores every image, not the --max-eval-images subset"),
-    ("data", "            evaluated[ann[\"image_id\"]].append(ann)\n    return", "    return",
-     "boxes kept in training left out of evaluation"),
+    ("flat_split", "rows = np.flatnonzero(self.use != SKIPPED)", "rows = np.flatnonzero(self.use == TRAINED)",
+     "crowd regions left out of the evaluation's ground truth (detections on them count as false positives)"),
     # issue #19's behaviours, each with the test written for it
     ("freeze", "if isinstance(module, _NORM_TYPES) and (spec.norm or spec.whole):",
      "if isinstance(module, _NORM_TYPES) and spec.norm:", "--freeze-backbone leaves BatchNorm statistics moving"),
-    ("engine", "model = run.ema.module if run.ema is not None else run.model", "model = run.model",
+    ("evaluations", "model = run.ema.module if run.ema is not None else run.model", "model = run.model",
      "the raw weights evaluated (and chosen as best) while the EMA is saved"),
-    ("sweep", 'shared = [k for k in setting_keys if k not in DAP_ONLY and k != "loss"]', "shared = []",
+    ("sweep_statistics", 'shared = [k for k in setting_keys if k not in DAP_ONLY and k != "loss"]', "shared = []",
      "a DAP run paired with the original-loss run of another lr or batch size"),
     ("config", "if given and not same:", 'if given and not same and f.name != "weight_decay":',
      "--weight-decay accepted on resume though it differs"),
@@ -253,10 +288,11 @@ PLANTED = [
 ]
 PLANTED_TESTS = {**TESTS, "freeze": ["tests/test_recipes.py"],
                  "state": TESTS["state"] + [CLI + "test_momentum_matcher_resumes_with_its_estimate"],
-                 "engine": TESTS["engine"] + TESTS["ema"][1:],
+                 "step": TESTS["step"] + TESTS["ema"][1:],
+                 "evaluations": TESTS["evaluations"] + TESTS["ema"][1:],
                  "assemble": [CLI + "test_the_schedule_follows_the_recipe_a_tenth_then_a_hundredth",
                                        "tests/test_recipes.py::test_real_size_detr_like_trains_layer2_to_4_and_the_transformer_only"],
-                 "data": ["tests/test_data_eval.py"]}
+                 "flat_split": ["tests/test_data_eval.py"]}
 
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -343,7 +379,7 @@ def _eligible(tree: ast.Module, functions) -> list[tuple[ast.AST, str, str]]:
 
 
 def generate(module: str) -> list[Mutant]:
-    path = REPO / "dapft" / f"{FILE_OF.get(module, module)}.py"
+    path = REPO / "dapft" / f"{FILE_OF[module]}.py"
     lines = path.read_text().splitlines()
     tree = ast.parse(path.read_text())
     return [Mutant(module, fn, node.lineno, op, lines[node.lineno - 1].strip(), i)
@@ -447,7 +483,7 @@ def run_generated(args) -> None:
         for k, m in enumerate(chosen):
             root = Path(tmp) / f"m{k}"
             _copy(root)
-            path = root / "dapft" / f"{FILE_OF.get(m.module, m.module)}.py"
+            path = root / "dapft" / f"{FILE_OF[m.module]}.py"
             path.write_text(apply(m, path.read_text()))
             verdict, seconds = _run(root, TESTS[m.module], timeout=max(60.0, 5 * base[m.module]))
             shutil.rmtree(root)
@@ -485,7 +521,7 @@ def run_planted() -> None:
         for i, (module, old, new, what) in enumerate(PLANTED):
             root = Path(tmp) / f"p{i}"
             _copy(root)
-            path = root / "dapft" / f"{module}.py"
+            path = root / "dapft" / f"{FILE_OF[module]}.py"
             text = path.read_text()
             if text.count(old) != 1:
                 raise SystemExit(f"mutant {what!r}: its original text occurs {text.count(old)} times in {module}.py")

@@ -25,8 +25,9 @@ def main() -> None:
     from transformers import AutoImageProcessor, AutoModelForObjectDetection
     from transformers.loss.loss_deformable_detr import DeformableDetrHungarianMatcher
 
-    from dapft.data import LabelMap, load_split, resolve_split
-    from dapft.loader import BatchLoader, CocoDetection
+    from dapft.data.labels import LabelMap
+    from dapft.data.loader import BatchLoader, CocoDetection
+    from dapft.data.splits import load_split, resolve_split
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="a checkpoint directory")

@@ -33,11 +33,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dapft.config import FinetuneConfig  # noqa: E402
-from dapft.models import BUNDLED_DIR, bundled_models  # noqa: E402
-from dapft.runtime import TrainingInterrupted  # noqa: E402
-from dapft.shapes import make_shapes_dataset  # noqa: E402
-from dapft.sweep import sweep  # noqa: E402
+from dapft.data.shapes import make_shapes_dataset  # noqa: E402
+from dapft.modeling.loading import BUNDLED_DIR, bundled_models  # noqa: E402
+from dapft.sweeps.grid import sweep  # noqa: E402
+from dapft.training.config import FinetuneConfig  # noqa: E402
+from dapft.utils.signals import TrainingInterrupted  # noqa: E402
 
 GRIDS = {  # seeds: None takes --seeds
     "loss": ({"loss": ["original", "dap", "dap+original"], "matcher": ["original"]}, None),
@@ -49,7 +49,7 @@ PLAN = {"tiny-deformable-detr-shapes": ["loss", "matcher", "sigma"]}
 
 
 def main() -> None:
-    from dapft.runtime import quiet_transformers
+    from dapft.utils.console import quiet_transformers
 
     quiet_transformers()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -24,10 +24,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dapft.config import FinetuneConfig, load_recipe  # noqa: E402
-from dapft.engine import TrainingInterrupted, finetune  # noqa: E402
-from dapft.shapes import CLASSES, make_shapes_dataset  # noqa: E402
-from dapft.tiny import save_tiny_checkpoint  # noqa: E402
+from dapft.data.shapes import CLASSES, make_shapes_dataset  # noqa: E402
+from dapft.modeling.tiny import save_tiny_checkpoint  # noqa: E402
+from dapft.training.config import FinetuneConfig, load_recipe  # noqa: E402
+from dapft.training.trainer import finetune  # noqa: E402
+from dapft.utils.signals import TrainingInterrupted  # noqa: E402
 
 # Architecture of each bundled model and the from-scratch schedule that trains it.
 BUNDLED = {
@@ -208,7 +209,7 @@ def make_init(family: str, spec: dict, init: Path) -> None:
 
 
 def main() -> None:
-    from dapft.runtime import quiet_transformers
+    from dapft.utils.console import quiet_transformers
 
     quiet_transformers()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

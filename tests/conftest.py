@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dapft.shapes import make_shapes_dataset
+from dapft.data.shapes import make_shapes_dataset
 
 warnings.filterwarnings("ignore", message=".*TypedStorage.*")
 # The image-check verdicts of this test session (inherited by the CLI subprocesses), not ~/.cache's.
@@ -79,8 +79,8 @@ def coco_named_root(tmp_path_factory, shapes_root):
 @pytest.fixture(scope="module")
 def tiny_detr(tmp_path_factory):
     """A randomly initialised tiny DETR checkpoint with its processor (the shapes classes)."""
-    from dapft.shapes import CLASSES
-    from dapft.tiny import save_tiny_checkpoint
+    from dapft.data.shapes import CLASSES
+    from dapft.modeling.tiny import save_tiny_checkpoint
 
     return save_tiny_checkpoint("detr", tmp_path_factory.mktemp("tiny") / "detr", dict(enumerate(CLASSES)),
                                 image_size=128)

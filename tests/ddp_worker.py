@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dapft.criterion import DAPCriterion
-from dapft.distributed import all_reduce_statistics, init_distributed
-from dapft.models import FAMILIES
+from dapft.modeling.families import FAMILIES
+from dapft.objective.criterion import DAPCriterion, all_reduce_statistics
+from dapft.utils.distributed import init_distributed
 
 IMAGES, QUERIES, CLASSES = 8, 12, 4
 

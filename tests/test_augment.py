@@ -14,11 +14,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dapft.data import LabelMap, load_split, resolve_split
-from dapft.loader import BatchLoader, CocoDetection, EpochSampler, TrainAugmentation
-from dapft.preprocess import BatchPreprocessor
-from dapft.shapes import CLASSES
-from dapft.tiny import tiny_processor
+from dapft.data.labels import LabelMap
+from dapft.data.loader import BatchLoader, CocoDetection, EpochSampler, TrainAugmentation
+from dapft.data.preprocess import BatchPreprocessor
+from dapft.data.shapes import CLASSES
+from dapft.data.splits import load_split, resolve_split
+from dapft.modeling.tiny import tiny_processor
 
 # Derandomised: the same cases on every machine, so a failure in CI is a failure here.
 CASES = settings(max_examples=150, deadline=None, derandomize=True, database=None)
@@ -194,7 +195,7 @@ def test_prepared_boxes_frame_their_objects_in_the_resized_image_with_their_labe
     (16, 1, 4, 4),
 ])
 def test_a_gpu_process_gets_the_workers_its_cpus_allow_and_a_cpu_run_none(cpus, processes, cap, workers):
-    from dapft.loader import default_num_workers
+    from dapft.data.loader import default_num_workers
 
     assert default_num_workers("cuda", processes, cap, cpus=cpus) == workers
     assert default_num_workers("cpu", processes, cap, cpus=cpus) == 0
@@ -203,7 +204,7 @@ def test_a_gpu_process_gets_the_workers_its_cpus_allow_and_a_cpu_run_none(cpus, 
 def test_by_default_a_gpu_process_counts_the_cpus_it_may_run_on():
     import os
 
-    from dapft.loader import default_num_workers
+    from dapft.data.loader import default_num_workers
 
     assert default_num_workers("cuda") == default_num_workers("cuda", cpus=len(os.sched_getaffinity(0)))
 

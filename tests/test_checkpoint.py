@@ -1,4 +1,4 @@
-"""Checkpoints on their own (dapft.checkpoint): what is written, how a damaged one is refused, which
+"""Checkpoints on their own (dapft.utils.checkpoint): what is written, how a damaged one is refused, which
 one a resume takes after a crash between the two renames, and that the state comes back as saved."""
 
 from __future__ import annotations
@@ -9,10 +9,16 @@ import os
 import pytest
 import torch
 
-from dapft.checkpoint import MANIFEST, CheckpointError, find_resumable, load_trainer_state, save_checkpoint, \
-    verify_checkpoint
-from dapft.shapes import CLASSES
-from dapft.tiny import tiny_model, tiny_processor
+from dapft.data.shapes import CLASSES
+from dapft.modeling.tiny import tiny_model, tiny_processor
+from dapft.utils.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    find_resumable,
+    load_trainer_state,
+    save_checkpoint,
+    verify_checkpoint,
+)
 
 
 @pytest.fixture(scope="module")

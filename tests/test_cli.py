@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from runs_helpers import COMMON, ENV, dapft
+from runs_helpers import assert_same_weights as _assert_same_weights
+from runs_helpers import weights as _weights
 from safetensors.torch import load_file
 
-from dapft.shapes import CLASSES
-from dapft.tiny import save_tiny_checkpoint
-
-from runs_helpers import COMMON, ENV, assert_same_weights as _assert_same_weights, dapft, weights as _weights
+from dapft.data.shapes import CLASSES
+from dapft.modeling.tiny import save_tiny_checkpoint
 
 pytestmark = pytest.mark.slow  # every test here starts the command line in a subprocess and most train
 
@@ -472,8 +473,8 @@ def two_boxes_root(tmp_path_factory, shapes_root):
 def _step_gradients(model, data, tmp_path, **settings) -> list[dict[str, torch.Tensor]]:
     """The gradient of each optimizer step of a run, all taken at the starting weights (the
     optimizer never steps), in the run's own data order."""
-    from dapft.config import FinetuneConfig
-    from dapft.engine import Trainer
+    from dapft.training.config import FinetuneConfig
+    from dapft.training.trainer import Trainer
 
     class Recorder(Trainer):
         def _optimizer_step(self, terms, losses):
@@ -520,8 +521,8 @@ def test_grad_accum_averages_each_micro_batchs_own_dap(tmp_path, tiny_detr, two_
 @pytest.mark.parametrize("clip", [0.0, 0.1])
 def test_clip_grad_norm_bounds_the_gradient_the_optimizer_sees_and_0_turns_it_off(tmp_path, tiny_detr, shapes_root,
                                                                                   clip):
-    from dapft.config import FinetuneConfig
-    from dapft.engine import Trainer
+    from dapft.training.config import FinetuneConfig
+    from dapft.training.trainer import Trainer
 
     class Watcher(Trainer):
         def setup(self):
@@ -549,8 +550,8 @@ def test_clip_grad_norm_bounds_the_gradient_the_optimizer_sees_and_0_turns_it_of
 
 
 def test_a_diverging_run_stops_at_the_bad_step_and_keeps_finite_checkpoints(tmp_path, tiny_detr, shapes_root):
-    from dapft.config import FinetuneConfig
-    from dapft.engine import Trainer
+    from dapft.training.config import FinetuneConfig
+    from dapft.training.trainer import Trainer
 
     class Diverging(Trainer):
         """Injects a NaN gradient from the third optimizer step on, as an unstable rate would."""
@@ -697,8 +698,8 @@ def test_a_label_set_change_under_dap_alone_is_warned_about(tmp_path, shapes_roo
 
 @pytest.mark.parametrize("matcher", ["original", "constant"])
 def test_a_model_that_outputs_nan_boxes_stops_with_the_step_and_the_layer(tmp_path, tiny_detr, shapes_root, matcher):
-    from dapft.config import FinetuneConfig
-    from dapft.engine import Trainer
+    from dapft.training.config import FinetuneConfig
+    from dapft.training.trainer import Trainer
 
     class NanBoxes(Trainer):
         """The box head outputs NaN from the second step on, as a diverging model would."""

@@ -10,9 +10,10 @@ import torch
 from torchvision.ops import box_convert, box_iou
 
 from dapft import APCostMatcher, differentiable_ap
-from dapft.criterion import DAPCriterion, install_loss
-from dapft.models import family_of
-from dapft.tiny import tiny_model
+from dapft.modeling.families import family_of
+from dapft.modeling.tiny import tiny_model
+from dapft.objective.criterion import DAPCriterion
+from dapft.objective.detection_loss import install_loss
 
 LABELS = {i: f"c{i}" for i in range(5)}
 
@@ -140,7 +141,7 @@ def test_the_matching_diagnostic_reads_the_last_decoder_layer_in_float32():
     """match_vs_model and match_vs_top describe the last layer's matching (the one the model's
     predictions come from), computed in float32 even under autocast (bf16 scores tie where float32
     ones do not)."""
-    from dapft.matcher import disagreement_with, disagreement_with_top_query
+    from dapft.objective.matcher import disagreement_with, disagreement_with_top_query
 
     model = tiny_model("deformable_detr", LABELS)
     family = family_of(model.config)
@@ -164,7 +165,7 @@ def test_the_matching_diagnostic_reads_the_last_decoder_layer_in_float32():
 
 
 def test_a_dap_loss_without_its_criterion_is_refused():
-    from dapft.criterion import DetectionLoss
+    from dapft.objective.detection_loss import DetectionLoss
 
     family = family_of(tiny_model("detr", LABELS).config)
     for loss in ("dap", "dap+original", "dap+box"):

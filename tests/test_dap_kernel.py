@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dapft import ap_matching_cost, differentiable_ap
-from dapft import dap as dap_module
-from dapft.dap import soft_tail_sum
+from dapft.objective import dap as dap_module
+from dapft.objective.dap import soft_tail_sum
 
 
 def naive_tail_sum(scores: torch.Tensor, labels: torch.Tensor | None, num_classes: int, num_bins: int,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dapft import COCO_IOU_THRESHOLDS, dap_from_statistics, dap_statistics, differentiable_ap
-from dapft import dap as dap_module
-from dapft.smooth_ap import smooth_ap
+from dapft.objective import dap as dap_module
+from dapft.objective.smooth_ap import smooth_ap
 
 
 def _draw(seed: int, m: int = 200, dtype=torch.float64):

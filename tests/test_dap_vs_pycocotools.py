@@ -14,7 +14,7 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert, box_iou
 
 from dapft import differentiable_ap
-from dapft.dap import COCO_IOU_THRESHOLDS as COCO_THRESHOLDS
+from dapft.objective.dap import COCO_IOU_THRESHOLDS as COCO_THRESHOLDS
 
 NUM_BINS = 4096
 SIGMA = 1e-5  # bins are 1/4096 wide and scores sit at bin centres: 12 sigma from every edge
@@ -172,7 +172,7 @@ def test_l_int_by_hand_including_an_iou_above_the_last_threshold():
     # Eq. 6: anchors (0, 0.5, 0.55, ..., 0.95, 1) with values y_0 = 0, y_k = p_1 + ... + p_k and the
     # extrapolated y_11 = 2 y_10 - y_9. With precision p_k = 1.0, 0.9, ..., 0.1 at one score bin:
     # y = 0, 1.0, 1.9, 2.7, 3.4, 4.0, 4.5, 4.9, 5.2, 5.4, 5.5, 5.6.
-    from dapft.dap import _anchor_values, interpolation_weights
+    from dapft.objective.dap import _anchor_values, interpolation_weights
 
     thresholds = torch.tensor(COCO_THRESHOLDS, dtype=torch.float64)
     precision = torch.linspace(1.0, 0.1, 10, dtype=torch.float64)[:, None]  # (K, N=1)

@@ -14,11 +14,13 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 from transformers import DetrImageProcessor, RTDetrImageProcessor
 
-from dapft.coco_names import contiguous_id2label, detr_id2label
-from dapft.data import DataError, LabelMap, load_split, resolve_split
-from dapft.loader import BatchLoader, CocoDetection, TrainAugmentation
-from dapft.evaluate import EVALUATORS, coco_evaluate, to_coco_results
-from dapft.shapes import CLASSES, make_shapes_dataset
+from dapft.analysis.evaluate import EVALUATORS, coco_evaluate, to_coco_results
+from dapft.data.coco_file import DataError
+from dapft.data.coco_names import contiguous_id2label, detr_id2label
+from dapft.data.labels import LabelMap
+from dapft.data.loader import BatchLoader, CocoDetection, TrainAugmentation
+from dapft.data.shapes import CLASSES, make_shapes_dataset
+from dapft.data.splits import load_split, resolve_split
 
 CONVENTIONS = {
     "detr-91-slots": (detr_id2label(), DetrImageProcessor(size={"shortest_edge": 160, "longest_edge": 256}), "softmax"),
@@ -310,7 +312,7 @@ def test_a_root_without_the_2017_names_is_read_and_the_2017_layout_comes_first(s
 
 def test_the_first_images_of_a_loaded_split_are_those_load_split_takes(shapes_root):
     """--train-eval-images: the subset cut from the loaded split, as loading only it would give."""
-    from dapft.data import first_images
+    from dapft.data.flat_split import first_images
 
     source = resolve_split(shapes_root, "train")
     cut, alone = first_images(load_split(source), 5), load_split(source, max_images=5)
@@ -325,7 +327,7 @@ def test_the_first_images_of_a_loaded_split_are_those_load_split_takes(shapes_ro
 def test_a_photo_with_an_exif_orientation_is_read_upright_in_every_format(tmp_path, suffix):
     # torchvision reads JPEG and PNG upright but not WebP; PIL reads TIFF and WebP: each must come out
     # as a browser shows it, which is what the data check measured and the boxes were drawn on.
-    from dapft.loader import read_image
+    from dapft.data.loader import read_image
 
     pixels = np.zeros((20, 40, 3), np.uint8)
     pixels[:5, :10] = 255  # a mark in the top left corner as stored
@@ -343,7 +345,7 @@ def test_a_photo_with_an_exif_orientation_is_read_upright_in_every_format(tmp_pa
 def test_16_bit_images_keep_their_contents(tmp_path, suffix):
     from PIL import Image
 
-    from dapft.loader import read_image
+    from dapft.data.loader import read_image
 
     ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
     Image.fromarray(ramp).save(tmp_path / f"deep{suffix}")
@@ -357,7 +359,7 @@ def test_16_bit_images_keep_their_contents(tmp_path, suffix):
 
 @pytest.mark.parametrize("evaluator", EVALUATORS)
 def test_boxes_skipped_in_training_are_left_out_of_evaluation_too(tmp_path, shapes_root, evaluator):
-    from dapft.engine import evaluate_model
+    from dapft.analysis.checkpoint_eval import evaluate_model
 
     clean = json.loads((shapes_root / "annotations" / "instances_val2017.json").read_text())
     bad = json.loads(json.dumps(clean))
@@ -388,7 +390,7 @@ def test_boxes_skipped_in_training_are_left_out_of_evaluation_too(tmp_path, shap
 def test_max_images_scores_exactly_that_subset(tmp_path, shapes_root):
     # The first 5 images by id, evaluated from the whole file, score as a file holding only them:
     # images without detections must not count as misses.
-    from dapft.engine import evaluate_model
+    from dapft.analysis.checkpoint_eval import evaluate_model
 
     whole = json.loads((shapes_root / "annotations" / "instances_val2017.json").read_text())
     first = sorted(im["id"] for im in whole["images"])[:5]
@@ -439,8 +441,8 @@ def test_per_class_ap_is_cocoevals_ap_of_that_category_alone(shapes_root, evalua
 def test_at_most_100_detections_an_image_the_best_and_the_same_ap(shapes_root):
     # COCO scores 100 detections an image (maxDets): a model with 120 queries keeps its 100 best, and
     # the AP is the one pycocotools computes from all 120.
-    from dapft.evaluate import predict
-    from dapft.tiny import tiny_model, tiny_processor
+    from dapft.analysis.evaluate import predict
+    from dapft.modeling.tiny import tiny_model, tiny_processor
 
     split = load_split(resolve_split(shapes_root, "val"))
     torch.manual_seed(0)
@@ -477,8 +479,8 @@ def test_no_detections_at_all_score_zero_as_detections_that_match_nothing(shapes
 def test_scores_under_bf16_autocast_are_post_processed_in_float32(shapes_root):
     """Under autocast the model's outputs are bf16 (GPU runs, `--precision auto`): post-processing
     must see them in float32, or every score is rounded to bf16's 3 digits and AP ranks ties."""
-    from dapft.evaluate import predict
-    from dapft.tiny import tiny_model, tiny_processor
+    from dapft.analysis.evaluate import predict
+    from dapft.modeling.tiny import tiny_model, tiny_processor
 
     split = load_split(resolve_split(shapes_root, "val"), max_images=4)
     torch.manual_seed(0)
@@ -517,7 +519,7 @@ def test_a_split_keeps_only_what_box_training_and_evaluation_read_and_scores_the
 def test_the_dataset_item_is_the_splits_image_and_boxes(shapes_root):
     # The dataset holds the split as flat arrays: each item must still be its image's file, size,
     # id and boxes (xyxy) with their labels in model label space.
-    from dapft.loader import read_image
+    from dapft.data.loader import read_image
 
     split = load_split(resolve_split(shapes_root, "val"))
     mapping = LabelMap.build(split.categories, {i: n for i, n in enumerate(CLASSES)})
@@ -589,7 +591,7 @@ def test_the_fast_reader_takes_only_files_the_checked_reader_takes_and_reads_the
     """dapft reads an annotation file with a typed decoder that skips polygons (msgspec) and falls back
     to the standard parser with item-by-item checks for anything it does not take: it must never take
     a file the checks refuse, and what it reads must be what the checks read, column for column."""
-    from dapft.data import _decode_checked, _decode_typed
+    from dapft.data.coco_file import _decode_checked, _decode_typed
 
     data = json.loads((shapes_root / "annotations" / "instances_val2017.json").read_text())
     FILE_CHANGES[change](data)

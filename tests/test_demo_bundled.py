@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from dapft.models import BUNDLED_DIR, bundled_models, resolve_model
-from dapft.shapes import make_shapes_dataset
+from dapft.data.shapes import make_shapes_dataset
+from dapft.modeling.loading import BUNDLED_DIR, bundled_models, resolve_model
 
 pytestmark = pytest.mark.slow  # the bundled detectors evaluated and fine-tuned
 
@@ -23,7 +23,7 @@ def test_the_demo_detector_is_bundled():
 
 @pytest.mark.parametrize("name", bundled_models())
 def test_bundled_checkpoint_reproduces_its_recorded_validation_ap(name, tmp_path):
-    from dapft.engine import evaluate_model
+    from dapft.analysis.checkpoint_eval import evaluate_model
 
     folder = BUNDLED_DIR / name.split("/", 1)[1]
     meta = json.loads((folder / "bundled.json").read_text())

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dapft.shapes import CLASSES
-from dapft.tiny import tiny_model, tiny_processor
+from dapft.data.shapes import CLASSES
+from dapft.modeling.tiny import tiny_model, tiny_processor
 
 pytestmark = pytest.mark.slow  # torchrun with two processes
 
@@ -48,8 +48,9 @@ def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path, mat
 
 def _fitted_checkpoint(path: Path, shapes_root: Path) -> Path:
     """A tiny Deformable DETR briefly fitted with its own loss, so that DAP has a gradient."""
-    from dapft.data import LabelMap, load_split, resolve_split
-    from dapft.loader import BatchLoader, CocoDetection
+    from dapft.data.labels import LabelMap
+    from dapft.data.loader import BatchLoader, CocoDetection
+    from dapft.data.splits import load_split, resolve_split
 
     torch.manual_seed(0)
     model = tiny_model("deformable_detr_box_refine", dict(enumerate(CLASSES))).train()
@@ -108,11 +109,13 @@ def test_ddp_is_told_to_look_for_unused_parameters_only_where_the_family_leaves_
     """Found by running the model: two-stage Deformable DETR's proposal head gets no gradient from the
     DAP loss (nor from its own); RT-DETR's every parameter does, its denoising queries included (they run in
     training only). The probe leaves the model, its buffers, the matcher and the generators as they were."""
-    from dapft.criterion import DAPCriterion, install_loss
-    from dapft.data import LabelMap, load_split, resolve_split
-    from dapft.distributed import parameters_without_gradient
-    from dapft.loader import BatchLoader, CocoDetection
-    from dapft.models import family_of
+    from dapft.data.labels import LabelMap
+    from dapft.data.loader import BatchLoader, CocoDetection
+    from dapft.data.splits import load_split, resolve_split
+    from dapft.modeling.families import family_of
+    from dapft.objective.criterion import DAPCriterion
+    from dapft.objective.detection_loss import install_loss
+    from dapft.utils.distributed import parameters_without_gradient
 
     torch.manual_seed(0)
     model = tiny_model(name, dict(enumerate(CLASSES))).eval()

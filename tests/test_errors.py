@@ -1,4 +1,4 @@
-"""The error breakdown (dapft.errors): TIDE's error types on hand-built cases whose answer is known
+"""The error breakdown (dapft.analysis.errors): TIDE's error types on hand-built cases whose answer is known
 by hand, held to tidecv (TIDE's authors' code) as well; the per-image counts, the confusion matrix
 and the calibration error on cases counted by hand; and the galleries' choice of images."""
 
@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from dapft.errors import TIDE_TYPES, error_breakdown
-from dapft.gallery import most_changed, worst
+from dapft.analysis.errors import TIDE_TYPES, error_breakdown
+from dapft.analysis.gallery import most_changed, worst
 
 # Three 200x200 images: one 40x40 object of class "a" in images 1 and 2, one of class "b" in image 3,
 # which is always found (0.7). COCO's AP interpolates precision at 101 recall points: one of two
@@ -67,8 +67,8 @@ def _tidecv(truth: dict, results: list[dict]) -> dict[str, float]:
 
 
 def test_the_shift_makes_iou_03():
-    from torchvision.ops import box_iou
     import torch
+    from torchvision.ops import box_iou
 
     a = torch.tensor([[10.0, 10, 50, 50]])
     assert box_iou(a, a + torch.tensor([SHIFT_TO_IOU_03, 0, SHIFT_TO_IOU_03, 0])).item() == pytest.approx(0.3, abs=1e-3)
@@ -94,8 +94,9 @@ def test_tide_numbers_are_tidecvs_on_the_hand_built_cases(kind):
 
 def test_tide_numbers_are_tidecvs_with_every_error_at_once(shapes_root):
     # A detector's usual mix on a real split (the noisy results the evaluators are held to each other with)
-    from dapft.data import load_split, resolve_split
     from test_data_eval import _noisy_results
+
+    from dapft.data.splits import load_split, resolve_split
 
     split = load_split(resolve_split(shapes_root, "val"))
     results = _noisy_results(split)
@@ -116,9 +117,10 @@ def test_where_tidecv_differs_a_class_with_detections_and_no_ground_truth():
 
 
 def test_tides_base_is_pycocotools_ap50(shapes_root):
-    from dapft.data import load_split, resolve_split
-    from dapft.evaluate import coco_evaluate
     from test_data_eval import _noisy_results
+
+    from dapft.analysis.evaluate import coco_evaluate
+    from dapft.data.splits import load_split, resolve_split
 
     split = load_split(resolve_split(shapes_root, "val"))
     results, ids = _noisy_results(split), split.ids.tolist()
@@ -201,10 +203,11 @@ def test_reports_draw_the_images_that_changed_most_and_an_evaluations_worst(tmp_
 
     from PIL import Image
 
-    from dapft.config import FinetuneConfig
-    from dapft.engine import evaluate_model, finetune
-    from dapft.gallery import errors_of
-    from dapft.shapes import make_shapes_dataset
+    from dapft.analysis.checkpoint_eval import evaluate_model
+    from dapft.analysis.gallery import errors_of
+    from dapft.data.shapes import make_shapes_dataset
+    from dapft.training.config import FinetuneConfig
+    from dapft.training.trainer import finetune
 
     data = make_shapes_dataset(tmp_path / "data", train_images=40, val_images=40, seed=1)  # unseen by the model
     run = tmp_path / "run"

@@ -8,17 +8,17 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from dapft.export import ExportError, export
-from dapft.shapes import CLASSES
-from dapft.tiny import save_tiny_checkpoint
 from runs_helpers import COMMON, dapft
+
+from dapft.data.shapes import CLASSES
+from dapft.modeling.export import ExportError, export
+from dapft.modeling.tiny import save_tiny_checkpoint
 
 pytestmark = pytest.mark.slow  # exports, evaluations
 
 
 def _ap(model, shapes_root, out) -> dict:
-    from dapft.engine import evaluate_model
+    from dapft.analysis.checkpoint_eval import evaluate_model
 
     return evaluate_model(str(model), str(shapes_root), output=out, num_workers=0, progress=False, report_to="none",
                           gallery=False, device="cpu")
@@ -93,7 +93,7 @@ def test_bad_export_requests_are_one_line_before_any_model_loads(tmp_path):
     (tmp_path / "done" / "model.onnx").write_bytes(b"")
     with pytest.raises(ExportError, match="holds an export already"):
         export("dapft/tiny-rtdetr-shapes", tmp_path / "done", log=lambda *a, **k: None)
-    from dapft.export import load_onnx_detector
+    from dapft.modeling.export import load_onnx_detector
 
     with pytest.raises(FileNotFoundError, match="preprocessor_config.json and config.json are not beside it"):
         load_onnx_detector(tmp_path / "done" / "model.onnx")

@@ -20,11 +20,12 @@ import torch
 from safetensors.torch import load_file
 
 from dapft import differentiable_ap
-from dapft.criterion import DAPCriterion, install_loss
-from dapft.models import family_of
-from dapft.runtime import amp_dtype
-from dapft.shapes import CLASSES
-from dapft.tiny import tiny_model
+from dapft.data.shapes import CLASSES
+from dapft.modeling.families import family_of
+from dapft.modeling.tiny import tiny_model
+from dapft.objective.criterion import DAPCriterion
+from dapft.objective.detection_loss import install_loss
+from dapft.utils.device import amp_dtype
 
 CUDA_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -112,9 +113,10 @@ def test_dap_on_cuda_equals_dap_on_cpu(average, exact):
 @pytest.fixture(scope="module")
 def trained_batch(shapes_root):
     """The bundled RT-DETR (trained: its DAP is far from 0 and 1) and a batch of shapes images."""
-    from dapft.data import LabelMap, load_split, resolve_split
-    from dapft.loader import BatchLoader, CocoDetection
-    from dapft.models import load_detector
+    from dapft.data.labels import LabelMap
+    from dapft.data.loader import BatchLoader, CocoDetection
+    from dapft.data.splits import load_split, resolve_split
+    from dapft.modeling.loading import load_detector
 
     model, processor, family = load_detector("dapft/tiny-rtdetr-shapes", log=lambda _: None)
     split = load_split(resolve_split(shapes_root, "val"), max_images=8)
@@ -209,9 +211,10 @@ def test_batches_are_prepared_on_the_gpu_as_the_processor_prepares_them_there(fa
     """On a CUDA run the workers hand over uint8 images and the batch is resized, normalised and
     padded on the GPU: equal to the processor run on the GPU, and to the CPU's preparation within
     one uint8 level (torchvision resizes uint8 on CUDA through float32 and rounds)."""
-    from dapft.data import LabelMap, load_split, resolve_split
-    from dapft.loader import BatchLoader, CocoDetection
-    from dapft.tiny import tiny_processor
+    from dapft.data.labels import LabelMap
+    from dapft.data.loader import BatchLoader, CocoDetection
+    from dapft.data.splits import load_split, resolve_split
+    from dapft.modeling.tiny import tiny_processor
 
     processor = tiny_processor(family, 96)
     split = load_split(resolve_split(shapes_root, "val"), max_images=8)

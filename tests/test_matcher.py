@@ -99,7 +99,7 @@ def test_original_mode_delegates():
 
 
 def test_disagreement_with_another_matching_counts_ground_truths_assigned_elsewhere():
-    from dapft.matcher import disagreement_with
+    from dapft.objective.matcher import disagreement_with
 
     ours = [(torch.tensor([0, 2]), torch.tensor([1, 0])), (torch.tensor([4]), torch.tensor([0]))]
     theirs = [(torch.tensor([2, 3]), torch.tensor([1, 0])), (torch.tensor([4]), torch.tensor([0]))]
@@ -109,7 +109,7 @@ def test_disagreement_with_another_matching_counts_ground_truths_assigned_elsewh
 
 
 def test_disagreement_with_the_top_query_counts_only_overlapped_ground_truths():
-    from dapft.matcher import disagreement_with_top_query
+    from dapft.objective.matcher import disagreement_with_top_query
 
     gt = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.8, 0.8, 0.1, 0.1]])  # cxcywh; nothing overlaps the second
     boxes = torch.tensor([[[0.3, 0.3, 0.2, 0.2],      # query 0: the ground truth itself, score 0.9
@@ -126,7 +126,7 @@ def test_disagreement_with_the_top_query_counts_only_overlapped_ground_truths():
 def test_the_models_own_matcher_names_the_image_whose_outputs_are_not_finite():
     from transformers.loss.loss_for_object_detection import HungarianMatcher
 
-    from dapft.matcher import NonFiniteCostError
+    from dapft.objective.matcher import NonFiniteCostError
 
     matcher = APCostMatcher("original", original=HungarianMatcher(class_cost=1, bbox_cost=5, giou_cost=2))
     boxes = torch.rand(3, 10, 4) * 0.2 + 0.4

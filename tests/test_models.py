@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dapft.criterion import LOSS_CONFIGS, DAPCriterion, install_loss
-from dapft.models import UnsupportedModelError, family_of, load_detector
-from dapft.tiny import TINY_FAMILIES, tiny_model, tiny_processor
+from dapft.modeling.families import UnsupportedModelError, family_of
+from dapft.modeling.loading import load_detector
+from dapft.modeling.tiny import TINY_FAMILIES, tiny_model, tiny_processor
+from dapft.objective.criterion import DAPCriterion
+from dapft.objective.detection_loss import LOSS_CONFIGS, install_loss
 
 LABELS = {i: f"c{i}" for i in range(5)}
 
@@ -196,7 +198,7 @@ def test_a_new_label_set_of_the_same_size_is_not_kept_by_position(tmp_path, fami
     tiny_processor(family).save_pretrained(tmp_path)
     from transformers import AutoModelForObjectDetection
 
-    from dapft.models import _class_indexed
+    from dapft.modeling.loading import _class_indexed
 
     old = AutoModelForObjectDetection.from_pretrained(tmp_path)
     new, _, _ = load_detector(tmp_path, id2label={0: "fish", 1: "dog", 2: "cat"}, log=lambda _: None)
@@ -228,7 +230,7 @@ def test_dap_without_the_models_loss_sees_the_same_layers(family):
     # Under `dap` dapft computes only the kept terms of the model's loss (none for DETR-like
     # families); the decoder layers it then lists must be exactly those the model's full loss would
     # have supervised, with the same DAP.
-    from dapft.criterion import DetectionLoss
+    from dapft.objective.detection_loss import DetectionLoss
 
     class Always(DetectionLoss):
         def __call__(self, *a, **k):

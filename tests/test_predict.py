@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-
 from runs_helpers import dapft
 
 pytestmark = pytest.mark.slow  # the command line in subprocesses
@@ -72,7 +71,7 @@ def test_a_path_with_no_image_is_refused_by_name_before_the_model_loads(tmp_path
 
 
 def test_files_folders_and_globs_are_taken_in_the_order_given_each_file_once(tmp_path, shapes_root):
-    from dapft.predict import collect_images
+    from dapft.analysis.predict import collect_images
 
     folder = shapes_root / "val2017"
     first, second = sorted(folder.iterdir())[:2]
@@ -82,7 +81,7 @@ def test_files_folders_and_globs_are_taken_in_the_order_given_each_file_once(tmp
 
 
 def test_the_library_call_returns_what_it_writes_with_its_default_workers(tmp_path, shapes_root):
-    from dapft.predict import predict_images
+    from dapft.analysis.predict import predict_images
 
     images = sorted((shapes_root / "val2017").iterdir())[:2]
     results = predict_images(BUNDLED, images, tmp_path / "pred", threshold=0.3, device="cpu", progress=False,

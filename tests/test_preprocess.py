@@ -6,8 +6,8 @@ import pytest
 import torch
 import transformers
 
-from dapft.preprocess import BatchPreprocessor, UnsupportedProcessorError
-from dapft.tiny import TINY_FAMILIES, tiny_processor
+from dapft.data.preprocess import BatchPreprocessor, UnsupportedProcessorError
+from dapft.modeling.tiny import TINY_FAMILIES, tiny_processor
 
 # Every family's processor as the tiny models have it, and the defaults real checkpoints ship with
 # (DETR / Deformable: shortest edge 800, longest 1333, padded; RT-DETR: 640 x 640, not normalised).

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-
-from dapft.evaluate import EVALUATORS
-from dapft.data import DataError, load_split, resolve_split
 from runs_helpers import COMMON, ENV, assert_same_weights, dapft, weights
+
+from dapft.analysis.evaluate import EVALUATORS
+from dapft.data.coco_file import DataError
+from dapft.data.splits import load_split, resolve_split
 
 QUICK = ["--no-eval-before", "--max-eval-images", "2", "--max-train-images", "8", *COMMON]
 
@@ -41,7 +42,7 @@ def _one_line(proc) -> str:
 
 @pytest.mark.slow
 def test_a_second_process_on_the_same_output_is_refused_naming_the_holder(tmp_path, tiny_detr, shapes_root):
-    from dapft.runtime import OutputFolder
+    from dapft.utils.files import OutputFolder
 
     out = tmp_path / "run"
     with OutputFolder(out):  # this test process is the holder
@@ -53,7 +54,7 @@ def test_a_second_process_on_the_same_output_is_refused_naming_the_holder(tmp_pa
             assert proc.returncode == 1 and f"(pid {os.getpid()})" in message and str(out) in message, message
         assert sorted(p.name for p in out.iterdir()) == [".dapft.lock"]  # nothing written by the refused ones
     # The lock goes with its process however it ends: a holder killed outright leaves the folder free.
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dapft.runtime import OutputFolder; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dapft.utils.files import OutputFolder; "
                                f"OutputFolder({str(out)!r}).__enter__(); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -111,7 +112,7 @@ def test_a_sweep_run_again_with_other_fixed_settings_is_refused_and_a_stale_befo
 
 @pytest.mark.slow
 def test_grid_values_that_differ_get_their_own_folders_and_repeats_are_refused(tmp_path, tiny_detr, shapes_root):
-    from dapft.sweep import run_name
+    from dapft.sweeps.grid import run_name
 
     assert run_name({"lr": 1e-4}) != run_name({"lr": 1.0000001e-4})  # equal under "%g"
     proc = dapft("sweep", "--model", tiny_detr, "--data", shapes_root, "--output", tmp_path / "s", "--seed", "1,1",
@@ -267,7 +268,7 @@ def test_ctrl_c_and_sigterm_at_start_up_in_eval_and_twice_in_training_exit_by_th
                               "--output", str(tmp_path / "a")], stderr=subprocess.PIPE, text=True, env=ENV)
     time.sleep(0.5)  # importing
     interrupted(start)
-    from dapft.shapes import make_shapes_dataset
+    from dapft.data.shapes import make_shapes_dataset
 
     many = make_shapes_dataset(tmp_path / "many", train_images=1, val_images=300, image_size=96)  # a long evaluation
     for out, sig in (("b", signal.SIGINT), ("t", signal.SIGTERM)):  # SIGTERM: what `timeout` and SLURM send
@@ -336,7 +337,7 @@ def test_repeated_annotation_ids_are_refused_naming_the_id(tmp_path, shapes_root
 
 @pytest.mark.parametrize("evaluator", EVALUATORS)
 def test_missing_iscrowd_and_area_mean_0_and_the_box_area(tmp_path, shapes_root, evaluator):
-    from dapft.evaluate import coco_evaluate
+    from dapft.analysis.evaluate import coco_evaluate
 
     root, ann, data = _copy(shapes_root, tmp_path)
     for a in data["annotations"]:
@@ -378,7 +379,7 @@ def test_a_model_folder_without_its_processor_config_is_refused(tmp_path, tiny_d
 
 
 def test_the_image_check_cache_rechecks_a_file_replaced_in_place_and_survives_a_bad_cache(tmp_path, shapes_root):
-    from dapft.data import _verdict_cache
+    from dapft.data.image_check import _verdict_cache
 
     root, ann, data = _copy(shapes_root, tmp_path)
     source = resolve_split(root, "val")
@@ -466,7 +467,7 @@ def test_progress_bars_keep_counts_and_times_whole_at_80_columns():
 
     from rich.console import Console
 
-    from dapft import runtime
+    from dapft.utils import console as runtime
 
     console = Console(file=io.StringIO(), width=80, force_terminal=True, color_system=None)
     saved, runtime.console = runtime.console, console

@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 
-from dapft.criterion import DAPCriterion
-from dapft.ema import ModelEMA
-from dapft.config import FinetuneConfig, load_recipe
-from dapft.engine import Trainer
-from dapft.freeze import FreezeSpec, apply_freezing, backbone_part
-from dapft.models import FAMILIES, family_of
-from dapft.shapes import CLASSES
-from dapft.tiny import tiny_model, tiny_processor
+from dapft.data.shapes import CLASSES
+from dapft.modeling.families import FAMILIES, family_of
+from dapft.modeling.tiny import tiny_model, tiny_processor
+from dapft.objective.criterion import DAPCriterion
+from dapft.training.config import FinetuneConfig, load_recipe
+from dapft.training.ema import ModelEMA
+from dapft.training.freeze import FreezeSpec, apply_freezing, backbone_part
+from dapft.training.trainer import Trainer
 
 LABELS = dict(enumerate(CLASSES))
 
@@ -163,8 +163,8 @@ def test_a_non_finite_matching_cost_names_the_layer():
 def test_a_checkpoints_own_recipe_comes_before_the_familys_and_recipe_file_before_both(tmp_path):
     import yaml
 
-    from dapft.config import resolve
-    from dapft.tiny import save_tiny_checkpoint
+    from dapft.modeling.tiny import save_tiny_checkpoint
+    from dapft.training.config import resolve
 
     model = save_tiny_checkpoint("detr", tmp_path / "model", LABELS, image_size=96)
     family = load_recipe("detr")
@@ -185,7 +185,7 @@ def test_a_checkpoints_own_recipe_comes_before_the_familys_and_recipe_file_befor
 def test_freeze_backbone_keeps_batchnorm_statistics_where_the_recipe_trains_norms(freeze, tmp_path, shapes_root):
     """LW-DETR's recipe leaves the backbone's norm layers trainable; --freeze-backbone freezes them
     whole, running statistics included (its projector has BatchNorm), which the recipe alone moves."""
-    from dapft.tiny import save_tiny_checkpoint
+    from dapft.modeling.tiny import save_tiny_checkpoint
 
     model_dir = save_tiny_checkpoint("lw_detr", tmp_path / "lw", LABELS, image_size=96)
     cfg = FinetuneConfig(model=str(model_dir), data=str(shapes_root), output=str(tmp_path / "run"), loss="dap+original",

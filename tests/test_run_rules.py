@@ -10,9 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from dapft.config import NOT_SETTINGS, RESUMABLE_CHANGES, FinetuneConfig, check_choices, lr_factor, resumed_config
-from dapft.state import new_state, record_evaluation
-from dapft.sweep import expand, run_name, summarize
+from dapft.sweeps.grid import expand, run_name
+from dapft.sweeps.statistics import summarize
+from dapft.training.config import (
+    NOT_SETTINGS,
+    RESUMABLE_CHANGES,
+    FinetuneConfig,
+    check_choices,
+    lr_factor,
+    resumed_config,
+)
+from dapft.training.state import new_state, record_evaluation
 
 # A value other than the saved one, for settings whose type alone does not give one.
 OTHER = {"model": "other/model", "data": "/elsewhere", "loss": "dap+box", "matcher": "constant", "average": "per_class",
@@ -137,9 +145,9 @@ def test_out_of_range_and_non_finite_settings_are_refused(name, value):
 
 
 def test_an_unknown_evaluator_is_refused_by_finetune_and_sweep_before_any_work(tmp_path):
-    # The evaluator's own check (dapft.evaluate), made before a run is assembled or a grid starts.
-    from dapft.engine import finetune
-    from dapft.sweep import sweep
+    # The evaluator's own check (dapft.analysis.evaluate), made before a run is assembled or a grid starts.
+    from dapft.sweeps.grid import sweep
+    from dapft.training.trainer import finetune
 
     cfg = FinetuneConfig(model="dapft/tiny-rtdetr-shapes", data=str(tmp_path / "none"), evaluator="cocoapi",
                          output=str(tmp_path / "run"))
@@ -219,7 +227,7 @@ def test_the_edges_of_the_ranges_are_accepted(name, value):
     ("rt_detr", {}, True, 0.9999), ("rt_detr", {"ema": False}, False, None), ("detr", {}, False, None),
     ("detr", {"ema_decay": 0.5}, True, 0.5), ("detr", {"ema": True}, True, 0.9999), ("lw_detr", {}, True, 0.9997)])
 def test_the_model_ema_follows_the_recipe_unless_a_flag_says_otherwise(family, asked, ema, decay):
-    from dapft.config import resolve
+    from dapft.training.config import resolve
 
     cfg = resolve(FinetuneConfig(model=f"no/such-{family}", **asked), family)
     assert cfg.ema is ema and cfg.ema_decay == decay

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from runs_helpers import ENV
 
 pytestmark = pytest.mark.slow  # each starts torch, several train
@@ -111,7 +110,8 @@ def test_bench_trackers_times_a_run_with_each_tracker(tmp_path):
 def test_mutation_check_generates_mutants_and_judges_one_against_its_tests(tmp_path):
     out = script("mutation_check.py", "--list", cwd=tmp_path)
     counts = dict(re.findall(r"^(\w+): (\d+) mutants in \d+ functions$", out, flags=re.M))
-    assert {"dap", "matcher", "criterion", "sweep", "data"} <= set(counts) and all(int(n) > 0 for n in counts.values())
+    assert {"dap", "matcher", "criterion", "sweep", "splits", "signals", "sweep_grid"} <= set(counts)
+    assert all(int(n) > 0 for n in counts.values())
     # One mutant of the DAP core against its tests, in a copy of the project (this tree untouched)
     out = script("mutation_check.py", "--module", "dap", "--per-module", "1", "--seed", "0", cwd=tmp_path)
     [row] = rows(out, "dap")

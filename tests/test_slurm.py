@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from runs_helpers import ENV
 from slurm_cluster import PARTITION, SlurmCluster, missing
 
@@ -146,9 +145,9 @@ def test_a_worker_signalled_before_its_first_step_stops_after_one_step_saved(tmp
     # its own: the signal handling is the process's.
     code = f"""
 import os, signal
-from dapft.config import FinetuneConfig
-from dapft.engine import finetune
-from dapft.runtime import TrainingInterrupted, stop_after_progress
+from dapft.training.config import FinetuneConfig
+from dapft.training.trainer import finetune
+from dapft.utils.signals import TrainingInterrupted, stop_after_progress
 stop_after_progress((signal.SIGUSR2, signal.SIGTERM))
 os.kill(os.getpid(), signal.SIGUSR2)  # before the run: nothing saved yet
 try:
@@ -171,9 +170,9 @@ def test_a_sweep_worker_signalled_while_nothing_is_saved_keeps_its_evaluation_be
     # kept (before.json) and the worker stops there, before its first run, to be requeued.
     code = f"""
 import os, signal
-from dapft.config import FinetuneConfig
-from dapft.runtime import TrainingInterrupted, stop_after_progress
-from dapft.sweep import sweep
+from dapft.training.config import FinetuneConfig
+from dapft.utils.signals import TrainingInterrupted, stop_after_progress
+from dapft.sweeps.grid import sweep
 stop_after_progress((signal.SIGUSR2, signal.SIGTERM))
 os.kill(os.getpid(), signal.SIGUSR2)  # at the worker's start: nothing saved yet
 try:
@@ -190,8 +189,8 @@ except TrainingInterrupted as exc:
 
 def test_sbatch_refusing_the_job_and_bad_settings_are_said_in_one_line_before_anything_runs(tmp_path, shapes_root,
                                                                                            cluster):
-    from dapft.config import FinetuneConfig
-    from dapft.slurm import SlurmOptions, submit_sweep
+    from dapft.sweeps.slurm import SlurmOptions, submit_sweep
+    from dapft.training.config import FinetuneConfig
 
     base = FinetuneConfig(model="dapft/tiny-rtdetr-shapes", data=str(shapes_root), output=str(tmp_path / "s"),
                           device="cpu", report_to="none")

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-from dapft.checkpoint import MANIFEST
 from runs_helpers import assert_same_weights, weights
+
+from dapft.utils.checkpoint import MANIFEST
 
 pytestmark = pytest.mark.slow  # several processes, each training
 

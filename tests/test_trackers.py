@@ -17,10 +17,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from dapft.state import read_log
-from dapft.trackers import parse_report_to
 from runs_helpers import COMMON, ENV, dapft
+
+from dapft.training.state import read_log
+from dapft.utils.trackers import parse_report_to
 
 QUICK = [*COMMON, "--max-train-images", "8", "--max-eval-images", "4"]
 
@@ -221,7 +221,7 @@ def test_a_tracker_that_is_down_costs_a_warning_and_nothing_else(tmp_path, monke
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    from dapft.trackers import Trackers
+    from dapft.utils.trackers import Trackers
 
     trackers = Trackers(tmp_path, ("mlflow",), run_name="run", params={"loss": "dap"})
     trackers.log({"type": "step", "global_step": 1, "loss": 0.5})
@@ -239,7 +239,7 @@ def test_report_to_refuses_an_unknown_tracker_and_names_the_extra_of_a_missing_c
         with pytest.raises(ValueError, match="--report-to takes a comma list of tensorboard, mlflow, wandb"):
             parse_report_to(bad)
     # the client as a user without the extra has it: not importable
-    code = ("import sys; sys.modules['wandb'] = None\nfrom dapft.trackers import parse_report_to\n"
+    code = ("import sys; sys.modules['wandb'] = None\nfrom dapft.utils.trackers import parse_report_to\n"
             "try:\n    parse_report_to('wandb')\nexcept ValueError as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60).stdout
     assert "pip install 'dapft[wandb]'" in out
@@ -250,7 +250,7 @@ def test_a_resumed_runs_trackers_get_each_later_step_once_and_a_table_reaches_te
     last checkpoint are logged again by the resumed run, and must not reach the tracker twice."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from dapft.trackers import Trackers
+    from dapft.utils.trackers import Trackers
 
     first = Trackers(tmp_path, ("tensorboard",), run_name="run", params={"loss": "dap", "recipe": {"lr": 1e-4}})
     for step in (1, 2, 3):
