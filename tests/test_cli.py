@@ -36,7 +36,6 @@ def test_help_reads_well():
 
 
 def test_help_is_whole_in_an_80_column_terminal():
-    import click
     import typer.main
 
     from dapft.cli import app
@@ -46,7 +45,9 @@ def test_help_is_whole_in_an_80_column_terminal():
         text = subprocess.run([sys.executable, "-m", "dapft", name, "--help"], capture_output=True, text=True,
                               env={**ENV, "COLUMNS": "80"}).stdout
         assert max(map(len, text.splitlines())) <= 80, name
-        flags = [o for p in command.params if isinstance(p, click.Option) for o in p.opts + p.secondary_opts]
+        # Typer's own click (typer 0.29 vendors it): its options by their kind, not by click's class
+        flags = [o for p in command.params if p.param_type_name == "option" for o in p.opts + p.secondary_opts]
+        assert len(flags) >= 3, (name, flags)
         missing = [f for f in flags if f not in text]
         assert not missing, (name, missing)  # no option name cut short
 
