@@ -166,6 +166,8 @@ TESTS = {
                    "tests/test_slurm.py::test_a_sweep_worker_signalled_while_nothing_is_saved_keeps_its_evaluation_"
                    "before_and_starts_no_run",
                    CLI + "test_ctrl_c_in_a_sweep_saves_the_run_and_the_same_command_continues_it",
+                   CLI + "test_sweep_over_loss_and_seed_pairs_each_setting_with_the_original_loss",
+                   REAL + "test_a_diverging_grid_value_is_recorded_as_failed_and_the_others_run",
                    REAL + "test_a_sweep_killed_in_its_first_run_continues_when_run_again"],
 }
 

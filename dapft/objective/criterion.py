@@ -172,6 +172,7 @@ def mean_over_present(ap: Tensor, num_gt: Tensor, num_sets: int, rows: int) -> T
     summed = (ap.view(num_sets, rows) * present).sum(1)
     return torch.where(count > 0, summed / count.clamp_min(1), summed * 0 + 1.0)
 
+
 def all_reduce_statistics(stats: DAPStatistics) -> DAPStatistics:
     """Global sums with local gradients: value = sum over processes, d value / d local = identity.
 

@@ -1,7 +1,10 @@
 """`dapft sweep`: one fine-tune per combination of run settings, sequentially and resumably; the
 evaluation before fine-tuning done once for all of them; a summary of mean +- sd over seeds and,
 for every setting, a paired comparison by seed against the `original`-loss baseline with the same
-other values (the control the paper's reviewers asked for)."""
+other values (the control the paper's reviewers asked for).
+
+This module runs the grid (sweeps.settings says what it is) and shares it among workers; the
+statistics are sweeps.statistics', the files sweeps.summary's."""
 
 from __future__ import annotations
 
