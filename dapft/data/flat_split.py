@@ -11,18 +11,11 @@ import numpy as np
 
 from dapft.data.coco_file import CocoTable
 
-# ----------------------------------------------------------------------------------------------
-# Where the data is
-
 
 @dataclass(frozen=True)
 class SplitSource:
     images: Path
     annotations: Path
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading and checking a split
 
 
 TRAINED, CROWD, SKIPPED = 0, 1, 2  # what an annotation is to a run: CocoSplit.use

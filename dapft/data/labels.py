@@ -9,9 +9,6 @@ from pathlib import Path
 
 from dapft.data.coco_file import DataError
 
-# ----------------------------------------------------------------------------------------------
-# Dataset categories <-> model labels
-
 
 def normalize_name(name: str) -> str:
     """Class names compare case-, space-, '_'- and '-'-insensitively ('traffic_light' = 'Traffic light')."""

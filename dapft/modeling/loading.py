@@ -10,10 +10,6 @@ import torch
 
 from dapft.modeling.families import Family, family_of
 
-# ----------------------------------------------------------------------------------------------
-# Loading
-
-
 BUNDLED_DIR = Path(__file__).parents[1] / "checkpoints"
 
 

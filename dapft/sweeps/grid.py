@@ -19,7 +19,13 @@ from dapft.analysis.evaluate import check_evaluator
 from dapft.sweeps.settings import SWEEPABLE, expand, run_name
 from dapft.sweeps.statistics import ERROR_TYPES, METRICS, RUNNING, TRAIN_METRICS, summarize
 from dapft.sweeps.summary import write_summary
-from dapft.training.config import NOT_SETTINGS, RESUMABLE_CHANGES, FinetuneConfig, check_choices, saved_settings
+from dapft.training.config import (
+    NOT_SETTINGS,
+    RESUMABLE_CHANGES,
+    FinetuneConfig,
+    check_choices,
+    saved_settings,
+)
 from dapft.training.evaluations import evaluate_start
 from dapft.training.trainer import finetune
 from dapft.utils import distributed as dist_utils
