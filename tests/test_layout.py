@@ -128,3 +128,19 @@ def test_no_module_class_or_function_is_longer_than_the_codebases_we_learn_from_
                 if length > MAX_DEFINITION_LINES:
                     too_long.append(f"{where}:{node.lineno} {node.name}: {length} lines")
     assert not too_long, too_long
+
+
+def test_contributings_tree_names_every_module():
+    """The tree a newcomer reads in CONTRIBUTING.md has a line for every module, in its folder."""
+    text = (REPO / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    tree = text[text.index("```\ndapft/\n"):]
+    tree = tree[:tree.index("\n```")]
+    folder, seen = None, set()
+    for line in tree.splitlines()[1:]:
+        if line.startswith("  ") and not line.startswith("    ") and line.split()[0].endswith("/"):
+            folder = line.split()[0].rstrip("/")
+        seen |= {f"{folder}/{name}" if line.startswith("    ") else name
+                 for name in re.findall(r"\b(\w+\.py)\b", line)}
+    modules = {str(p.relative_to(REPO / "dapft")) for p in (REPO / "dapft").rglob("*.py")
+               if p.name not in ("__init__.py", "__main__.py")}
+    assert modules <= seen, sorted(modules - seen)
