@@ -172,3 +172,16 @@ def test_a_dap_loss_without_its_criterion_is_refused():
         with pytest.raises(ValueError, match="needs a DAPCriterion"):
             DetectionLoss(family, lambda *a, **k: None, None, loss)
     DetectionLoss(family, lambda *a, **k: None, None, "original")  # the model's own loss needs none
+
+
+def test_called_without_query_groups_every_decoder_layer_is_one_set():
+    """`criterion(layers, targets)`, as a library user calls it for a model without Group DETR's
+    query groups: each layer's DAP is that of all its queries as one set of detections."""
+    model = tiny_model("deformable_detr", LABELS)
+    family = family_of(model.config)
+    layers, targets = _layers_and_targets()
+    plain = DAPCriterion(family, None, matcher="constant")(layers, targets)
+    one_group = DAPCriterion(family, None, matcher="constant")(layers, targets, groups=1)
+    assert plain.keys() == one_group.keys() and all(torch.equal(plain[k], one_group[k]) for k in plain)
+    halves = DAPCriterion(family, None, matcher="constant")(layers, targets, groups=2)
+    assert not torch.equal(plain["dap"], halves["dap"])  # the test tells one set from two
