@@ -81,12 +81,25 @@ class SweepWorker:
             console.print(str(exc), markup=False)
             if exc.signum == signal.SIGUSR2 and callable(requeue):
                 requeue(signal.SIGUSR2, None)  # a preemption is requeued by SLURM itself, scancel not at all
+                if env.global_rank != 0:
+                    _await_requeue()
             raise
 
     def checkpoint(self):
         import submitit
 
         return submitit.helpers.DelayedSubmission(SweepWorker(self.settings, self.grid))
+
+
+def _await_requeue() -> None:
+    """A task other than the first, stopped by the time limit: the first task checkpoints and
+    requeues the job (submitit's handler returns here without doing anything, as it must), and the
+    requeue ends this task. It waits for that instead of exiting: a task that exits with an error
+    ends the job step, and can end the first task before its requeue is made, leaving the job
+    FAILED. Should the first task fail, the step ends and takes this one with it."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the requeue's SIGTERM ends it at once
+    while True:
+        signal.pause()
 
 
 def submit_sweep(base: FinetuneConfig, grid: dict[str, list], options: SlurmOptions) -> list:
