@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -34,6 +33,7 @@ from rich.markup import escape
 
 from dapft.modeling.families import Family, family_of
 from dapft.modeling.loading import load_detector, resolve_model
+from dapft.utils.files import write_json
 
 FORMATS = ("onnx",)
 DEFAULT_OPSET = 17  # grid_sample (Deformable DETR's sampling, RT-DETR's decoder) needs 16; LayerNormalization 17
@@ -87,7 +87,7 @@ def check_request(model: str, output: Path, fmt: str, image_size: tuple[int, int
     if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
         raise ExportError(f"--image-size {' '.join(map(str, image_size))}: give a height and a width in pixels, "
                           "each at least 1")
-    if Path(model).suffix == ".onnx":
+    if is_onnx(model):
         raise ExportError(f"--model {model}: already an ONNX file; export takes a checkpoint folder")
     path = resolve_model(model)
     if Path(path).exists() and not (Path(path) / "config.json").is_file():
@@ -127,15 +127,15 @@ def export(model: str, output: str | Path, *, fmt: str = "onnx", image_size: tup
         detector.config.save_pretrained(output)
         _trace(detector, example, file, opset, dynamic_batch, dynamic_size=size is None, family=family)
         try:
-            inputs = _session(file).inputs
+            exported = OnnxDetector(file)  # one ONNX Runtime session for both checks below
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own words name the node
             raise ExportError(f"{family.name}: ONNX Runtime cannot run the exported file (opset {opset}): "
                               f"{' '.join(str(exc).split())[:300]}") from None
-        diffs = _compare(detector, file, example)
+        diffs = _compare(detector, exported, example)
         if size is None:  # any height and width: held to PyTorch at another size too
             other = _example(tuple(s + 32 * (1 - 2 * i) for i, s in enumerate(example["pixel_values"].shape[2:])),
                              example["pixel_values"].shape[0], processor)
-            moved = _compare(detector, file, other)
+            moved = _compare(detector, exported, other)
             if max(moved) > max(TOLERANCE, 100 * max(diffs)):
                 raise ExportError(f"{family.name}: its graph keeps the sizes of its feature maps as constants (the "
                                   f"file traced at one size gives other outputs at another: {max(moved):.3g} apart); "
@@ -147,11 +147,11 @@ def export(model: str, output: str | Path, *, fmt: str = "onnx", image_size: tup
         if made and not any(output.iterdir()):
             output.rmdir()
         raise
-    result = ExportResult(file, family.name, inputs, size, dynamic_batch, opset, *diffs,
+    result = ExportResult(file, family.name, exported.inputs, size, dynamic_batch, opset, *diffs,
                           round(time.perf_counter() - t0, 2))
-    (output / RECORD).write_text(json.dumps({**dataclasses.asdict(result), "file": FILE, "model": str(model),
-                                             "torch": torch.__version__, "exporter": "torch.onnx (TorchScript)",
-                                             "tolerance": TOLERANCE}, indent=2))
+    write_json(output / RECORD, {**dataclasses.asdict(result), "file": FILE, "model": str(model),
+                                 "torch": torch.__version__, "exporter": "torch.onnx (TorchScript)",
+                                 "tolerance": TOLERANCE})
     if max(diffs) > TOLERANCE:
         # Not refused: a model whose queries or proposals score nearly alike (untrained, or barely
         # trained) picks a different one of two near-equal candidates on the other runtime, which
@@ -288,11 +288,10 @@ def _session(file: Path) -> _Session:
     return _Session(session, [i.name for i in session.get_inputs()], first if isinstance(first, int) else None)
 
 
-def _compare(detector, file: Path, example: dict) -> tuple[float, float]:
+def _compare(detector, exported: OnnxDetector, example: dict) -> tuple[float, float]:
     """The largest differences of logits and of boxes between the file (ONNX Runtime) and PyTorch."""
-    onnx = OnnxDetector(file)
     with torch.no_grad():
-        ours, theirs = onnx(**example), detector(**example)
+        ours, theirs = exported(**example), detector(**example)
     return (float((ours.logits - theirs.logits).abs().max()), float((ours.pred_boxes - theirs.pred_boxes).abs().max()))
 
 
@@ -334,6 +333,10 @@ class OnnxDetector:
         device = pixel_values.device
         return DetectionOutputs(torch.from_numpy(np.concatenate(logits)).to(device),
                                 torch.from_numpy(np.concatenate(boxes)).to(device))
+
+    @property
+    def inputs(self) -> list[str]:
+        return self._run.inputs
 
     def eval(self) -> "OnnxDetector":
         return self

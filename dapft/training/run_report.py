@@ -5,6 +5,7 @@ the changed images) and the model card of each checkpoint."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import matplotlib
@@ -78,8 +79,6 @@ def plot_training_curves(records: list[dict], path: Path) -> None:
 
 def _evaluation(folder: Path | None) -> dict:
     """An evaluation folder's metrics.json ({} where there is none)."""
-    import json
-
     path = folder / "metrics.json" if folder is not None else None
     return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else {}
 
@@ -111,8 +110,6 @@ def write_run_report(run_dir: Path, cfg, family: str, state: dict, freezing, bef
     """report.md + report.json + curves.png (+ confusion.png) of a fine-tuning run. `before_eval`:
     the folder of the evaluation before fine-tuning (a sweep's shared one lies in the sweep's
     folder); `gallery`: the pictures of the images that changed most (dapft.analysis.gallery)."""
-    import json
-
     history = state["history"]
     records = read_log(run_dir / "log.jsonl")  # read once: long runs log many thousand steps
     plot_training_curves(records, run_dir / "curves.png")
@@ -130,8 +127,6 @@ def run_payload(cfg, family: str, state: dict, freezing, matching: dict | None, 
     """report.json: before / after / best, the training subset's, the matching diagnostic, per-class
     AP and the error summaries of the first and last evaluations (`first`, `last`: their
     metrics.json), the history, what trained, the software and the configuration."""
-    import dataclasses
-
     history = state["history"]
     after = {k: history[-1][k] for k in STAT_NAMES} if history else None
     best = max(history, key=lambda h: h["AP"]) if history else None
@@ -214,9 +209,6 @@ def _run_lines(run_dir: Path, cfg, state: dict, payload: dict) -> list[str]:
 def _detail_lines(run_dir: Path, cfg, payload: dict, last: dict, gallery: list[tuple[Path, str]]) -> list[str]:
     """The details: what changed in the errors, the images that changed most, AP per class, the
     configuration."""
-    import dataclasses
-    import json
-
     lines, errors, per_class = [], payload["errors"], payload["per_class_AP"]
     if errors["after"]:
         columns = {name: errors[name] for name in ("before", "after") if errors[name]}
