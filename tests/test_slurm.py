@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -137,6 +138,46 @@ def test_a_two_task_worker_signalled_by_its_time_limit_before_anything_is_saved_
     for s in (0, 1):
         assert _steps(out / f"seed={s}") == list(range(1, 9))  # every step once, however often it stopped
     assert [r["state"] for r in json.loads((out / "sweep.json").read_text())["runs"]] == ["finished"] * 2
+
+
+def test_a_worker_that_has_done_its_part_is_not_ended_by_a_late_time_limit_signal(tmp_path, shapes_root, cluster):
+    # SLURM's time-limit signal may come at any moment of an attempt, also as a worker that has
+    # done its part exits. Python, shutting down, gives a signal it handles back its default
+    # action, which ends the process; SLURM would then mark a job FAILED whose work is all saved
+    # (it happened in this file's time-limit test). A worker on a real srun step, its sweep done,
+    # is sent the signal over and over until it has exited: the step ends with status 0.
+    code = f"""
+import os
+from dapft.sweeps.slurm import SweepWorker
+from dapft.training.config import FinetuneConfig
+import dataclasses
+base = FinetuneConfig(model="dapft/tiny-rtdetr-shapes", data={str(shapes_root)!r}, output={str(tmp_path / "s")!r},
+                      batch_size=4, max_train_images=8, augment=False, num_workers=0, progress=False, device="cpu",
+                      max_eval_images=4, report_to="none", gallery=False)
+SweepWorker({{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}}, {{"seed": [0]}})()
+print("returned", os.getpid(), flush=True)
+"""
+    env = {**ENV, "SLURM_CONF": os.environ["SLURM_CONF"], "SUBMITIT_EXECUTOR": "slurm"}  # as submitit's sbatch file
+    srun = subprocess.Popen(["srun", "-p", PARTITION, "-n", "1", "-c", "1", "-t", "5", sys.executable, "-c", code],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    pid = None
+    for line in srun.stdout:
+        if line.startswith("returned "):
+            pid = int(line.split()[1])
+            break
+    assert pid, srun.stderr.read()[-3000:]
+    signals = 0
+    while srun.poll() is None:
+        try:
+            os.kill(pid, signal.SIGUSR2)
+            signals += 1
+        except ProcessLookupError:
+            pass
+        time.sleep(0.0005)
+    stderr = srun.stderr.read()
+    assert srun.wait(timeout=60) == 0, stderr[-3000:]
+    assert signals and "User defined signal 2" not in stderr
+    assert json.loads((tmp_path / "s" / "sweep.json").read_text())["runs"][0]["state"] == "finished"
 
 
 def test_a_worker_signalled_before_its_first_step_stops_after_one_step_saved(tmp_path, shapes_root):

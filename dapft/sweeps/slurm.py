@@ -76,7 +76,7 @@ class SweepWorker:
         if env.num_tasks > 1:  # every task sees the node's GPUs and takes the one of its local rank
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         try:
-            return sweep(FinetuneConfig(**self.settings), self.grid)
+            result = sweep(FinetuneConfig(**self.settings), self.grid)
         except TrainingInterrupted as exc:
             console.print(str(exc), markup=False)
             if exc.signum == signal.SIGUSR2 and callable(requeue):
@@ -84,6 +84,12 @@ class SweepWorker:
                 if env.global_rank != 0:
                     _await_requeue()
             raise
+        # This worker's part is done and saved: a time-limit signal from now on has nothing to stop.
+        # Left handled, one that came while the process exits would end it (Python, shutting down,
+        # gives the signals it handles back their default action) and SLURM would mark FAILED a job
+        # whose work is all saved.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        return result
 
     def checkpoint(self):
         import submitit
