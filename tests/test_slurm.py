@@ -35,9 +35,13 @@ def cluster(tmp_path_factory):
         yield running
 
 
+def _cluster_env(**more) -> dict[str, str]:
+    return {**ENV, "SLURM_CONF": os.environ["SLURM_CONF"], **more}  # the cluster's; jobs inherit it and ENV's threads
+
+
 def _dapft(*args, background=False):
     command = [sys.executable, "-m", "dapft", *map(str, args)]
-    env = {**ENV, "SLURM_CONF": os.environ["SLURM_CONF"]}  # the cluster's; the jobs inherit it and ENV's threads
+    env = _cluster_env()
     if background:
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
@@ -157,7 +161,7 @@ base = FinetuneConfig(model="dapft/tiny-rtdetr-shapes", data={str(shapes_root)!r
 SweepWorker({{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}}, {{"seed": [0]}})()
 print("returned", os.getpid(), flush=True)
 """
-    env = {**ENV, "SLURM_CONF": os.environ["SLURM_CONF"], "SUBMITIT_EXECUTOR": "slurm"}  # as submitit's sbatch file
+    env = _cluster_env(SUBMITIT_EXECUTOR="slurm")  # as submitit's sbatch file sets it
     srun = subprocess.Popen(["srun", "-p", PARTITION, "-n", "1", "-c", "1", "-t", "5", sys.executable, "-c", code],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     pid = None

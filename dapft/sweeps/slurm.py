@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 # then the worker's are installed, a SIGUSR2 (which SLURM may send within seconds of a start) would
 # end the process by its default action, without a requeue.
 from dapft.utils.console import console
-from dapft.utils.signals import TrainingInterrupted, stop_after_progress
+from dapft.utils.signals import TrainingInterrupted, ignore_further_signals, stop_after_progress
 
 if TYPE_CHECKING:
     from dapft.training.config import FinetuneConfig
@@ -84,11 +84,10 @@ class SweepWorker:
                 if env.global_rank != 0:
                     _await_requeue()
             raise
-        # This worker's part is done and saved: a time-limit signal from now on has nothing to stop.
-        # Left handled, one that came while the process exits would end it (Python, shutting down,
-        # gives the signals it handles back their default action) and SLURM would mark FAILED a job
-        # whose work is all saved.
-        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        # This worker's part is done and saved: a stop signal from now on has nothing to stop, and
+        # one that came as the process exits would end it by the signal: SLURM would mark FAILED a
+        # job whose work is all saved.
+        ignore_further_signals()
         return result
 
     def checkpoint(self):

@@ -72,10 +72,10 @@ _pending_signal = 0
 _raised_signal = 0
 
 
-def _on_stop_signals(handler) -> None:
-    """Handle both stop signals with `handler` (only the main thread may set handlers)."""
+def _on_stop_signals(handler, signums: tuple[int, ...] = STOP_SIGNALS) -> None:
+    """Handle the stop signals with `handler` (only the main thread may set handlers)."""
     if threading.current_thread() is threading.main_thread():
-        for s in STOP_SIGNALS:
+        for s in signums:
             signal.signal(s, handler)
 
 
@@ -121,9 +121,11 @@ def deliver_interrupts() -> None:
 
 
 def ignore_further_signals() -> None:
-    """Stopping on a signal, all saved: a further Ctrl-C (the impatient second one) would only turn the
-    exit into a traceback or a death by the signal at interpreter shutdown."""
-    _on_stop_signals(signal.SIG_IGN)
+    """Stopping on a signal, or done, all saved: a further stop signal (the impatient second Ctrl-C, a
+    SLURM time limit's that comes as a finished worker exits) would only turn the exit into a
+    traceback or a death by the signal at interpreter shutdown, where Python gives the signals it
+    handles back their default action."""
+    _on_stop_signals(signal.SIG_IGN, (*STOP_SIGNALS, *_also_stop_on))
 
 
 _watchdog: list = []  # the wakeup socket pair, kept for the process's life
